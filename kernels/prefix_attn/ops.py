@@ -1,0 +1,104 @@
+"""``prefix_attention``: the one public entry point, dispatching to a backend.
+
+Backends (all take the same layout and must agree; DESIGN.md):
+- ``reference``: dense-mask SDPA (CPU, tests, tiny models).
+- ``flex``: FlexAttention with a BlockMask from the layout's tile tables (the paper's method; baseline, fallback).
+- ``triton``: our Triton kernels (Hopper-tuned).
+- ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .layout import PrefixLayout
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "flex", "reference")
+
+
+def _triton_backend():
+    try:
+        from .triton_attention import triton_prefix_attention, triton_supported
+    except ImportError:  # triton missing, or the backend module not built into this install
+        return None, None
+    return triton_prefix_attention, triton_supported
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device`` (``auto`` picks the best that runs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "reference"
+    fn, supported = _triton_backend()
+    if fn is not None:
+        ok, why = supported(device, dtype, head_dim)
+        if ok:
+            return "triton"
+        logger.warning("prefix_attn: the triton backend does not run here (%s); using flex", why)
+    return "flex"
+
+
+def _check(q, k, v, layout):
+    if not isinstance(layout, PrefixLayout):
+        raise ValueError(f"layout must be a PrefixLayout, got {type(layout).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim], got shape "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    T = layout.total_tokens
+    if q.shape[0] != T or k.shape[0] != T or v.shape[0] != T:
+        raise ValueError(f"q, k, v must have total_tokens={T} rows (the layout's), got {q.shape[0]}, {k.shape[0]}, "
+                         f"{v.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}; build it there or call layout.to()")
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PrefixLayout,
+    softmax_scale: float | None = None,
+    backend: str = "reference",
+) -> torch.Tensor:
+    """Prefix-shared attention over one packed row.
+
+    Args:
+        q: [total_tokens, Hq, head_dim]. k, v: [total_tokens, Hkv, head_dim], Hq a multiple of Hkv (GQA, no repeat).
+        layout: the row's :class:`PrefixLayout` (on q's device).
+        softmax_scale: defaults to head_dim ** -0.5.
+        backend: ``auto`` | ``triton`` | ``flex`` | ``reference``.
+
+    Returns [total_tokens, Hq, head_dim]: query q attends to keys [lo1, hi1) U [lo2, q] (``layout.query_key_ranges``):
+    a prefix token to its prefix causally, a branch token to its document's whole prefix and its own branch causally.
+    Differentiable in q, k, v for every backend.
+    """
+    _check(q, k, v, layout)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name == "reference":
+        from .reference import reference_attention
+
+        return reference_attention(q, k, v, layout, softmax_scale)
+    if name == "flex":
+        from .flex import flex_prefix_attention
+
+        return flex_prefix_attention(q, k, v, layout, softmax_scale)
+    fn, supported = _triton_backend()
+    if fn is None:
+        raise ValueError("attention backend 'triton' is not available in this install (is triton installed?)")
+    return fn(q, k, v, layout, softmax_scale)

@@ -1,0 +1,73 @@
+"""PrefixDPOConfig: TRL's DPOConfig plus the fields prefix sharing adds. Every TRL field keeps its meaning and default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
+BATCHING_MODES = ("pairs", "token_budget")
+
+
+@dataclass
+class PrefixDPOConfig(DPOConfig):
+    """Configuration for :class:`~prefixdpo.PrefixDPOTrainer`.
+
+    Everything of :class:`trl.DPOConfig` applies unchanged. The fields below are new; each is checked once in
+    ``__post_init__``.
+    """
+
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Put each pair into one sequence: the prompt once, then the chosen and the rejected response, "
+            "which cannot see each other. Exact (same log-probs as running the prompt twice) and faster. Set False "
+            "to pack each response with its own copy of the prompt (for comparison)."
+        },
+    )
+    attn_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention backend for the packed rows: 'auto' (triton on a CUDA GPU where it runs, else flex on "
+            "CUDA, else reference), 'triton' (our kernels), 'flex' (FlexAttention, the prefix-sharing paper's "
+            "method), 'reference' (dense-mask SDPA: CPU, tests, tiny models).",
+            "choices": list(ATTN_BACKENDS),
+        },
+    )
+    batching: str = field(
+        default="pairs",
+        metadata={
+            "help": "How micro-batches are formed. 'pairs' (default): `per_device_train_batch_size` pairs per "
+            "micro-batch, the same pairs per step as TRL, packed into one row. 'token_budget': micro-batches "
+            "filled up to `max_tokens_per_batch` packed tokens, grouping pairs of similar length.",
+            "choices": list(BATCHING_MODES),
+        },
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of one packed micro-batch row when `batching='token_budget'` (required there). "
+            "Trades memory for throughput: larger rows keep the GPU fuller."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.batching == "token_budget":
+            if self.max_tokens_per_batch is None or self.max_tokens_per_batch < 2:
+                raise ValueError(
+                    "batching='token_budget' needs max_tokens_per_batch set to the packed tokens one micro-batch "
+                    f"may hold (>= 2), got {self.max_tokens_per_batch!r}"
+                )
+            if self.max_length is not None and self.max_tokens_per_batch < self.max_length:
+                raise ValueError(
+                    f"max_tokens_per_batch ({self.max_tokens_per_batch}) must be at least max_length "
+                    f"({self.max_length}), or the longest pair would not fit one micro-batch"
+                )
+        elif self.max_tokens_per_batch is not None:
+            raise ValueError("max_tokens_per_batch is only used with batching='token_budget'; set that too or unset it")
