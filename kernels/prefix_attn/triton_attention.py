@@ -1,0 +1,631 @@
+"""The `triton` backend: FlashAttention-2-style prefix-sharing attention in Triton, forward and backward.
+
+Semantics (DESIGN.md, "The layout"): query ``q`` attends to keys ``[lo1[q], hi1[q]) U [lo2[q], q]``
+(``PrefixLayout.query_key_ranges``); key ``k`` is seen by queries ``[k, q_hi[k])`` (``key_query_ranges``).
+
+Three layers, as in DESIGN.md style 4:
+
+1. ``@triton.jit`` kernels. The forward walks, for each query tile, only the key tiles of the layout's tile ranges
+   (``PrefixLayout.query_tile_ranges``): a tile where every query sees every key runs without any per-element mask;
+   only the boundary tiles load the per-query ranges and mask. The backward is KV-major: each program owns one key
+   tile of one KV head, walks the query tiles that see it (``key_tile_ranges``; full tiles unmasked, boundary tiles
+   masked by the per-key query range), for every query head of its GQA group, accumulating dk and dv in fp32 in
+   registers; dq is either accumulated in an fp32 buffer with atomics (FA2's design) or, with
+   ``deterministic=True``, computed by a separate query-major kernel that reuses the forward's schedule.
+2. The launchers: shapes, strides, grid, block sizes, and the tile schedules (built from the layout on its device,
+   O(tiles) vectorized torch ops, cached on the layout so all layers of a forward share them). The grid runs the
+   tiles with the most work first, with all heads of a tile next to each other (the K/V they read stay in L2).
+3. ``torch.library.custom_op`` ops (``prefix_attn::triton_fwd`` / ``triton_bwd``) with a registered autograd
+   formula and fake (meta) implementations, so ``torch.compile`` can trace through the backend.
+
+Numerics: scores, softmax statistics and all accumulators are fp32; P (and dS) are rounded to the input dtype before
+their matrix products, as in FlashAttention. fp32 inputs use IEEE fp32 dot products (no tf32), so the CPU
+interpreter tests (``TRITON_INTERPRET=1``) can hold the kernel to float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import PrefixLayout
+
+_LOG2E = 1.4426950408889634
+
+
+# =====================================================================================================================
+# 1. Kernels
+# =====================================================================================================================
+
+
+@triton.jit
+def _fwd_range(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end, qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # boundary tiles: bounds checks and the per-element mask; full tiles: neither
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32), "tf32" otherwise (ignored for 16-bit inputs)
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for j in range(start, end):
+        n0 = j * BLOCK_N
+        kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        if MASKED:
+            inb = (n0 + offs_n) < T
+            k = tl.load(kp, mask=inb[:, None], other=0.0)
+            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        else:
+            k = tl.load(kp)
+            v = tl.load(vp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            kk = (n0 + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            s = tl.where(ok, s, float("-inf"))
+        # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,  # q [T, Hq, D], k/v [T, Hkv, D], o [T, Hq, D], lse [Hq, T] fp32 (log2 domain)
+    SCHED, ORDER, TOK,  # SCHED [n_q_tiles, 10] int32 segment bounds, ORDER [n_q_tiles] tile order, TOK [3, T] int32
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    T, qk_scale,
+    H_Q: tl.constexpr,  # query heads: program id -> (tile, head) decomposition
+    GROUPS: tl.constexpr,  # query heads per KV head (GQA)
+    HEAD_DIM: tl.constexpr,  # block width of the feature dimension (tl.arange needs it static)
+    BLOCK_M: tl.constexpr,  # query rows per tile (must match the schedule's)
+    BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = tl.load(ORDER + pid // H_Q)
+    h = pid % H_Q
+    hk = h // GROUPS
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q_base = Q + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
+    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
+    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_kh
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    sp = SCHED + tile * 10
+    # Range 1 (shared prefix): masked [s0, s1), full [s1, s2), masked [s2, s3).
+    # Range 2 (causal part): masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9).
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    args = (q, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s1, s2, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s5, s6, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s7, s8, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s0, s1, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s2, s3, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s4, s5, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s6, s7, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s8, s9, qk_scale, T, BLOCK_N, True, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
+    acc = acc / l_safe[:, None]
+    o_base = O + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + h.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _bwd_kv_range(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dqt,
+    offs_n, offs_d, qhi, start, end, qk_scale, sm_scale, T,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,  # boundary query tiles: bounds checks and the per-element mask; full tiles: neither
+    ATOMIC_DQ: tl.constexpr,  # accumulate dq into the fp32 buffer with atomics (else a separate dq kernel does it)
+    DOT_PREC: tl.constexpr,
+):
+    offs_mm = tl.arange(0, BLOCK_M)
+    for j in range(start, end):
+        m0 = j * BLOCK_M
+        offs_m = m0 + offs_mm
+        qoff = m0.to(tl.int64) * stride_qt + offs_mm[:, None] * stride_qt + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < T
+            q = tl.load(q_base + qoff, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + qoff, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + qoff)
+            do = tl.load(do_base + qoff)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            qq = offs_m[None, :]
+            ok = (qq >= offs_n[:, None]) & (qq < qhi[:, None])
+            pt = tl.where(ok, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+            dqp = dq_base + m0.to(tl.int64) * stride_dqt + offs_mm[:, None] * stride_dqt + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dqp, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dqp, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,  # DQ: fp32 [T, Hq, D] accumulation buffer (used when ATOMIC_DQ)
+    SCHED, ORDER, QHI,  # SCHED [n_k_tiles, 4] int32 query-tile segments, ORDER [n_k_tiles], QHI [T] int32
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh,
+    T, qk_scale, sm_scale,
+    H_KV: tl.constexpr,  # KV heads: program id -> (key tile, KV head)
+    GROUPS: tl.constexpr,  # query heads per KV head: each program sums dk, dv over its group
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per tile (must match the schedule's)
+    BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
+    ATOMIC_DQ: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = tl.load(ORDER + pid // H_KV)
+    hk = pid % H_KV
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
+    kvoff = hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    k = tl.load(K + kvoff, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kvoff, mask=col_ok[:, None], other=0.0)
+    qhi = tl.load(QHI + offs_n, mask=col_ok, other=0)  # padding keys are seen by no query
+    sp = SCHED + tile * 4
+    s0 = tl.load(sp + 0)  # masked [s0, s1), full [s1, s2), masked [s2, s3)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUPS):
+        h = (hk * GROUPS + g).to(tl.int64)
+        q_base = Q + h * stride_qh
+        do_base = DO + h * stride_qh
+        dq_base = DQ + h * stride_dqh
+        lse_base = LSE + h * T
+        delta_base = DELTA + h * T
+        args = (q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dqt, offs_n, offs_d, qhi)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, qk_scale, sm_scale, T, BLOCK_M, False, ATOMIC_DQ, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ, DOT_PREC)
+    tl.store(DK + kvoff, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kvoff, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_range(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end, qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for j in range(start, end):
+        n0 = j * BLOCK_N
+        kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        if MASKED:
+            inb = (n0 + offs_n) < T
+            k = tl.load(kp, mask=inb[:, None], other=0.0)
+            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        else:
+            k = tl.load(kp)
+            v = tl.load(vp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            kk = (n0 + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    SCHED, ORDER, TOK,  # the forward's schedule for this kernel's block sizes
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    T, qk_scale, sm_scale,
+    H_Q: tl.constexpr,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = tl.load(ORDER + pid // H_Q)
+    h = pid % H_Q
+    hk = h // GROUPS
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    qoff = h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+    q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
+    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
+    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_kh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    sp = SCHED + tile * 10
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    args = (q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    dq = _bwd_dq_range(dq, *args, s1, s2, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s5, s6, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s7, s8, qk_scale, T, BLOCK_N, False, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s0, s1, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s2, s3, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s4, s5, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s6, s7, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s8, s9, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# =====================================================================================================================
+# 2. Schedules and launchers
+# =====================================================================================================================
+
+
+@dataclass(frozen=True)
+class TritonAttentionConfig:
+    """Tile sizes and launch parameters. ``fwd_*``: forward; ``kv_*``: backward KV-major kernel (``kv_block_n`` keys
+    per program, ``kv_block_m`` queries per step); ``dq_*``: the deterministic dq kernel. ``deterministic``: dq from a
+    separate query-major kernel instead of fp32 atomics (bitwise reproducible, one more QK^T and dO V^T recompute)."""
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    kv_block_m: int = 64
+    kv_block_n: int = 128
+    kv_warps: int = 8
+    kv_stages: int = 2
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    deterministic: bool = False
+
+    def as_list(self) -> list[int]:
+        return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
+                self.kv_block_m, self.kv_block_n, self.kv_warps, self.kv_stages,
+                self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages, int(self.deterministic)]
+
+    @classmethod
+    def from_list(cls, xs) -> "TritonAttentionConfig":
+        *ints, det = [int(x) for x in xs]
+        return cls(*ints, deterministic=bool(det))
+
+
+# Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
+# (docs/PERFORMANCE.md); override with set_default_config().
+_CONFIGS: dict[tuple[int, bool], TritonAttentionConfig] = {
+    (64, True): TritonAttentionConfig(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2),
+    (128, True): TritonAttentionConfig(128, 64, 8, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+}
+_OVERRIDE: TritonAttentionConfig | None = None
+
+
+def set_default_config(cfg: TritonAttentionConfig | None) -> None:
+    """Use ``cfg`` for every call that passes no config (None restores the table)."""
+    global _OVERRIDE
+    _OVERRIDE = cfg
+
+
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TritonAttentionConfig:
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    if device.type != "cuda":  # the CPU interpreter: small tiles keep the tests fast and exercise many tiles
+        return TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1)
+    hd = 64 if head_dim <= 64 else 128
+    cfg = _CONFIGS.get((hd, dtype in (torch.float16, torch.bfloat16)))
+    if cfg is None:  # fp32 on a GPU: smaller tiles (twice the bytes per element)
+        return TritonAttentionConfig(64, 32, 4, 2, 32, 64, 4, 1, 64, 32, 4, 1)
+    return cfg
+
+
+def _tok_ranges(layout: PrefixLayout) -> torch.Tensor:
+    """[3, T] int32: lo1, hi1, lo2 per query."""
+    return layout._cached("triton_tok", lambda: torch.stack(layout.query_key_ranges()).to(torch.int32).contiguous())
+
+
+def _q_hi(layout: PrefixLayout) -> torch.Tensor:
+    return layout._cached("triton_qhi", lambda: layout.key_query_ranges()[1].to(torch.int32).contiguous())
+
+
+def forward_schedule(layout: PrefixLayout, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query tile, the key-tile segments the forward (and the dq kernel) walk, and the launch order.
+
+    Returns ``sched`` [n_q_tiles, 10] int32 and ``order`` [n_q_tiles] int32. Row i: range 1 (prefix part)
+    ``masked [s0, s1), full [s1, s2), masked [s2, s3)``; range 2 (causal part, or the union when the layout merged
+    the two) ``masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9)``. The full
+    sub-ranges are the layout's ``full_*`` tiles clipped to each range (subsets of full tiles stay full); in a merged
+    range the prefix-full tiles come before the causal-full ones. ``order``: tiles by descending number of key tiles
+    (the longest work first), stable, so neighbouring tiles of one document stay together.
+    """
+
+    def build():
+        r = layout.query_tile_ranges(block_m, block_n)
+        f1lo, f1hi, f2lo, f2hi = r["full_lo1"], r["full_hi1"], r["full_lo2"], r["full_hi2"]
+
+        def clip(x, lo, hi):
+            return torch.minimum(torch.maximum(x, lo), hi)
+
+        lo1, hi1 = r["lo1"], r["hi1"]
+        a1 = clip(f1lo, lo1, hi1)
+        b1 = clip(f1hi, a1, hi1)
+        lo2, hi2 = r["lo2"], r["hi2"]
+        a2 = clip(f1lo, lo2, hi2)
+        b2 = clip(f1hi, a2, hi2)
+        c2 = clip(f2lo, b2, hi2)
+        d2 = clip(f2hi, c2, hi2)
+        sched = torch.stack([lo1, a1, b1, hi1, lo2, a2, b2, c2, d2, hi2], 1).to(torch.int32).contiguous()
+        work = (hi1 - lo1) + (hi2 - lo2)
+        order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+        return sched, order
+
+    return layout._cached(("triton_fwd_sched", block_m, block_n), build)
+
+
+def backward_schedule(layout: PrefixLayout, block_n: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key tile, the query-tile segments the KV-major backward walks, and the launch order.
+
+    Returns ``sched`` [n_k_tiles, 4] int32: ``masked [s0, s1), full [s1, s2), masked [s2, s3)`` from
+    ``key_tile_ranges``; a query tile is full when it lies inside every key's query range ``[k, q_hi[k])``, i.e. it
+    starts at or after the tile's last key and ends before the smallest ``q_hi``. ``order``: longest first.
+    """
+
+    def build():
+        r = layout.key_tile_ranges(block_n, block_m)
+        lo, hi = r["lo"].long(), r["hi"].long()
+        T = layout.total_tokens
+        nkt = lo.numel()
+        pad = nkt * block_n - T
+        _, q_hi = layout.key_query_ranges()
+        qhi_min = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(nkt, block_n).amin(1)  # padding: never full
+        k_last = torch.arange(nkt, device=lo.device) * block_n + (block_n - 1)
+        flo = torch.minimum(torch.maximum((k_last + block_m - 1) // block_m, lo), hi)
+        fhi = torch.minimum(torch.maximum(qhi_min // block_m, flo), hi)
+        sched = torch.stack([lo, flo, fhi, hi], 1).to(torch.int32).contiguous()
+        order = torch.argsort(hi - lo, descending=True, stable=True).to(torch.int32)
+        return sched, order
+
+    return layout._cached(("triton_bwd_sched", block_n, block_m), build)
+
+
+def build_schedules(layout: PrefixLayout, cfg: TritonAttentionConfig) -> dict[str, torch.Tensor]:
+    """Everything the kernels read from the layout (cached on it). Timed by scripts/bench_attention.py."""
+    fs, fo = forward_schedule(layout, cfg.fwd_block_m, cfg.fwd_block_n)
+    ks, ko = backward_schedule(layout, cfg.kv_block_n, cfg.kv_block_m)
+    out = {"tok": _tok_ranges(layout), "q_hi": _q_hi(layout), "fwd_sched": fs, "fwd_order": fo,
+           "kv_sched": ks, "kv_order": ko}
+    if cfg.deterministic:
+        out["dq_sched"], out["dq_order"] = forward_schedule(layout, cfg.dq_block_m, cfg.dq_block_n)
+    else:
+        out["dq_sched"], out["dq_order"] = fs, fo  # unused
+    return out
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    if T == 0:
+        return o, lse
+    grid = (order.numel() * Hq,)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, sched, order, tok,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+        T, scale * _LOG2E,
+        H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return o, lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, scale,
+                cfg: TritonAttentionConfig):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    groups = Hq // Hkv
+    do = do.contiguous()
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if T == 0:
+        return torch.zeros_like(q), dk, dv
+    # delta = rowsum(dO * O), [Hq, T] fp32 (the softmax-Jacobian term).
+    delta = (do.float() * o.float()).sum(-1).t().contiguous()
+    atomic = not cfg.deterministic
+    dq_acc = torch.zeros((T, Hq, D), device=q.device, dtype=torch.float32) if atomic else q.new_empty(0, dtype=torch.float32)
+    qk_scale = scale * _LOG2E
+    prec = _dot_prec(q.dtype)
+    _bwd_kv_kernel[(kv_order.numel() * Hkv,)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, kv_sched, kv_order, q_hi,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        Hq * D if atomic else 0, D if atomic else 0,
+        T, qk_scale, scale,
+        H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
+        ATOMIC_DQ=atomic, DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )
+    if atomic:
+        dq = dq_acc.to(q.dtype)
+    else:
+        dq = torch.empty_like(q)
+        _bwd_dq_kernel[(dq_order.numel() * Hq,)](
+            q, k, v, do, lse, delta, dq, dq_sched, dq_order, tok,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            T, qk_scale, scale,
+            H_Q=Hq, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+            DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        )
+    return dq, dk, dv
+
+
+# =====================================================================================================================
+# 3. Custom ops and autograd
+# =====================================================================================================================
+
+
+@torch.library.custom_op("prefix_attn::triton_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_sched: torch.Tensor, fwd_order: torch.Tensor,
+            tok: torch.Tensor, q_hi: torch.Tensor, kv_sched: torch.Tensor, kv_order: torch.Tensor,
+            dq_sched: torch.Tensor, dq_order: torch.Tensor, scale: float, cfg: list[int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(q, k, v, fwd_sched, fwd_order, tok, scale, TritonAttentionConfig.from_list(cfg))
+
+
+@_fwd_op.register_fake
+def _(q, k, v, fwd_sched, fwd_order, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, scale, cfg):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("prefix_attn::triton_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            tok: torch.Tensor, q_hi: torch.Tensor, kv_sched: torch.Tensor, kv_order: torch.Tensor,
+            dq_sched: torch.Tensor, dq_order: torch.Tensor, scale: float, cfg: list[int]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, scale,
+                       TritonAttentionConfig.from_list(cfg))
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, scale, cfg):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _fs, _fo, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, scale, cfg = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order)
+    ctx.scale = scale
+    ctx.cfg = cfg
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq_order, ctx.scale, ctx.cfg)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =====================================================================================================================
+# Public API
+# =====================================================================================================================
+
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def triton_supported(device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> tuple[bool, str]:
+    """Whether the triton backend runs for tensors on ``device`` of ``dtype`` with ``head_dim``; and why not."""
+    device = torch.device(device)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type != "cuda" and not interpret:
+        return False, f"the triton backend needs a CUDA GPU (got device {device}; TRITON_INTERPRET=1 runs it on CPU)"
+    if device.type == "cuda" and not interpret:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return False, f"GPU compute capability {major}.{minor} < 8.0 (Ampere or newer needed)"
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return False, "bf16 is not supported on this GPU"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+    if head_dim is not None and head_dim not in _SUPPORTED_HEAD_DIMS:
+        return False, f"head_dim {head_dim} is not supported ({_SUPPORTED_HEAD_DIMS})"
+    return True, ""
+
+
+def triton_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PrefixLayout,
+    softmax_scale: float | None = None,
+    *,
+    config: TritonAttentionConfig | None = None,
+) -> torch.Tensor:
+    """Prefix-shared attention over one packed row with the Triton kernels. Differentiable in q, k, v.
+
+    Args:
+        q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA; K/V are never repeated in memory).
+            D in (16, 32, 64, 128); dtype float16, bfloat16 or float32 (all three the same).
+        layout: the row's PrefixLayout, on q's device, with ``total_tokens == T``.
+        softmax_scale: defaults to D ** -0.5.
+        config: tile sizes / launch parameters (default: ``default_config``).
+
+    Returns [T, Hq, D] in q's dtype: query q attends to keys [lo1, hi1) U [lo2, q] (``layout.query_key_ranges``).
+    """
+    T, Hq, D = q.shape
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"triton backend: head_dim {D} not supported ({_SUPPORTED_HEAD_DIMS})")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    cfg = config or default_config(D, q.dtype, q.device)
+    s = build_schedules(layout, cfg)
+    o, _lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), s["fwd_sched"], s["fwd_order"], s["tok"],
+                      s["q_hi"], s["kv_sched"], s["kv_order"], s["dq_sched"], s["dq_order"], scale, cfg.as_list())
+    return o
+
+
+__all__ = ["TritonAttentionConfig", "build_schedules", "backward_schedule", "default_config", "forward_schedule",
+           "set_default_config", "triton_prefix_attention", "triton_supported"]

@@ -1,0 +1,65 @@
+"""The collator: TRL's padded preference batch (the "view" TRL's loss and metrics read) plus one packed row.
+
+The view is exactly what ``trl.DataCollatorForPreference`` returns (input_ids, attention_mask, completion_mask for
+the 2B sequences, chosen first), so TRL's loss code reads the same tensors it reads in TRL. The model never runs on
+the view: it runs on ``prefix_packed`` (one row, no padding, each prompt once), and the per-token results are
+scattered back into the view's shape (``prefixdpo.modeling.packed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from .packing import pack_pairs
+
+PACKED_KEY = "prefix_packed"
+
+
+@dataclass
+class PrefixPackingCollator:
+    """Collate tokenized pairs into TRL's batch plus a packed prefix-shared row under ``"prefix_packed"``.
+
+    ``prefix_packed`` holds: ``input_ids`` [1, T], ``shift_labels`` [1, T] (the response token each position
+    predicts, -100 elsewhere), ``layout`` (``PrefixLayout.to_dict()``: lengths only; the device builds the rest),
+    ``src`` [N] packed positions that predict response tokens and ``dst`` [N] their flat index in the
+    [2B, view_width - 1] per-token view, and ``stats`` (plain ints: packed and unshared token counts).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    prefix_sharing: bool = True
+
+    def __post_init__(self):
+        self._view = DataCollatorForPreference(
+            pad_token_id=self.pad_token_id, max_length=self.max_length, truncation_mode=self.truncation_mode
+        )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from prefix_attn import PrefixLayout
+
+        batch = self._view(examples)
+        row = pack_pairs(examples, self.max_length, self.truncation_mode, self.prefix_sharing)
+        layout = PrefixLayout.from_lengths(row.prefix_lens, row.branch_lens)
+        width = batch["input_ids"].shape[1] - 1
+        src = [t for t, (s, _) in enumerate(row.view_pos) if s >= 0]
+        dst = [row.view_pos[t][0] * width + row.view_pos[t][1] for t in src]
+        batch[PACKED_KEY] = {
+            "input_ids": torch.tensor([row.input_ids], dtype=torch.long),
+            "shift_labels": torch.tensor([row.targets], dtype=torch.long),
+            "layout": layout.to_dict(),
+            "src": torch.tensor(src, dtype=torch.long),
+            "dst": torch.tensor(dst, dtype=torch.long),
+            "stats": {
+                "packed_tokens": len(row.input_ids),
+                "unshared_tokens": int(batch["attention_mask"].sum()),
+                "padded_tokens": int(batch["attention_mask"].numel()),
+                "shared_pairs": row.shared_pairs,
+                "pairs": len(examples),
+            },
+        }
+        return batch

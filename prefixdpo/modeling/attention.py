@@ -1,0 +1,117 @@
+"""Prefix-shared attention inside any transformers causal LM, through transformers' attention interface.
+
+``register()`` adds the attention function ``"prefix_attn"`` to ``transformers.AttentionInterface``. No mask
+function is registered for that name, so transformers builds no attention mask at all (its mask builder skips
+implementations it does not know): the layout carries the mask, as ranges.
+
+The layout reaches every attention layer through the model's forward kwargs (``prefix_layout=...``,
+``prefix_attn_backend=...``), which transformers passes down to the attention interface. No model class is patched.
+Features we cannot honour exactly are refused with an error naming them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefix_attn import PrefixLayout, prefix_attention
+
+ATTN_NAME = "prefix_attn"
+
+# Config attributes that change attention in ways the layout cannot express.
+_REFUSED_CONFIG = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "attention_chunk_size": "chunked attention",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses an attention feature prefix sharing cannot honour exactly."""
+
+
+def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    # Called without a layout (e.g. generate() after training): plain causal attention for one unpadded sequence.
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"The model's attention implementation is {ATTN_NAME!r}, which runs packed prefix-shared rows. For padded "
+            "batches or generation with a cache, switch it back first: model.set_attn_implementation('sdpa')."
+        )
+    groups = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def prefix_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
+    layout: PrefixLayout | None = kwargs.get("prefix_layout")
+    if layout is None:
+        return _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed prefix-shared rows have batch size 1, got query of shape {tuple(query.shape)}")
+    if dropout and module.training:
+        raise UnsupportedModelError(
+            f"attention dropout ({dropout}) is not supported with prefix sharing; set disable_dropout=True (TRL's default)"
+        )
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModelError("attention logit soft-capping is not supported with prefix sharing")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise UnsupportedModelError("attention sinks are not supported with prefix sharing")
+    window = kwargs.get("sliding_window")
+    if window is not None and layout.max_doc_span > window:
+        raise UnsupportedModelError(
+            f"this model uses sliding-window attention (window {window}) and a document in the batch spans "
+            f"{layout.max_doc_span} positions, so the window would cut it; prefix sharing cannot honour a window that "
+            f"bites. Lower max_length to at most {window} or use a model without sliding windows."
+        )
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    out = prefix_attention(q, k, v, layout, softmax_scale=scaling, backend=kwargs.get("prefix_attn_backend", "auto"))
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Register ``prefix_attn`` with transformers (idempotent). Returns the implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, prefix_attention_forward)
+    return ATTN_NAME
+
+
+def check_model_supported(model) -> None:
+    """Raise UnsupportedModelError, naming the feature, if prefix sharing cannot run this model exactly."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} does not route its attention through transformers' attention interface, so prefix-shared "
+            "attention cannot be installed into it"
+        )
+    for attr, feature in _REFUSED_CONFIG.items():
+        if getattr(config, attr, None) is not None:
+            raise UnsupportedModelError(f"{name} uses {feature} ({attr}={getattr(config, attr)}), which prefix sharing "
+                                        "cannot honour exactly")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; only causal language models are supported")
+    layer_types = getattr(config, "layer_types", None) or []
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModelError(f"{name} has layers of type {unknown}, which prefix sharing does not support")
+
+
+def install(model) -> None:
+    """Check the model and switch its attention to ``prefix_attn``."""
+    check_model_supported(model)
+    register()
+    model.set_attn_implementation(ATTN_NAME)

@@ -1,0 +1,84 @@
+"""The packed forward: run a model on one prefix-shared row and hand back TRL's per-token view.
+
+``enable_packed_forward(model, backend)`` wraps the instance's forward (the one TRL's ``add_fused_lm_head`` installs;
+no class is patched). A call that carries ``prefix_packed`` (from ``PrefixPackingCollator``) runs the backbone once
+on the packed row with the layout passed down to attention, scores only the response positions through TRL's
+chunked log-prob head (``shift_labels``), and scatters the per-token results into the [2B, L-1] shape of TRL's padded
+batch. Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to
+the original forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from prefix_attn import PrefixLayout
+
+from ..data.collator import PACKED_KEY
+from .attention import install
+
+_PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape) -> torch.Tensor | None:
+    if x is None:
+        return None
+    flat = x.new_zeros(shape[0] * shape[1])
+    return flat.index_put((dst,), x[0, src]).view(shape)
+
+
+def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
+    """Run ``inner_forward`` (TRL's fused-head forward) on a packed row; return its output in TRL's view shape."""
+    device = packed["input_ids"].device
+    layout = PrefixLayout.from_dict(packed["layout"], device)
+    out = inner_forward(
+        input_ids=packed["input_ids"],
+        position_ids=layout.position_ids.unsqueeze(0),
+        shift_labels=packed["shift_labels"],
+        fused_lm_head=True,
+        use_cache=False,
+        prefix_layout=layout,
+        prefix_attn_backend=backend,
+        **kwargs,
+    )
+    src, dst = packed["src"], packed["dst"]
+    for name in _PER_TOKEN:
+        setattr(out, name, _to_view(getattr(out, name, None), src, dst, view_shape))
+    if getattr(out, "label_mask", None) is not None:
+        out.label_mask = _to_view(out.label_mask, src, dst, view_shape)
+    return out
+
+
+def enable_packed_forward(model, backend: str = "auto") -> None:
+    """Install prefix-shared attention into ``model`` and make its forward accept ``prefix_packed`` (idempotent).
+
+    ``model`` must already carry TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``): the packed call
+    scores response positions through it.
+    """
+    install(model)
+    if getattr(model, "_prefixdpo_backend", None) is not None:
+        model._prefixdpo_backend = backend
+        return
+    inner = model.forward
+    model._prefixdpo_backend = backend
+
+    @functools.wraps(inner)
+    def forward(self, *args, **kwargs):
+        packed = kwargs.pop(PACKED_KEY, None)
+        if packed is None:
+            return inner(*args, **kwargs)
+        # TRL's call passes the padded view (input_ids, attention_mask, labels); the packed row replaces it.
+        view_ids = kwargs.pop("input_ids", None)
+        if view_ids is None and args:
+            view_ids = args[0]
+        for unused in ("attention_mask", "labels", "fused_lm_head", "use_cache", "position_ids", "shift_labels"):
+            kwargs.pop(unused, None)
+        view_shape = (view_ids.shape[0], view_ids.shape[1] - 1)
+        return packed_forward(
+            self, packed, backend=self._prefixdpo_backend, view_shape=view_shape, inner_forward=inner, **kwargs
+        )
+
+    model.forward = types.MethodType(forward, model)

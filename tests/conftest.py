@@ -1,0 +1,87 @@
+"""Shared test fixtures: an offline word-level tokenizer, random preference data, tiny models of real architectures."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+VOCAB_WORDS = 120
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB_WORDS)] + ["User:", "Assistant:"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                eos_token="<eos>")
+    t.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }} {% else %}Assistant: "
+        "{{ m['content'] }} <eos> {% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
+    return t
+
+
+def random_words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(VOCAB_WORDS)}" for _ in range(n))
+
+
+def make_pairs(n: int, seed: int = 0, prompt=(1, 12), response=(0, 8), identical_every: int = 0):
+    """Random standard-format pairs; prompt/response lengths drawn from the given inclusive ranges (in words).
+
+    A response of 0 words still has TRL's appended eos, so each response has >= 1 token."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        p = random_words(rng, rng.randint(*prompt))
+        c = random_words(rng, rng.randint(*response))
+        r = c if identical_every and i % identical_every == 0 else random_words(rng, rng.randint(*response))
+        rows.append({"prompt": p, "chosen": (" " + c) if c else "", "rejected": (" " + r) if r else ""})
+    return rows
+
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3")
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    extra = {
+        "llama": {},
+        "qwen2": {},
+        "qwen3": {"head_dim": 8},
+        "mistral": {"sliding_window": None},
+        "gemma": {"head_dim": 8},
+        "phi3": {"sliding_window": None, "pad_token_id": 0},
+    }[arch]
+    kw = {**common, **extra, **overrides}
+    return AutoConfig.for_model(arch, **kw)
+
+
+def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    vocab_size = vocab_size or (VOCAB_WORDS + 6)
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    return model
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
