@@ -1,0 +1,216 @@
+"""CPU tests of the `triton` attention backend through Triton's interpreter (TRITON_INTERPRET=1).
+
+Outputs and dq, dk, dv are compared with a float64 computation of the mask (``attention_math`` on float64 inputs).
+Tolerances are derived (DESIGN.md, style 7): the kernel's relative error against float64 must be at most twice the
+error of the same computation done by torch in the kernel's dtype (``attention_math`` in fp32 / fp16), plus a floor
+of one fp32 epsilon (relative to max(|truth|, |dO|)). fp32 and fp16 only: bf16 ``tl.dot`` is broken in the CPU interpreter.
+Small tiles (the CPU default config: 32-row query tiles, 16-key tiles) so that short rows cross many tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
+from prefix_attn.reference import attention_math  # noqa: E402
+from prefix_attn import triton_attention as ta  # noqa: E402
+
+if type(ta._fwd_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("triton_attention was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+def _rel(a: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
+    return ((a.double() - ref).norm() / max(ref.norm().item(), scale)).item()
+
+
+def _check_against_float64(layout, hq, hkv, d, dtype, seed=0, scale=None, config=None):
+    """Run the kernel, float64 truth and the same-dtype torch reference; assert the derived tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    T = layout.total_tokens
+    q = torch.randn(T, hq, d, generator=g).to(dtype)
+    k = torch.randn(T, hkv, d, generator=g).to(dtype)
+    v = torch.randn(T, hkv, d, generator=g).to(dtype)
+    do = torch.randn(T, hq, d, generator=g).to(dtype)
+
+    def run(fn, xs, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in xs]
+        o = fn(*xs)
+        o.backward(do.to(cast))
+        return [o.detach()] + [x.grad for x in xs]
+
+    got = run(lambda a, b, c: ta.triton_prefix_attention(a, b, c, layout, scale, config=config), (q, k, v), dtype)
+    truth = run(lambda a, b, c: attention_math(a, b, c, layout, scale), (q, k, v), torch.float64)
+    same = run(lambda a, b, c: attention_math(a, b, c, layout, scale), (q, k, v), dtype)
+    # Floor: one fp32 epsilon (the kernel accumulates in fp32), relative to max(|truth|, |dO|): it only matters
+    # where the truth is (near) zero, e.g. dq and dk of a query that sees only itself.
+    floor = torch.finfo(torch.float32).eps
+    scale = do.double().norm().item()
+    for name, x, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same):
+        assert x.dtype == dtype and x.shape == t.shape, name
+        assert torch.isfinite(x).all(), f"{name}: non-finite values"
+        err, ref_err = _rel(x, t, scale), _rel(s, t, scale)
+        assert err <= 2 * ref_err + floor, f"{name}: kernel error {err:.3e} > 2 x torch {dtype} error {ref_err:.3e}"
+    return got
+
+
+def _random_layout(rng: random.Random, max_docs=6, max_prefix=40, max_branches=4, max_branch=30):
+    n = rng.randint(1, max_docs)
+    prefix = [rng.choice([0, 1, rng.randint(0, max_prefix)]) for _ in range(n)]
+    branches = [[rng.choice([1, rng.randint(1, max_branch)]) for _ in range(rng.randint(1, max_branches))]
+                for _ in range(n)]
+    return PrefixLayout.from_lengths(prefix, branches)
+
+
+# (name, prefix_lens, branch_lens): lengths 1, tile sizes +-1 (tiles of 16 and 32), documents shorter than a tile,
+# many documents in one tile, empty prefixes, 8 branches.
+AWKWARD = [
+    ("one_token", [0], [[1]]),
+    ("ones", [1, 0, 1], [[1], [1, 1], [1]]),
+    ("tile_pm1", [15, 16, 17], [[31, 32], [33], [16, 1]]),
+    ("prefix_is_tile", [32], [[16, 16, 17]]),
+    ("empty_prefixes", [0, 0, 0], [[5, 9], [17], [1, 2, 3]]),
+    ("many_tiny_docs", [0, 1, 2, 1, 0, 2, 1, 0, 1, 2, 0, 1], [[1], [2, 1], [1, 3], [1], [2, 2], [1], [3], [1, 1, 1],
+                                                               [2], [1, 2], [3], [1, 1]]),
+    ("eight_branches", [10], [[1, 20, 3, 17, 16, 15, 2, 9]]),
+    ("long_prefix", [70], [[9, 40]]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+def test_awkward_layouts(name, prefix, branches, dtype):
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=dtype, seed=len(name))
+
+
+@pytest.mark.parametrize("hq,hkv", [(3, 1), (3, 3), (6, 2), (1, 1)])
+def test_heads_and_gqa(hq, hkv):
+    layout = PrefixLayout.from_lengths([20, 3], [[13, 30], [1, 5, 8]])
+    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq * 10 + hkv)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_layouts(seed):
+    rng = random.Random(seed)
+    layout = _random_layout(rng)
+    dtype = (torch.float32, torch.float16)[seed % 2]
+    _check_against_float64(layout, hq=2, hkv=1, d=16, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_head_dims(d):
+    layout = PrefixLayout.from_lengths([17, 0], [[16, 9], [33]])
+    _check_against_float64(layout, hq=2, hkv=1, d=d, dtype=torch.float16, seed=d, scale=0.3)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # deterministic dq (query-major dq kernel) with its own tiles
+        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 16, 32, 4, 1, deterministic=True),
+        # query tiles smaller than key tiles (forward) and KV tiles smaller than query tiles (backward)
+        ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
+    ],
+    ids=["deterministic", "bm_lt_bn"],
+)
+def test_configs(cfg):
+    layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
+    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=torch.float32, seed=7, config=cfg)
+
+
+def test_query_sees_only_itself():
+    # Every document is one branch of one token: each query sees only itself, so out == v exactly.
+    layout = PrefixLayout.from_lengths([0] * 40, [[1]] * 40)
+    q, k, v = (torch.randn(40, 2, 16) for _ in range(3))
+    out = ta.triton_prefix_attention(q, k, v, layout)
+    torch.testing.assert_close(out, v, rtol=0, atol=0)
+
+
+def test_deterministic_is_reproducible():
+    layout = PrefixLayout.from_lengths([20], [[30, 15]])
+    cfg = ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, deterministic=True)
+    q, k, v = (torch.randn(layout.total_tokens, 2, 16, requires_grad=True) for _ in range(3))
+    grads = []
+    for _ in range(2):
+        o = ta.triton_prefix_attention(q, k, v, layout, config=cfg)
+        grads.append(torch.autograd.grad(o.sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_prefix_attention_dispatch():
+    layout = PrefixLayout.from_lengths([9], [[4, 6]])
+    q, k, v = (torch.randn(layout.total_tokens, 2, 16) for _ in range(3))
+    out = prefix_attention(q, k, v, layout, backend="triton")
+    ref = prefix_attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_supported():
+    ok, why = ta.triton_supported(torch.device("cpu"), torch.float32, 64)
+    assert ok, why  # TRITON_INTERPRET=1 here
+    assert not ta.triton_supported(torch.device("cpu"), torch.float32, 96)[0]
+    assert not ta.triton_supported(torch.device("cpu"), torch.int8, 64)[0]
+
+
+# ----------------------------------------------------------------------------------------------- schedules (pure torch)
+
+
+def _visited(sched: torch.Tensor, n_cols: int, segments):
+    """[rows, n_cols] masks of visited / full column tiles from a schedule and its (start, end, is_full) columns."""
+    j = torch.arange(n_cols)[None, :]
+    visited = torch.zeros(sched.shape[0], n_cols, dtype=torch.int64)
+    full = torch.zeros(sched.shape[0], n_cols, dtype=torch.bool)
+    for a, b, is_full in segments:
+        inr = (j >= sched[:, a, None].long()) & (j < sched[:, b, None].long())
+        visited += inr.long()
+        if is_full:
+            full |= inr
+    return visited, full
+
+
+FWD_SEGMENTS = [(0, 1, False), (1, 2, True), (2, 3, False), (4, 5, False), (5, 6, True), (6, 7, False), (7, 8, True),
+                (8, 9, False)]
+BWD_SEGMENTS = [(0, 1, False), (1, 2, True), (2, 3, False)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32), (8, 64)])
+def test_schedules_cover_mask_exactly(seed, bm, bn):
+    """Each tile holding an allowed pair is visited exactly once; every tile marked full is fully allowed."""
+    layout = _random_layout(random.Random(seed), max_docs=8, max_prefix=70, max_branches=8, max_branch=50)
+    T = layout.total_tokens
+    mask = layout.dense_mask()
+    nqt, nkt = -(-T // bm), -(-T // bn)
+    pad = torch.zeros(nqt * bm, nkt * bn, dtype=torch.bool)
+    pad[:T, :T] = mask
+    tiles = pad.view(nqt, bm, nkt, bn)
+    any_allowed = tiles.any(3).any(1)  # [nqt, nkt]
+    # A tile is "full" when every real query sees every key (and no key is padding).
+    kvalid = torch.zeros(nkt * bn, dtype=torch.bool)
+    kvalid[:T] = True
+    qvalid = torch.zeros(nqt * bm, dtype=torch.bool)
+    qvalid[:T] = True
+    all_allowed = (pad | ~qvalid[:, None]).view(nqt, bm, nkt, bn).all(3).all(1) & kvalid.view(nkt, bn).all(1)[None]
+
+    sched, order = ta.forward_schedule(layout, bm, bn)
+    visited, full = _visited(sched, nkt, FWD_SEGMENTS)
+    assert visited.max() <= 1, "a key tile is visited twice"
+    assert (visited.bool() | ~any_allowed).all(), "an allowed pair is never visited"
+    assert (~full | all_allowed).all(), "a tile run without mask has masked pairs"
+    assert sorted(order.tolist()) == list(range(nqt))
+
+    # Backward: per key tile (rows), the query tiles (columns); transpose the tile grid with key tiles of bn, query bm.
+    ksched, korder = ta.backward_schedule(layout, bn, bm)
+    kvisited, kfull = _visited(ksched, nqt, BWD_SEGMENTS)
+    assert kvisited.max() <= 1
+    assert (kvisited.bool() | ~any_allowed.t()).all()
+    assert (~kfull | all_allowed.t()).all()
+    assert sorted(korder.tolist()) == list(range(nkt))
