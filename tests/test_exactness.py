@@ -1,0 +1,153 @@
+"""The exactness contract (DESIGN.md): packed, prefix-shared log-probs and gradients equal those of running each
+prompt + response alone, in float32 on the CPU, for tiny random-init models of real architectures."""
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from trl.trainer.utils import add_fused_lm_head
+
+from conftest import ARCHS, tiny_model
+from prefixdpo.data.collator import PACKED_KEY, PrefixPackingCollator
+from prefixdpo.modeling.attention import UnsupportedModelError, check_model_supported
+from prefixdpo.modeling.packed import enable_packed_forward
+
+VOCAB = 50
+
+
+def random_examples(n, seed, max_prompt=12, max_resp=9):
+    rng = random.Random(seed)
+    tok = lambda k: [rng.randrange(4, VOCAB) for _ in range(k)]  # noqa: E731
+    out = []
+    for i in range(n):
+        chosen = tok(rng.randint(1, max_resp))
+        out.append({
+            "prompt_ids": tok(1 if i % 4 == 0 else rng.randint(1, max_prompt)),  # prompts of 1 token included
+            "chosen_ids": chosen,
+            "rejected_ids": list(chosen) if i % 5 == 1 else tok(1 if i % 3 == 0 else rng.randint(1, max_resp)),
+        })
+    return out
+
+
+def packed_model(model, backend="reference"):
+    m = copy.deepcopy(model)
+    add_fused_lm_head(m, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    enable_packed_forward(m, backend)
+    return m
+
+
+def packed_logps(model, batch):
+    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask",)}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(**kwargs, labels=labels, fused_lm_head=True)
+    return out.log_probs.sum(1)
+
+
+def unshared_logps(model, examples, max_length=None, mode="keep_start"):
+    """Each prompt + response alone through the unpatched model (its own SDPA), log-softmax over full logits."""
+    from prefixdpo.data.packing import truncate_sequence
+
+    res = []
+    for key in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            p, c = truncate_sequence(ex["prompt_ids"], ex[key], max_length, mode)
+            ids = torch.tensor([p + c])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+            n_score = len(c) if p else len(c) - 1
+            res.append(lp[len(lp) - n_score :].sum() if n_score else lp.sum() * 0)
+    return torch.stack(res)
+
+
+def dpo_loss(logps, ref):
+    c, r = logps.chunk(2)
+    rc, rr = ref.chunk(2)
+    return -F.logsigmoid(0.1 * ((c - rc) - (r - rr))).mean()
+
+
+def grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_logps_and_grads_equal_unshared(arch):
+    torch.manual_seed(0)
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    examples = random_examples(9, seed=hash(arch) % 1000)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert batch[PACKED_KEY]["stats"]["shared_pairs"] == len(examples)
+    pm = packed_model(model)
+    got = packed_logps(pm, batch)
+    want = unshared_logps(model, examples)
+    assert rel(got, want) < 1e-5, (got, want)
+
+    ref = want.detach() + torch.randn_like(want)
+    g_packed = grads(pm, dpo_loss(got, ref))
+    g_plain = grads(model, dpo_loss(unshared_logps(model, examples), ref))
+    for a, b in zip(g_packed, g_plain):
+        assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("mode,max_length", [("keep_start", 9), ("keep_end", 9), ("keep_end", 4)])
+def test_truncation_matches_trl_and_stays_exact(mode, max_length):
+    model = tiny_model("llama", vocab_size=VOCAB, seed=2)
+    examples = [e for e in random_examples(10, seed=7, max_prompt=8, max_resp=8) if len(e["prompt_ids"]) < max_length]
+    batch = PrefixPackingCollator(pad_token_id=0, max_length=max_length, truncation_mode=mode)(examples)
+    got = packed_logps(packed_model(model), batch)
+    want = unshared_logps(model, examples, max_length, mode)
+    assert rel(got, want) < 1e-5
+
+
+def test_unshared_switch_gives_the_same_logps_with_more_tokens():
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=3)
+    examples = random_examples(6, seed=11)
+    shared = PrefixPackingCollator(pad_token_id=0)(examples)
+    unshared = PrefixPackingCollator(pad_token_id=0, prefix_sharing=False)(examples)
+    pm = packed_model(model)
+    assert rel(packed_logps(pm, shared), packed_logps(pm, unshared)) < 1e-5
+    s, u = shared[PACKED_KEY]["stats"], unshared[PACKED_KEY]["stats"]
+    assert u["packed_tokens"] == u["unshared_tokens"] > s["packed_tokens"]
+    assert s["unshared_tokens"] - s["packed_tokens"] == sum(len(e["prompt_ids"]) - 1 for e in examples)
+
+
+def test_sliding_window_that_bites_is_refused_and_one_that_does_not_runs():
+    examples = random_examples(3, seed=5)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    wide = tiny_model("mistral", vocab_size=VOCAB, seed=4, sliding_window=64)
+    assert rel(packed_logps(packed_model(wide), batch), unshared_logps(wide, examples)) < 1e-5
+    narrow = tiny_model("mistral", vocab_size=VOCAB, seed=4, sliding_window=3)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        packed_logps(packed_model(narrow), batch)
+
+
+def test_softcapping_model_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma2", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+        check_model_supported(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_only_response_positions_reach_the_lm_head(monkeypatch):
+    # The LM head sees only the positions that predict response tokens (TRL's chunked head on shift_labels), never
+    # the whole row: no [T, vocab] logits.
+    import trl.trainer.utils as tu
+
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    examples = random_examples(4, seed=3, max_prompt=30, max_resp=3)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    pm = packed_model(model)
+    rows = []
+    original = tu._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(h.shape[0]) or original(h, *a))
+    packed_logps(pm, batch)
+    n_targets = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    assert rows == [n_targets] and n_targets < batch[PACKED_KEY]["stats"]["packed_tokens"]
