@@ -138,9 +138,11 @@ def test_softcapping_model_is_refused():
 
 def test_only_response_positions_reach_the_lm_head(monkeypatch):
     # The LM head sees only the positions that predict response tokens (TRL's chunked head on shift_labels), never
-    # the whole row: no [T, vocab] logits.
+    # the whole row: no [T, vocab] logits. TRL takes that compact path on CUDA/XPU; on the CPU it scores every
+    # position (in chunks), so the test makes TRL take its CUDA decision here.
     import trl.trainer.utils as tu
 
+    monkeypatch.setattr(tu, "_use_triton", lambda device: True)
     model = tiny_model("llama", vocab_size=VOCAB, seed=0)
     examples = random_examples(4, seed=3, max_prompt=30, max_resp=3)
     batch = PrefixPackingCollator(pad_token_id=0)(examples)
