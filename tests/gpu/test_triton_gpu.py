@@ -1,0 +1,131 @@
+"""GPU tests of the `triton` backend (bf16/fp16, head dims 64/128, GPU tile sizes) and of `flex`, against float64.
+
+Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``. The default (CPU) run deselects them.
+Tolerance (DESIGN.md, style 7): kernel error vs float64 <= 2 x the error of ``attention_math`` run by torch in the
+same dtype on the same GPU, plus one fp32 epsilon relative to max(|truth|, |dO|).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from prefix_attn import PrefixLayout, prefix_attention
+from prefix_attn.reference import attention_math
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEV = "cuda"
+
+
+def _err(a, t, scale):
+    return ((a.double() - t).norm() / max(t.norm().item(), scale)).item()
+
+
+def _check(fn, layout, hq, hkv, d, dtype, seed, label=""):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    T = layout.total_tokens
+    q = torch.randn(T, hq, d, device=DEV, generator=g).to(dtype)
+    k = torch.randn(T, hkv, d, device=DEV, generator=g).to(dtype)
+    v = torch.randn(T, hkv, d, device=DEV, generator=g).to(dtype)
+    do = torch.randn(T, hq, d, device=DEV, generator=g).to(dtype)
+
+    def run(f, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
+        o = f(*xs)
+        grads = torch.autograd.grad(o, xs, do.to(cast))
+        return [o.detach(), *grads]
+
+    got = run(fn, dtype)
+    truth = run(lambda a, b, c: attention_math(a, b, c, layout), torch.float64)
+    same = run(lambda a, b, c: attention_math(a, b, c, layout), dtype)
+    scale = do.double().norm().item()
+    floor = torch.finfo(torch.float32).eps
+    for name, x, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same):
+        assert torch.isfinite(x).all(), f"{label} {name}: non-finite"
+        err, ref = _err(x, t, scale), _err(s, t, scale)
+        assert err <= 2 * ref + floor, f"{label} {name}: error {err:.3e} > 2 x torch {dtype} error {ref:.3e}"
+
+
+def _random_layout(rng, tokens):
+    prefix, branches, total = [], [], 0
+    while total < tokens:
+        p = rng.choice([0, 1, rng.randint(1, 300), rng.randint(100, 1200)])
+        nb = rng.choice([1, 2, 2, 3, 8])
+        bl = [rng.choice([1, rng.randint(1, 64), rng.randint(60, 400), 127, 128, 129]) for _ in range(nb)]
+        prefix.append(p)
+        branches.append(bl)
+        total += p + sum(bl)
+    return PrefixLayout.from_lengths(prefix, branches, device=DEV)
+
+
+def _triton(layout, **kw):
+    from prefix_attn.triton_attention import triton_prefix_attention
+
+    return lambda q, k, v: triton_prefix_attention(q, k, v, layout, **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
+                         ids=["d128-bf16", "d64-bf16", "d128-fp16"])
+def test_random_layouts(seed, d, dtype):
+    layout = _random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]))
+    hq, hkv = [(8, 2), (4, 4), (6, 3)][seed % 3]
+    _check(_triton(layout), layout, hq, hkv, d, dtype, seed, label=f"seed {seed}")
+
+
+AWKWARD = [
+    ("one_token", [0], [[1]]),
+    ("only_self", [0] * 300, [[1]] * 300),
+    ("tile_pm1", [127, 128, 129, 63, 65], [[127, 128, 129], [1], [64], [63, 65, 1], [2]]),
+    ("tiny_docs", [1, 0, 2, 3] * 40, [[1, 2], [3], [1, 1, 1], [2]] * 40),
+    ("eight_branches", [700], [[1, 64, 129, 300, 2, 127, 128, 5]]),
+]
+
+
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_awkward_layouts(name, prefix, branches, deterministic):
+    from prefix_attn.triton_attention import default_config
+    from dataclasses import replace
+
+    layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
+    cfg = replace(default_config(128, torch.bfloat16, torch.device(DEV)), deterministic=deterministic)
+    _check(_triton(layout, config=cfg), layout, 8, 2, 128, torch.bfloat16, 1, label=name)
+
+
+def test_large_row():
+    layout = PrefixLayout.from_lengths([2047] * 3, [[257, 257]] * 3, device=DEV)  # ~7.7K tokens
+    _check(_triton(layout), layout, 4, 1, 128, torch.bfloat16, 3, label="large")
+
+
+@pytest.mark.parametrize("seed", range(1))
+def test_flex_agrees_with_float64(seed):
+    layout = _random_layout(random.Random(100 + seed), tokens=1200)
+
+    def flex(q, k, v):
+        return prefix_attention(q, k, v, layout, backend="flex")
+
+    _check(flex, layout, 8, 2, 128, torch.bfloat16, seed, label="flex")
+
+
+def test_auto_picks_triton_on_hopper():
+    from prefix_attn import resolve_backend
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert resolve_backend("auto", torch.device(DEV), torch.bfloat16, 128) == "triton"
+
+
+def test_torch_compile_traces_the_op():
+    layout = PrefixLayout.from_lengths([100, 5], [[30, 40], [7]], device=DEV)
+    q, k, v = (torch.randn(layout.total_tokens, h, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+               for h in (4, 2, 2))
+    f = _triton(layout)
+    ref = f(q, k, v)
+    out = torch.compile(f)(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
