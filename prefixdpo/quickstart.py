@@ -30,7 +30,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "quickstart"
 TRAIN_FILE = DATA_DIR / "train.jsonl"
-EVAL_FILE = DATA_DIR / "eval.jsonl"
+EVAL_FILE = DATA_DIR / "test.jsonl"  # the held-out split ("test", as datasets names it)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
@@ -47,7 +47,7 @@ INSTRUCTIONS = (
     "here is a list of numbers . sort it from smallest to largest :",
 )
 REJECTION_KINDS = ("as_given", "descending", "swapped")
-N_TRAIN, N_EVAL, DATA_SEED = 2000, 200, 1234
+N_TRAIN, N_EVAL, DATA_SEED = 1000, 200, 1234
 
 
 def _make_pair(rng: random.Random) -> dict:
@@ -75,13 +75,13 @@ def _make_pair(rng: random.Random) -> dict:
 
 
 def generate_data(out_dir: str | Path = DATA_DIR, n_train: int = N_TRAIN, n_eval: int = N_EVAL, seed: int = DATA_SEED):
-    """Write ``train.jsonl`` and ``eval.jsonl`` (deterministic for a given seed). No eval prompt appears in train."""
+    """Write ``train.jsonl`` and ``test.jsonl`` (deterministic for a given seed). No eval prompt appears in train."""
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    splits = {"train": [], "eval": []}
-    for split, n in (("train", n_train), ("eval", n_eval)):
+    splits = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_eval)):
         while len(splits[split]) < n:
             pair = _make_pair(rng)
             numbers_key = pair["prompt"][0]["content"].split(":")[-1]
@@ -93,7 +93,7 @@ def generate_data(out_dir: str | Path = DATA_DIR, n_train: int = N_TRAIN, n_eval
         with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
                 f.write(json.dumps(row, separators=(",", ":")) + "\n")
-    return out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    return out_dir / "train.jsonl", out_dir / "test.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,3 +169,203 @@ def build_model(tokenizer, shape: TinyModelConfig | None = None, seed: int = 0):
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuickstartArguments:
+    """What the quickstart adds to PrefixDPOConfig (every PrefixDPOConfig field can be set too)."""
+
+    data_dir: str = field(
+        default=str(DATA_DIR),
+        metadata={"help": "Directory with train.jsonl and test.jsonl (the shipped data by default)."},
+    )
+    hidden_size: int = field(default=64, metadata={"help": "Width of the tiny Llama-shaped model."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Depth of the tiny model."})
+    max_eval_pairs: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many held-out pairs (all by default)."}
+    )
+    min_eval_accuracy: float = field(
+        default=0.9,
+        metadata={"help": "Exit with status 1 when the final eval reward accuracy is below this (0 disables)."},
+    )
+    plot: bool = field(default=True, metadata={"help": "Write a PNG plot of loss and reward accuracy over steps."})
+    regenerate_data: bool = field(
+        default=False, metadata={"help": "Rewrite the shipped data files from the generator, then exit."}
+    )
+
+
+# Training settings of the quickstart, tuned so that a 2-core CPU gets the tiny model to >= 0.9 eval reward accuracy
+# in about a minute. configs/quickstart.yaml repeats them; a --config file and command-line flags override them.
+QUICKSTART_DEFAULTS = dict(
+    output_dir="prefixdpo-quickstart",
+    learning_rate=1e-3,  # a randomly initialised tiny model, not a pretrained one: a large learning rate is right
+    lr_scheduler_type="cosine",
+    warmup_steps=10,
+    max_steps=120,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=50,
+    beta=0.1,
+    logging_steps=10,
+    eval_strategy="steps",
+    eval_steps=40,
+    save_strategy="no",
+    report_to="none",
+    seed=0,
+    max_length=128,
+    bf16=False,  # float32: TRL defaults to bf16, which a CPU without bf16 support refuses
+    gradient_checkpointing=False,  # TRL defaults it on; a tiny model has no activations worth recomputing
+)
+
+
+def make_parser():
+    from trl import TrlParser
+
+    from .config import PrefixDPOConfig
+
+    parser = TrlParser((QuickstartArguments, PrefixDPOConfig), prog="prefixdpo quickstart")
+    parser.set_defaults_with_config(**QUICKSTART_DEFAULTS)
+    return parser
+
+
+def _plot(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in log_history if "loss" in h and "step" in h]
+    evals = [h for h in log_history if "eval_loss" in h and "step" in h]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], marker=".", label="train")
+    ax_loss.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], marker="o", label="eval")
+    ax_loss.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="log 2 (no preference)")
+    ax_loss.set(xlabel="step", ylabel="DPO loss", title="loss")
+    ax_acc.plot([h["step"] for h in train], [h.get("rewards/accuracies", float("nan")) for h in train], marker=".",
+                label="train")
+    ax_acc.plot([h["step"] for h in evals], [h.get("eval_rewards/accuracies", float("nan")) for h in evals],
+                marker="o", label="eval (held out)")
+    ax_acc.axhline(0.9, color="grey", linestyle=":", linewidth=1, label="0.9 target")
+    ax_acc.set(xlabel="step", ylabel="reward accuracy", title="reward accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("prefixdpo quickstart: DPO on a tiny model (sort the numbers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(qs_args: QuickstartArguments, training_args) -> dict:
+    """Train, evaluate, report, save. Returns the results (also written to ``<output_dir>/quickstart_results.json``)."""
+    from .data.formats import (
+        length_statistics,
+        load_preference_dataset,
+        normalize_preference_dataset,
+        tokenize_preference_dataset,
+        tokenized_lengths,
+    )
+    from .trainer import PrefixDPOTrainer
+
+    t_start = time.perf_counter()
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Setup: data (held-out split for evaluation), tokenizer, model.
+    splits = load_preference_dataset(qs_args.data_dir, split=None)
+    tokenizer = build_tokenizer()
+    train_dataset = normalize_preference_dataset(splits["train"], tokenizer, name="train")
+    eval_dataset = normalize_preference_dataset(splits["test"], tokenizer, name="test")
+    if qs_args.max_eval_pairs is not None:
+        eval_dataset = eval_dataset.select(range(min(qs_args.max_eval_pairs, len(eval_dataset))))
+    shape = TinyModelConfig(hidden_size=qs_args.hidden_size, intermediate_size=3 * qs_args.hidden_size,
+                            num_hidden_layers=qs_args.num_hidden_layers)
+    model = build_model(tokenizer, shape, seed=training_args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[quickstart] {len(train_dataset)} train pairs, {len(eval_dataset)} held-out pairs; tiny Llama "
+          f"{shape.num_hidden_layers}x{shape.hidden_size} ({n_params / 1e3:.0f}K parameters); "
+          f"attn_backend={training_args.attn_backend}")
+
+    # Train.
+    trainer = PrefixDPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    t_train = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t_train
+    metrics = trainer.evaluate()
+    accuracy = float(metrics["eval_rewards/accuracies"])
+
+    # Tokens saved, from the tokenized lengths of the training pairs in the batches the trainer formed.
+    prompt_lens, chosen_lens, rejected_lens = tokenized_lengths(tokenize_preference_dataset(train_dataset, tokenizer))
+    stats = length_statistics(prompt_lens, chosen_lens, rejected_lens,
+                              batch_size=training_args.per_device_train_batch_size,
+                              max_length=training_args.max_length)
+
+    # Save: the model (safetensors) and the tokenizer, the plot, the results.
+    trainer.save_model(str(output_dir))
+    plot_path = output_dir / "quickstart.png"
+    if qs_args.plot:
+        _plot(trainer.state.log_history, plot_path)
+    logged = [h for h in trainer.state.log_history if "prefix_sharing/tokens_saved_frac" in h]
+    results = {
+        "eval_reward_accuracy": accuracy,
+        "eval_loss": float(metrics["eval_loss"]),
+        "eval_reward_margin": float(metrics.get("eval_rewards/margins", float("nan"))),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "steps": trainer.state.global_step,
+        "tokens_trl_padded": stats["tokens_trl_padded"],
+        "tokens_prefix_shared_packed": stats["tokens_prefix_shared_packed"],
+        "saved_by_prefix_sharing": stats["saved_by_prefix_sharing"],
+        "saved_by_packing": stats["saved_by_packing"],
+        "saved_total_fraction": stats["saved_total_fraction"],
+        "trainer_logged_prefix_sharing_saved_frac": (
+            logged[-1]["prefix_sharing/tokens_saved_frac"] if logged else None
+        ),
+        "output_dir": str(output_dir),
+        "plot": str(plot_path) if qs_args.plot else None,
+    }
+    with open(output_dir / "quickstart_results.json", "w") as f:
+        json.dump(results, f, indent=2)
+
+    padded = stats["tokens_trl_padded"]
+    print()
+    print(f"[quickstart] eval reward accuracy (held out): {accuracy:.3f}   eval loss {results['eval_loss']:.4f}")
+    print(f"[quickstart] tokens per epoch: TRL layout (prompt twice, padded) {padded:,}; prefix-shared and packed "
+          f"{stats['tokens_prefix_shared_packed']:,}")
+    print(f"[quickstart]   saved by prefix sharing {stats['saved_by_prefix_sharing']:,} "
+          f"({100 * stats['saved_by_prefix_sharing'] / padded:.1f}%), by packing {stats['saved_by_packing']:,} "
+          f"({100 * stats['saved_by_packing'] / padded:.1f}%), total {100 * stats['saved_total_fraction']:.1f}%")
+    print(f"[quickstart] trained {results['steps']} steps in {train_seconds:.1f}s; model saved to {output_dir}"
+          + (f"; plot {plot_path}" if qs_args.plot else ""))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = make_parser()
+    qs_args, training_args = parser.parse_args_and_config(args=argv)
+    if qs_args.regenerate_data:
+        train_file, test_file = generate_data(qs_args.data_dir)
+        print(f"[quickstart] wrote {train_file} and {test_file}")
+        return 0
+    results = run(qs_args, training_args)
+    if qs_args.min_eval_accuracy and results["eval_reward_accuracy"] < qs_args.min_eval_accuracy:
+        print(f"[quickstart] FAILED: eval reward accuracy {results['eval_reward_accuracy']:.3f} < "
+              f"{qs_args.min_eval_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
