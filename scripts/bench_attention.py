@@ -124,21 +124,23 @@ def main(argv=None):
         pairs = lay.allowed_pairs()
         ref_o = ta.triton_prefix_attention(q, k, v, lay, config=base)
         ref_g = torch.autograd.grad(ref_o, (q, k, v), do)
-        fwd_variants = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)]
-        bwd_variants = [(64, 128, 8, 2, False), (32, 128, 4, 2, False), (64, 64, 4, 2, False), (64, 128, 8, 2, True)]
-        print(f"\n## sweep on {args.layouts[0]} (T={T}); fwd: (block_m, block_n, warps, stages)")
+        fwd_variants = [(64, 64, 4, 3, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
+                        (64, 128, 4, 3, True)]
+        bwd_variants = [(64, 128, 8, 2, True), (64, 128, 8, 3, True), (64, 128, 8, 2, False), (32, 128, 8, 3, True),
+                        (128, 128, 8, 2, True)]
+        print(f"\n## sweep on {args.layouts[0]} (T={T}); fwd: (block_m, block_n, warps, stages, tma)")
         fbest = None
-        for bm, bn, w, s in fwd_variants:
-            cfg = replace(base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=s)
+        for bm, bn, w, s, tma in fwd_variants:
+            cfg = replace(base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=s, fwd_tma=tma)
             try:
                 o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
                 err = rel_err(o, ref_o)
                 ms = bench(lambda: ta.triton_prefix_attention(q, k, v, lay, config=cfg))
             except Exception as e:  # a config that does not compile (shared memory) is skipped
-                print(f"fwd {bm, bn, w, s}: failed {type(e).__name__}: {str(e)[:100]}")
+                print(f"fwd {bm, bn, w, s, tma}: failed {type(e).__name__}: {str(e)[:100]}")
                 continue
             tf = 4 * Hq * D * pairs / ms * 1e-9
-            print(f"fwd {bm, bn, w, s}: {ms:.3f} ms {tf:.0f} TFLOP/s  rel diff vs default {err:.1e}")
+            print(f"fwd {bm, bn, w, s, tma}: {ms:.3f} ms {tf:.0f} TFLOP/s  rel diff vs default {err:.1e}")
             if err < 2e-2 and (fbest is None or ms < fbest[0]):
                 fbest = (ms, cfg)
         best = fbest[1] if fbest else base

@@ -44,32 +44,38 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _fwd_range(
-    acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end, qk_scale, T,
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end,
+    qk_scale, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # boundary tiles: bounds checks and the per-element mask; full tiles: neither
+    USE_TMA: tl.constexpr,  # K/V tiles through TMA descriptors (Hopper; rows past T come back as zeros)
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32), "tf32" otherwise (ignored for 16-bit inputs)
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(start, end):
         n0 = j * BLOCK_N
-        kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        if MASKED:
-            inb = (n0 + offs_n) < T
-            k = tl.load(kp, mask=inb[:, None], other=0.0)
-            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        if USE_TMA:
+            k = k_desc.load([n0, kv_col])
+            v = v_desc.load([n0, kv_col])
         else:
-            k = tl.load(kp)
-            v = tl.load(vp)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            if MASKED:
+                inb = (n0 + offs_n) < T
+                k = tl.load(kp, mask=inb[:, None], other=0.0)
+                v = tl.load(vp, mask=inb[:, None], other=0.0)
+            else:
+                k = tl.load(kp)
+                v = tl.load(vp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled; the scale folds into one FMA below
         if MASKED:
             kk = (n0 + offs_n)[None, :]
             ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
             s = tl.where(ok, s, float("-inf"))
         # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -81,6 +87,7 @@ def _fwd_range(
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q [T, Hq, D], k/v [T, Hkv, D], o [T, Hq, D], lse [Hq, T] fp32 (log2 domain)
     SCHED, ORDER, TOK,  # SCHED [n_q_tiles, 10] int32 segment bounds, ORDER [n_q_tiles] tile order, TOK [3, T] int32
+    K_DESC, V_DESC,  # TMA descriptors over k/v viewed as [T, Hkv * D], block [BLOCK_N, D] (None without TMA)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     T, qk_scale,
     H_Q: tl.constexpr,  # query heads: program id -> (tile, head) decomposition
@@ -88,6 +95,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr,  # block width of the feature dimension (tl.arange needs it static)
     BLOCK_M: tl.constexpr,  # query rows per tile (must match the schedule's)
     BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
+    USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -121,15 +129,15 @@ def _fwd_kernel(
     s7 = tl.load(sp + 7)
     s8 = tl.load(sp + 8)
     s9 = tl.load(sp + 9)
-    args = (q, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s1, s2, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s5, s6, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s7, s8, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s0, s1, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s2, s3, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s4, s5, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s6, s7, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s8, s9, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    args = (q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s7, s8, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s0, s1, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s2, s3, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s4, s5, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s6, s7, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s8, s9, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
     acc = acc / l_safe[:, None]
@@ -340,23 +348,25 @@ class TritonAttentionConfig:
     dq_warps: int = 8
     dq_stages: int = 2
     deterministic: bool = False
+    fwd_tma: bool = False  # forward K/V loads through TMA descriptors (Hopper+ only; ignored elsewhere)
 
     def as_list(self) -> list[int]:
         return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
                 self.kv_block_m, self.kv_block_n, self.kv_warps, self.kv_stages,
-                self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages, int(self.deterministic)]
+                self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages, int(self.deterministic),
+                int(self.fwd_tma)]
 
     @classmethod
     def from_list(cls, xs) -> "TritonAttentionConfig":
-        *ints, det = [int(x) for x in xs]
-        return cls(*ints, deterministic=bool(det))
+        *ints, det, tma = [int(x) for x in xs]
+        return cls(*ints, deterministic=bool(det), fwd_tma=bool(tma))
 
 
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
 # (docs/PERFORMANCE.md); override with set_default_config().
 _CONFIGS: dict[tuple[int, bool], TritonAttentionConfig] = {
-    (64, True): TritonAttentionConfig(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2),
-    (128, True): TritonAttentionConfig(128, 64, 8, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    (64, True): TritonAttentionConfig(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2, deterministic=True),
+    (128, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2, deterministic=True),
 }
 _OVERRIDE: TritonAttentionConfig | None = None
 
@@ -461,6 +471,13 @@ def build_schedules(layout: PrefixLayout, cfg: TritonAttentionConfig) -> dict[st
     return out
 
 
+def _tma_ok(x: torch.Tensor) -> bool:
+    """TMA descriptors: on a Hopper-or-newer GPU (or the interpreter), 16-byte aligned rows."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 and (x.stride(0) * x.element_size()) % 16 == 0
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -473,12 +490,19 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
     if T == 0:
         return o, lse
     grid = (order.numel() * Hq,)
+    use_tma = cfg.fwd_tma and _tma_ok(q)
+    kd = vd = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [cfg.fwd_block_n, D])
+        vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [cfg.fwd_block_n, D])
     _fwd_kernel[grid](
-        q, k, v, o, lse, sched, order, tok,
+        q, k, v, o, lse, sched, order, tok, kd, vd,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         T, scale * _LOG2E,
         H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
 

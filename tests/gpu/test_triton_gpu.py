@@ -2,7 +2,7 @@
 
 Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``. The default (CPU) run deselects them.
 Tolerance (DESIGN.md, style 7): kernel error vs float64 <= 2 x the error of ``attention_math`` run by torch in the
-same dtype on the same GPU, plus one fp32 epsilon relative to max(|truth|, |dO|).
+same dtype on the same GPU, plus four fp32 epsilons relative to max(|truth|, |dO|).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _check(fn, layout, hq, hkv, d, dtype, seed, label=""):
     truth = run(lambda a, b, c: attention_math(a, b, c, layout), torch.float64)
     same = run(lambda a, b, c: attention_math(a, b, c, layout), dtype)
     scale = do.double().norm().item()
-    floor = torch.finfo(torch.float32).eps
+    floor = 4 * torch.finfo(torch.float32).eps
     for name, x, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same):
         assert torch.isfinite(x).all(), f"{label} {name}: non-finite"
         err, ref = _err(x, t, scale), _err(s, t, scale)
