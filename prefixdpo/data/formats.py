@@ -217,7 +217,14 @@ def _value_kind(value) -> str:
 def _column_kind(dataset, column: str) -> str:
     features = getattr(dataset, "features", None)
     if features is not None and column in features:
-        return _feature_kind(features[column])
+        feature = features[column]
+        if type(feature).__name__ == "Json" and hasattr(dataset, "__len__"):
+            # Values of mixed types (datasets >= 5 loads them as Json): the column has the kind most rows have;
+            # rows of another type are dropped (or raise) row by row.
+            counts = Counter(_value_kind(v) for v in dataset[column] if v is not None)
+            counts.pop(OTHER, None)
+            return counts.most_common(1)[0][0] if counts else OTHER
+        return _feature_kind(feature)
     # No features (some IterableDatasets): look at the first non-null value.
     for row in dataset:
         if row.get(column) is not None:
@@ -338,8 +345,11 @@ def _normalize_row(example: dict, conversational: bool) -> tuple[dict, str]:
         rejected_m = (
             [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else _to_messages(rejected)
         )
-        if chosen_m is None or rejected_m is None:
-            return bad, "malformed messages in chosen/rejected (each needs a role and a non-null content)"
+        for column, value, messages in (("chosen", chosen, chosen_m), ("rejected", rejected, rejected_m)):
+            if messages is None:
+                if not isinstance(value, (list, dict)):
+                    return bad, f"wrong type in {column} ({type(value).__name__}, expected a list of messages)"
+                return bad, f"malformed messages in {column} (each needs a role and a non-null content)"
         prompt_m = None
         if has_prompt and not isinstance(prompt, str):
             prompt_m = _to_messages(prompt)
@@ -370,8 +380,9 @@ def _normalize_row(example: dict, conversational: bool) -> tuple[dict, str]:
         return {"prompt": prompt_m, "chosen": chosen_m, "rejected": rejected_m}, ""
 
     # Standard (text) rows.
-    if not isinstance(chosen, str) or not isinstance(rejected, str) or (has_prompt and not isinstance(prompt, str)):
-        return bad, "non-text value in a text column"
+    for column, value in (("prompt", prompt if has_prompt else ""), ("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            return bad, f"wrong type in {column} ({type(value).__name__}, expected text)"
     if has_prompt:
         if not prompt.strip():
             return bad, "empty prompt"
@@ -514,7 +525,7 @@ def _row_error(name: str, idx: int, problem: str) -> str:
         "empty": "fill or remove the row",
         "chosen equals": "remove the row (identical responses carry no preference)",
         "malformed": "every message needs 'role' and 'content' (or 'from' and 'value')",
-        "non-text": "make the column text in every row",
+        "wrong type": "give the column the same type in every row",
     }
     fix = next((v for k, v in fixes.items() if problem.startswith(k)), "fix or remove the row")
     return f"{name} dataset, row {idx}: {problem}; {fix}, or use on_bad_rows='drop' to drop such rows"
