@@ -174,5 +174,3 @@ def test_unsupported_options_are_refused_clearly(tmp_path):
                          compute_metrics=lambda p: {})
     with pytest.raises(ValueError, match="attn_backend"):
         _args(PrefixDPOConfig, tmp_path, attn_backend="fast")
-    with pytest.raises(ValueError, match="max_tokens_per_batch"):
-        _args(PrefixDPOConfig, tmp_path, batching="token_budget")
