@@ -37,7 +37,7 @@ def test_data_stats(tmp_path, tiny_model_dir, capsys):
                    "--data_stats_samples", "300", *CPU])
     assert status == 0
     out = capsys.readouterr().out
-    assert "saved by prefix sharing" in out and "suggested max_tokens_per_batch" in out
+    assert "saved by prefix sharing" in out and "suggested token budget per micro-batch" in out
     stats = json.loads(plot.with_suffix(".json").read_text())
     assert stats["pairs"] == 300 and stats["saved_by_prefix_sharing"] > 0
     assert stats["overlong_truncated"] > 0  # some quickstart pairs are longer than 30 tokens

@@ -72,8 +72,8 @@ def test_invalid_prefixdpo_field_is_rejected(tmp_path):
     from prefixdpo.cli import parse_config
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("dataset_name: x\nmodel_name_or_path: y\nbatching: token_budget\n")
-    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+    bad.write_text("dataset_name: x\nmodel_name_or_path: y\nattn_backend: cuda\n")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
         parse_config(["--config", str(bad), "--use_cpu", "true"])
 
 

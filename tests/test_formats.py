@@ -348,4 +348,5 @@ def test_length_statistics_counts():
     assert stats["tokens_prefix_shared_packed"] == (10 + 7 + 1) + (4 + 4 + 1)
     assert stats["tokens_trl_padded"] == 2 * 2 * 15
     assert stats["saved_by_prefix_sharing"] == 9 + 3
-    assert stats["suggested_max_tokens_per_batch"] >= 18
+    assert stats["micro_batch_row_tokens"]["max"] == 18 + 9
+    assert stats["suggested_token_budget"] == 256

@@ -706,22 +706,20 @@ def length_statistics(prompt_lens, chosen_lens, rejected_lens, batch_size: int =
     n = len(prompt_lens)
     pairs = list(zip(prompt_lens, chosen_lens, rejected_lens, strict=True))
     padded = 0
+    row_tokens = []  # tokens of each packed micro-batch row (batch_size pairs, prefix-shared, no padding)
     for start in range(0, n, batch_size):
         batch = pairs[start : start + batch_size]
         longest = max(max(p + c, p + r) for p, c, r in batch)
         if max_length is not None:
             longest = min(longest, max_length)
         padded += 2 * len(batch) * longest
+        row_tokens.append(sum(p + c + r + 1 for p, c, r in batch))
     unshared = sum(2 * p + c + r for p, c, r in pairs)
     shared = sum(p + c + r + 1 for p, c, r in pairs)
     packed_lens = [p + c + r + 1 for p, c, r in pairs]
-    mean_packed = shared / max(n, 1)
-    # A token budget that holds the same pairs per micro-batch on average, rounded up to a multiple of 256, and never
-    # below the longest packed pair (or it could not fit one micro-batch).
-    budget = max(max(packed_lens, default=0), math.ceil(batch_size * mean_packed))
-    budget = int(math.ceil(budget / 256) * 256)
-    if max_length is not None:
-        budget = max(budget, max_length)
+    # The token budget one packed micro-batch row needs: the largest row of `batch_size` pairs, rounded up to a
+    # multiple of 256. Memory per micro-batch scales with it (not with batch_size x the longest pair, as with padding).
+    budget = int(math.ceil(max(row_tokens, default=0) / 256) * 256)
     return {
         "pairs": n,
         "prompt": _percentiles(prompt_lens),
@@ -735,7 +733,8 @@ def length_statistics(prompt_lens, chosen_lens, rejected_lens, batch_size: int =
         "saved_by_packing": padded - unshared,
         "saved_total_fraction": 1 - shared / padded if padded else 0.0,
         "prompt_to_response_ratio": (sum(prompt_lens) / max(1, (sum(chosen_lens) + sum(rejected_lens)) / 2)),
-        "suggested_max_tokens_per_batch": budget,
+        "micro_batch_row_tokens": _percentiles(row_tokens),
+        "suggested_token_budget": budget,
         "batch_size": batch_size,
     }
 
@@ -761,6 +760,8 @@ def format_length_statistics(stats: dict) -> str:
         f"saved by prefix sharing:               {stats['saved_by_prefix_sharing']:>12,}  ({pct(stats['saved_by_prefix_sharing'])})",
         f"saved by packing (no padding):         {stats['saved_by_packing']:>12,}  ({pct(stats['saved_by_packing'])})",
         f"prompt/response length ratio:          {stats['prompt_to_response_ratio']:>12.2f}",
-        f"suggested max_tokens_per_batch (batching=token_budget): {stats['suggested_max_tokens_per_batch']}",
+        f"packed micro-batch row ({stats['batch_size']} pairs): mean {stats['micro_batch_row_tokens']['mean']:.0f}, "
+        f"max {stats['micro_batch_row_tokens']['max']} tokens; suggested token budget per micro-batch: "
+        f"{stats['suggested_token_budget']}",
     ]
     return "\n".join(lines)
