@@ -1,0 +1,218 @@
+"""End-to-end DPO throughput: trl.DPOTrainer vs PrefixDPOTrainer (triton and flex backends) on one GPU.
+
+A random-init model of a real architecture's shapes (default: Llama-3.2-1B), synthetic preference data whose lengths
+follow public datasets' shapes (the prefix-sharing paper's per-dataset median total length and median
+prompt:completion ratio, log-normal spread around the medians), the same precision (bf16), gradient checkpointing
+(TRL's default), live reference model and pairs per step for every trainer. Prints pairs/s, unique tokens/s (prompt
++ both responses, counted once), peak memory and MFU, writes a CSV row per (trainer, dataset) and a PNG bar chart.
+
+MFU counts 8 * N FLOPs per unique token (policy forward + backward 6N, reference forward 2N; N = parameters that
+multiply activations: every linear layer and the LM head, not the embedding lookup), over the bf16 matmul rate
+measured at the start of the run. Attention FLOPs are left out of the numerator, so MFU is conservative.
+
+    python scripts/bench_e2e.py --out $OUT            # all six shapes, trl + ours(triton) + ours(flex)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
+    "hh-rlhf": (186, 2.15),
+    "capybara": (1160, 1.59),
+    "metamath-dpo": (872, 3.91),
+    "tldr": (416, 11.14),
+    "tulu-helpsteer": (775, 6.34),
+    "ultrafeedback": (409, 0.42),
+}
+MODELS = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+}
+WORDS = 30000
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
+    total, ratio = SHAPES[shape]
+    p_med, c_med = total * ratio / (1 + ratio), total / (1 + ratio)
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(k))  # noqa: E731
+    draw = lambda med: max(1, int(round(med * math.exp(rng.gauss(0, sigma)))))  # noqa: E731
+    return [{"prompt": words(draw(p_med)), "chosen": " " + words(draw(c_med)), "rejected": " " + words(draw(c_med))}
+            for _ in range(n)]
+
+
+def matmul_tflops():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def matmul_params(model):
+    emb = model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return n - emb + (emb if tied else 0)  # the LM head multiplies activations even when tied to the embedding
+
+
+class StepTimer:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                timer.times.append(time.perf_counter())
+
+        self.times = []
+        self.callback = CB()
+
+
+def run_one(trainer_name, shape, args, tok, peak_tflops):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
+    unique = sum(len(tok(d["prompt"])["input_ids"]) + len(tok(d["chosen"])["input_ids"]) +
+                 len(tok(d["rejected"])["input_ids"]) + 2 for d in data) / len(data)  # +2: the eos of each response
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa")
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    common = dict(output_dir=os.path.join(args.tmp, f"{trainer_name}-{shape}"), report_to="none", bf16=torch.cuda.is_available(),
+                  per_device_train_batch_size=args.pairs, max_steps=args.steps + args.warmup, logging_steps=1,
+                  save_strategy="no", gradient_checkpointing=True, max_length=None, disable_tqdm=True,
+                  dataloader_num_workers=2)
+    timer = StepTimer()
+    if trainer_name == "trl":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common),
+                             train_dataset=Dataset.from_list(data), processing_class=tok, callbacks=[timer.callback])
+    else:
+        from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
+
+        backend = trainer_name.split("-", 1)[1]
+        trainer = PrefixDPOTrainer(model=model, ref_model=ref,
+                                   args=PrefixDPOConfig(attn_backend=backend, **common),
+                                   train_dataset=Dataset.from_list(data), processing_class=tok,
+                                   callbacks=[timer.callback])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    dt = timer.times[-1] - timer.times[args.warmup - 1]
+    pairs_s = args.pairs * args.steps / dt
+    toks_s = pairs_s * unique
+    mfu = toks_s * 8 * matmul_params(model) / (peak_tflops * 1e12)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    del trainer, model, ref
+    torch.cuda.empty_cache()
+    return {"trainer": trainer_name, "dataset": shape, "pairs_per_s": pairs_s, "unique_tokens_per_s": toks_s,
+            "peak_mem_gib": mem, "mfu": mfu, "mean_unique_tokens_per_pair": unique}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
+    ap.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--trainers", nargs="+", default=["trl", "ours-triton", "ours-flex"])
+    ap.add_argument("--pairs", type=int, default=8, help="pairs per step (per_device_train_batch_size)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    args.tmp = "/tmp/bench_e2e"  # trainer output dirs (nothing is saved)
+    tok = make_tokenizer()
+    peak = matmul_tflops()
+    print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
+    rows = []
+    for shape in args.datasets:
+        for name in args.trainers:
+            try:
+                r = run_one(name, shape, args, tok, peak)
+            except Exception as e:  # keep the other measurements; say what failed
+                print(f"FAILED {name} {shape}: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(r)
+            print(f"{shape:15s} {name:12s} {r['pairs_per_s']:8.2f} pairs/s {r['unique_tokens_per_s']:9.0f} tok/s "
+                  f"{r['peak_mem_gib']:6.1f} GiB  MFU {100 * r['mfu']:5.1f}%", flush=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
+    try:
+        import transformers
+        import trl
+
+        meta.update(transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    path = os.path.join(args.out, "bench_e2e.csv")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta) + ["pairs"] if rows else ["none"])
+        if f.tell() == 0:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**r, **meta, "pairs": args.pairs})
+    print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | speedup vs TRL |")
+    print("|---|---|---|---|---|---|---|")
+    base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}
+    for r in rows:
+        sp = r["pairs_per_s"] / base[r["dataset"]] if r["dataset"] in base else float("nan")
+        print(f"| {r['dataset']} | {r['trainer']} | {r['pairs_per_s']:.2f} | {r['unique_tokens_per_s']:.0f} | "
+              f"{r['peak_mem_gib']:.1f} | {100 * r['mfu']:.1f}% | {sp:.2f}x |")
+    print(meta)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [t for t in args.trainers if t != "trl"]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for i, n in enumerate(names):
+            ys = [next((r["pairs_per_s"] / base[d] for r in rows if r["trainer"] == n and r["dataset"] == d
+                        and d in base), 0) for d in args.datasets]
+            ax.bar([x + 0.8 * i / len(names) for x in range(len(args.datasets))], ys, 0.8 / len(names), label=n)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(args.datasets)), args.datasets, rotation=20)
+        ax.set_ylabel("pairs/s vs trl.DPOTrainer")
+        ax.set_title(f"{args.model}, {args.pairs} pairs/step, bf16, {meta['gpu']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "bench_e2e.png"), dpi=120)
+    except Exception as e:
+        print("plot skipped:", e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The core exactness tests on the GPU with the GPU backends (run there: python -m pytest -m gpu tests/gpu)."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_exactness import (PrefixPackingCollator, VOCAB, dpo_loss, grads, packed_logps, packed_model, random_examples,
+                            rel)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def to_cuda(batch):
+    if isinstance(batch, dict):
+        return {k: to_cuda(v) for k, v in batch.items()}
+    return batch.cuda() if isinstance(batch, torch.Tensor) else batch
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
+def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1).cuda()
+    examples = random_examples(12, seed=5, max_prompt=200, max_resp=150)  # rows past one 128-token tile
+    batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
+    pm = packed_model(model, backend)
+    got = packed_logps(pm, batch)
+    res = []  # each prompt + response alone through the unpatched model, on the GPU
+    for key in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            ids = torch.tensor([ex["prompt_ids"] + ex[key]], device="cuda")
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            res.append(lp[len(ex["prompt_ids"]) - 1 :].sum())
+    want = torch.stack(res)
+    assert rel(got, want) < 1e-5, (got, want)
+    ref = want.detach() + torch.randn_like(want)
+    for a, b in zip(grads(pm, dpo_loss(got, ref)), grads(model, dpo_loss(want, ref))):
+        assert rel(a, b) < 1e-4
