@@ -124,10 +124,9 @@ def main(argv=None):
         pairs = lay.allowed_pairs()
         ref_o = ta.triton_prefix_attention(q, k, v, lay, config=base)
         ref_g = torch.autograd.grad(ref_o, (q, k, v), do)
-        fwd_variants = [(64, 64, 4, 3, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
-                        (64, 128, 4, 3, True)]
-        bwd_variants = [(64, 128, 8, 2, True), (64, 128, 8, 3, True), (64, 128, 8, 2, False), (32, 128, 8, 3, True),
-                        (128, 128, 8, 2, True)]
+        fwd_variants = [(64, 64, 4, 3, True), (64, 64, 4, 3, False), (128, 64, 8, 3, True)]
+        bwd_variants = [(32, 128, 8, 3, True, True), (32, 128, 8, 3, True, False), (64, 128, 8, 2, True, True),
+                        (64, 128, 8, 2, False, True)]
         print(f"\n## sweep on {args.layouts[0]} (T={T}); fwd: (block_m, block_n, warps, stages, tma)")
         fbest = None
         for bm, bn, w, s, tma in fwd_variants:
@@ -144,10 +143,10 @@ def main(argv=None):
             if err < 2e-2 and (fbest is None or ms < fbest[0]):
                 fbest = (ms, cfg)
         best = fbest[1] if fbest else base
-        print("bwd: (kv_block_m, kv_block_n, warps, stages, deterministic); time is fwd+bwd")
+        print("bwd: (kv_block_m, kv_block_n, warps, stages, deterministic, tma); time is fwd+bwd")
         bbest = None
-        for bm, bn, w, s, det in bwd_variants:
-            cfg = replace(best, kv_block_m=bm, kv_block_n=bn, kv_warps=w, kv_stages=s, deterministic=det)
+        for bm, bn, w, s, det, tma in bwd_variants:
+            cfg = replace(best, kv_block_m=bm, kv_block_n=bn, kv_warps=w, kv_stages=s, deterministic=det, bwd_tma=tma)
 
             def step(cfg=cfg):
                 o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
@@ -158,10 +157,10 @@ def main(argv=None):
                 err = max(rel_err(a, b) for a, b in zip(gr, ref_g))
                 ms = bench(step)
             except Exception as e:
-                print(f"bwd {bm, bn, w, s, det}: failed {type(e).__name__}: {str(e)[:100]}")
+                print(f"bwd {bm, bn, w, s, det, tma}: failed {type(e).__name__}: {str(e)[:100]}")
                 continue
             tf = 3.5 * 4 * Hq * D * pairs / ms * 1e-9
-            print(f"bwd {bm, bn, w, s, det}: fwd+bwd {ms:.3f} ms {tf:.0f} TFLOP/s  max rel diff vs default {err:.1e}")
+            print(f"bwd {bm, bn, w, s, det, tma}: fwd+bwd {ms:.3f} ms {tf:.0f} TFLOP/s  max rel diff vs default {err:.1e}")
             if err < 2e-2 and (bbest is None or ms < bbest[0]):
                 bbest = (ms, cfg)
         best = bbest[1] if bbest else best

@@ -119,9 +119,11 @@ def test_head_dims(d):
         # query tiles smaller than key tiles (forward) and KV tiles smaller than query tiles (backward)
         ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
         # forward K/V through TMA tensor descriptors (the interpreter emulates them)
-        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, fwd_tma=True),
+        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, fwd_tma=True, bwd_tma=True),
+        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, deterministic=True, fwd_tma=True,
+                                 bwd_tma=True),
     ],
-    ids=["deterministic", "bm_lt_bn", "tma"],
+    ids=["deterministic", "bm_lt_bn", "tma_atomic", "tma_deterministic"],
 )
 def test_configs(cfg):
     layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])

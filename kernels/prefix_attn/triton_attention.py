@@ -149,11 +149,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kv_range(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dqt,
+    dk, dv, k, v, q_base, do_base, q_desc, do_desc, q_col, lse_base, delta_base, dq_base, stride_qt, stride_dqt,
     offs_n, offs_d, qhi, start, end, qk_scale, sm_scale, T,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,  # boundary query tiles: bounds checks and the per-element mask; full tiles: neither
     ATOMIC_DQ: tl.constexpr,  # accumulate dq into the fp32 buffer with atomics (else a separate dq kernel does it)
+    USE_TMA: tl.constexpr,  # q / dO tiles through TMA descriptors (rows past T come back as zeros)
     DOT_PREC: tl.constexpr,
 ):
     offs_mm = tl.arange(0, BLOCK_M)
@@ -161,15 +162,20 @@ def _bwd_kv_range(
         m0 = j * BLOCK_M
         offs_m = m0 + offs_mm
         qoff = m0.to(tl.int64) * stride_qt + offs_mm[:, None] * stride_qt + offs_d[None, :]
+        if USE_TMA:
+            q = q_desc.load([m0, q_col])
+            do = do_desc.load([m0, q_col])
         if MASKED:
             row_ok = offs_m < T
-            q = tl.load(q_base + qoff, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + qoff, mask=row_ok[:, None], other=0.0)
+            if not USE_TMA:
+                q = tl.load(q_base + qoff, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_base + qoff, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_base + qoff)
-            do = tl.load(do_base + qoff)
+            if not USE_TMA:
+                q = tl.load(q_base + qoff)
+                do = tl.load(do_base + qoff)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
@@ -197,6 +203,7 @@ def _bwd_kv_range(
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,  # DQ: fp32 [T, Hq, D] accumulation buffer (used when ATOMIC_DQ)
     SCHED, ORDER, QHI,  # SCHED [n_k_tiles, 4] int32 query-tile segments, ORDER [n_k_tiles], QHI [T] int32
+    Q_DESC, DO_DESC,  # TMA descriptors over q/dO viewed as [T, Hq * D], block [BLOCK_M, D] (None without TMA)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh,
     T, qk_scale, sm_scale,
     H_KV: tl.constexpr,  # KV heads: program id -> (key tile, KV head)
@@ -205,6 +212,7 @@ def _bwd_kv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per tile (must match the schedule's)
     BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
     ATOMIC_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -231,33 +239,41 @@ def _bwd_kv_kernel(
         dq_base = DQ + h * stride_dqh
         lse_base = LSE + h * T
         delta_base = DELTA + h * T
-        args = (q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dqt, offs_n, offs_d, qhi)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, qk_scale, sm_scale, T, BLOCK_M, False, ATOMIC_DQ, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ, DOT_PREC)
+        args = (q_base, do_base, Q_DESC, DO_DESC, (hk * GROUPS + g) * HEAD_DIM, lse_base, delta_base, dq_base,
+                stride_qt, stride_dqt, offs_n, offs_d, qhi)
+        cargs = (qk_scale, sm_scale, T, BLOCK_M)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, *cargs, False, ATOMIC_DQ, USE_TMA, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, *cargs, True, ATOMIC_DQ, USE_TMA, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, *cargs, True, ATOMIC_DQ, USE_TMA, DOT_PREC)
     tl.store(DK + kvoff, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kvoff, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
 def _bwd_dq_range(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end, qk_scale, T,
+    dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2,
+    start, end, qk_scale, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for j in range(start, end):
         n0 = j * BLOCK_N
-        kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        if MASKED:
-            inb = (n0 + offs_n) < T
-            k = tl.load(kp, mask=inb[:, None], other=0.0)
-            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        if USE_TMA:
+            k = k_desc.load([n0, kv_col])
+            v = v_desc.load([n0, kv_col])
         else:
-            k = tl.load(kp)
-            v = tl.load(vp)
+            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            if MASKED:
+                inb = (n0 + offs_n) < T
+                k = tl.load(kp, mask=inb[:, None], other=0.0)
+                v = tl.load(vp, mask=inb[:, None], other=0.0)
+            else:
+                k = tl.load(kp)
+                v = tl.load(vp)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -274,6 +290,7 @@ def _bwd_dq_range(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     SCHED, ORDER, TOK,  # the forward's schedule for this kernel's block sizes
+    K_DESC, V_DESC,  # TMA descriptors as in the forward (None without TMA)
     stride_qt, stride_qh, stride_kt, stride_kh,
     T, qk_scale, sm_scale,
     H_Q: tl.constexpr,
@@ -281,6 +298,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -312,15 +330,15 @@ def _bwd_dq_kernel(
     s7 = tl.load(sp + 7)
     s8 = tl.load(sp + 8)
     s9 = tl.load(sp + 9)
-    args = (q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
-    dq = _bwd_dq_range(dq, *args, s1, s2, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s5, s6, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s7, s8, qk_scale, T, BLOCK_N, False, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s0, s1, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s2, s3, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s4, s5, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s6, s7, qk_scale, T, BLOCK_N, True, DOT_PREC)
-    dq = _bwd_dq_range(dq, *args, s8, s9, qk_scale, T, BLOCK_N, True, DOT_PREC)
+    args = (q, do, lse, delta, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    dq = _bwd_dq_range(dq, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s7, s8, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s0, s1, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s2, s3, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s4, s5, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s6, s7, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    dq = _bwd_dq_range(dq, *args, s8, s9, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
     tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -349,24 +367,27 @@ class TritonAttentionConfig:
     dq_stages: int = 2
     deterministic: bool = False
     fwd_tma: bool = False  # forward K/V loads through TMA descriptors (Hopper+ only; ignored elsewhere)
+    bwd_tma: bool = False  # backward q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors
 
     def as_list(self) -> list[int]:
         return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
                 self.kv_block_m, self.kv_block_n, self.kv_warps, self.kv_stages,
                 self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages, int(self.deterministic),
-                int(self.fwd_tma)]
+                int(self.fwd_tma), int(self.bwd_tma)]
 
     @classmethod
     def from_list(cls, xs) -> "TritonAttentionConfig":
-        *ints, det, tma = [int(x) for x in xs]
-        return cls(*ints, deterministic=bool(det), fwd_tma=bool(tma))
+        *ints, det, tma, btma = [int(x) for x in xs]
+        return cls(*ints, deterministic=bool(det), fwd_tma=bool(tma), bwd_tma=bool(btma))
 
 
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
 # (docs/PERFORMANCE.md); override with set_default_config().
 _CONFIGS: dict[tuple[int, bool], TritonAttentionConfig] = {
-    (64, True): TritonAttentionConfig(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2, deterministic=True),
-    (128, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2, deterministic=True),
+    (64, True): TritonAttentionConfig(64, 64, 4, 3, 32, 128, 8, 3, 128, 64, 4, 2, deterministic=True, fwd_tma=True,
+                                      bwd_tma=True),
+    (128, True): TritonAttentionConfig(64, 64, 4, 3, 32, 128, 8, 3, 128, 64, 8, 2, deterministic=True, fwd_tma=True,
+                                       bwd_tma=True),
 }
 _OVERRIDE: TritonAttentionConfig | None = None
 
@@ -523,24 +544,33 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
     dq_acc = torch.zeros((T, Hq, D), device=q.device, dtype=torch.float32) if atomic else q.new_empty(0, dtype=torch.float32)
     qk_scale = scale * _LOG2E
     prec = _dot_prec(q.dtype)
+    use_tma = cfg.bwd_tma and _tma_ok(q)
+    qd = dod = kd = vd = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        qd = TensorDescriptor.from_tensor(q.view(T, Hq * D), [cfg.kv_block_m, D])
+        dod = TensorDescriptor.from_tensor(do.view(T, Hq * D), [cfg.kv_block_m, D])
+        kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [cfg.dq_block_n, D])
+        vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [cfg.dq_block_n, D])
     _bwd_kv_kernel[(kv_order.numel() * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, kv_sched, kv_order, q_hi,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, kv_sched, kv_order, q_hi, qd, dod,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         Hq * D if atomic else 0, D if atomic else 0,
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
-        ATOMIC_DQ=atomic, DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        ATOMIC_DQ=atomic, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
     if atomic:
         dq = dq_acc.to(q.dtype)
     else:
         dq = torch.empty_like(q)
         _bwd_dq_kernel[(dq_order.numel() * Hq,)](
-            q, k, v, do, lse, delta, dq, dq_sched, dq_order, tok,
+            q, k, v, do, lse, delta, dq, dq_sched, dq_order, tok, kd, vd,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             T, qk_scale, scale,
             H_Q=Hq, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+            USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     return dq, dk, dv
 
