@@ -81,3 +81,33 @@ def test_bad_dataset_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     assert status == 1
     err = capsys.readouterr().err
     assert "error: the dataset has no 'chosen' and no 'rejected' column" in err
+
+
+def test_recipe_runs_in_one_process(tmp_path, tiny_model_dir):
+    """recipes/dpo.py (what `accelerate launch` runs), here as a plain single process on CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\n"
+        f"dataset_name: {DATA_DIR}\n"
+        "max_train_samples: 64\n"
+        "max_eval_samples: 16\n"
+        "per_device_train_batch_size: 8\n"
+        "per_device_eval_batch_size: 16\n"
+        "eval_strategy: steps\n"
+        "eval_steps: 2\n"
+        "save_strategy: 'no'\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(root / "recipes" / "dpo.py"), "--config", str(config), "--max_steps", "2",
+         "--output_dir", str(out), *CPU],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").exists()
+    assert "eval_rewards/accuracies" in proc.stdout + proc.stderr
