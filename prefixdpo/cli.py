@@ -147,12 +147,13 @@ def load_datasets(script_args: ScriptArguments, training_args, tokenizer, need_e
             num_proc=training_args.dataset_num_proc,
         )
 
-    train = load(script_args.dataset_train_split, "train", script_args.max_train_samples)
-    evaluation = None
-    if need_eval:
-        if not script_args.dataset_test_split:
-            raise SystemExit("error: eval_strategy is not 'no' but dataset_test_split is empty; set one of them")
-        evaluation = load(script_args.dataset_test_split, "eval", script_args.max_eval_samples)
+    if need_eval and not script_args.dataset_test_split:
+        raise SystemExit("error: eval_strategy is not 'no' but dataset_test_split is empty; set one of them")
+    # Several processes (accelerate launch): the main process downloads and caches first, the others then read the
+    # cache.
+    with training_args.main_process_first(desc="loading and normalizing the dataset"):
+        train = load(script_args.dataset_train_split, "train", script_args.max_train_samples)
+        evaluation = load(script_args.dataset_test_split, "eval", script_args.max_eval_samples) if need_eval else None
     return train, evaluation
 
 
