@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
-import pytest
-import torch
+# Without an NVIDIA GPU, Triton kernels run in its interpreter. TRITON_INTERPRET must be set before triton is first
+# imported anywhere in the process (trl and transformers import it), or triton's own @jit helpers are compiled-mode
+# functions that an interpreted kernel cannot call. Hence here, before any other import.
+if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

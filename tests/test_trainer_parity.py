@@ -78,6 +78,7 @@ LOSS_CASES = [
     dict(loss_type=["sigmoid"], use_weighting=True),
     dict(loss_type=["sigmoid"], ld_alpha=0.5),
     dict(loss_type=["sigmoid"], max_length=12),  # truncation cuts responses
+    dict(loss_type=["sigmoid"], gradient_checkpointing=True),  # TRL's default
 ]
 
 
@@ -174,3 +175,14 @@ def test_unsupported_options_are_refused_clearly(tmp_path):
                          compute_metrics=lambda p: {})
     with pytest.raises(ValueError, match="attn_backend"):
         _args(PrefixDPOConfig, tmp_path, attn_backend="fast")
+
+
+def test_bf16_autocast_matches_trl_to_bf16_precision(tmp_path):
+    # Mixed precision (TRL's default bf16=True; on the CPU with use_cpu=True). Under autocast the projections leave
+    # q/k/v in mixed dtypes; the attention function casts them as SDPA would. Tolerance: bf16's unit roundoff 2^-8.
+    kw = dict(bf16=True, use_cpu=True, max_steps=2)
+    _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, **kw)
+    _, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", DATA, **kw)
+    for x, y in zip(logs_trl, logs_ours):
+        for k in ("loss", "logps/chosen", "logps/rejected"):
+            assert y[k] == pytest.approx(x[k], rel=2**-8), k

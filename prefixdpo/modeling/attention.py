@@ -74,6 +74,12 @@ def prefix_attention_forward(
             f"{layout.max_doc_span} positions, so the window would cut it; prefix sharing cannot honour a window that "
             f"bites. Lower max_length to at most {window} or use a model without sliding windows."
         )
+    if not (query.dtype == key.dtype == value.dtype):
+        # Under autocast the projections and RoPE can leave q, k, v in different dtypes; SDPA would cast them to the
+        # autocast dtype, and so do we.
+        dev = query.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
