@@ -153,3 +153,19 @@ def test_only_response_positions_reach_the_lm_head(monkeypatch):
     packed_logps(pm, batch)
     n_targets = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     assert rows == [n_targets] and n_targets < batch[PACKED_KEY]["stats"]["packed_tokens"]
+
+
+def test_plain_calls_and_generate_use_the_original_attention_after_packed_calls():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    pm = packed_model(model)
+    batch = PrefixPackingCollator(pad_token_id=0)(random_examples(3, seed=1))
+    packed_logps(pm, batch)
+    assert pm.config._attn_implementation == "prefix_attn"
+    ids = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])  # padded batch: needs a real attention mask
+    assert torch.allclose(pm(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+    assert pm.config._attn_implementation == "sdpa"
+    out = pm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+    packed_logps(pm, batch)  # and back
+    assert pm.config._attn_implementation == "prefix_attn"

@@ -5,7 +5,9 @@ no class is patched). A call that carries ``prefix_packed`` (from ``PrefixPackin
 on the packed row with the layout passed down to attention, scores only the response positions through TRL's
 chunked log-prob head (``shift_labels``), and scatters the per-token results into the [2B, L-1] shape of TRL's padded
 batch. Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to
-the original forward.
+the original forward with the model's original attention implementation (so ``generate`` works during and after
+training); a packed call switches the implementation to ``prefix_attn`` and leaves it there, so that gradient
+checkpointing's recomputation in the backward runs the same attention.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from prefix_attn import PrefixLayout
 
 from ..data.collator import PACKED_KEY
-from .attention import install
+from .attention import ATTN_NAME, install
 
 _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -58,10 +60,11 @@ def enable_packed_forward(model, backend: str = "auto") -> None:
     ``model`` must already carry TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``): the packed call
     scores response positions through it.
     """
-    install(model)
     if getattr(model, "_prefixdpo_backend", None) is not None:
         model._prefixdpo_backend = backend
         return
+    original_attn = model.config._attn_implementation
+    install(model)
     inner = model.forward
     model._prefixdpo_backend = backend
 
@@ -69,7 +72,11 @@ def enable_packed_forward(model, backend: str = "auto") -> None:
     def forward(self, *args, **kwargs):
         packed = kwargs.pop(PACKED_KEY, None)
         if packed is None:
+            if self.config._attn_implementation == ATTN_NAME:
+                self.set_attn_implementation(original_attn)
             return inner(*args, **kwargs)
+        if self.config._attn_implementation != ATTN_NAME:
+            self.set_attn_implementation(ATTN_NAME)
         # TRL's call passes the padded view (input_ids, attention_mask, labels); the packed row replaces it.
         view_ids = kwargs.pop("input_ids", None)
         if view_ids is None and args:
