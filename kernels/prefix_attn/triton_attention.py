@@ -241,10 +241,12 @@ def _bwd_kv_kernel(
         delta_base = DELTA + h * T
         args = (q_base, do_base, Q_DESC, DO_DESC, (hk * GROUPS + g) * HEAD_DIM, lse_base, delta_base, dq_base,
                 stride_qt, stride_dqt, offs_n, offs_d, qhi)
-        cargs = (qk_scale, sm_scale, T, BLOCK_M)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, *cargs, False, ATOMIC_DQ, USE_TMA, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, *cargs, True, ATOMIC_DQ, USE_TMA, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, *cargs, True, ATOMIC_DQ, USE_TMA, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, qk_scale, sm_scale, T, BLOCK_M, False, ATOMIC_DQ,
+                               USE_TMA, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
+                               USE_TMA, DOT_PREC)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
+                               USE_TMA, DOT_PREC)
     tl.store(DK + kvoff, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kvoff, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -384,9 +386,9 @@ class TritonAttentionConfig:
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
 # (docs/PERFORMANCE.md); override with set_default_config().
 _CONFIGS: dict[tuple[int, bool], TritonAttentionConfig] = {
-    (64, True): TritonAttentionConfig(64, 64, 4, 3, 32, 128, 8, 3, 128, 64, 4, 2, deterministic=True, fwd_tma=True,
+    (64, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2, deterministic=True, fwd_tma=True,
                                       bwd_tma=True),
-    (128, True): TritonAttentionConfig(64, 64, 4, 3, 32, 128, 8, 3, 128, 64, 8, 2, deterministic=True, fwd_tma=True,
+    (128, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2, deterministic=True, fwd_tma=True,
                                        bwd_tma=True),
 }
 _OVERRIDE: TritonAttentionConfig | None = None
