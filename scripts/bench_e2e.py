@@ -156,6 +156,16 @@ def main(argv=None):
     tok = make_tokenizer()
     peak = matmul_tflops()
     print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
+    try:
+        import transformers
+        import trl
+
+        meta.update(transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    path = os.path.join(args.out, "bench_e2e.csv")
     rows = []
     for shape in args.datasets:
         for name in args.trainers:
@@ -167,22 +177,11 @@ def main(argv=None):
             rows.append(r)
             print(f"{shape:15s} {name:12s} {r['pairs_per_s']:8.2f} pairs/s {r['unique_tokens_per_s']:9.0f} tok/s "
                   f"{r['peak_mem_gib']:6.1f} GiB  MFU {100 * r['mfu']:5.1f}%", flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
-    try:
-        import transformers
-        import trl
-
-        meta.update(transformers=transformers.__version__, trl=trl.__version__)
-    except ImportError:
-        pass
-    path = os.path.join(args.out, "bench_e2e.csv")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta) + ["pairs"] if rows else ["none"])
-        if f.tell() == 0:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**r, **meta, "pairs": args.pairs})
+            with open(path, "a", newline="") as f:  # a row at a time: a run cut short keeps what it measured
+                w = csv.DictWriter(f, fieldnames=list(r) + ["pairs"] + list(meta))
+                if f.tell() == 0:
+                    w.writeheader()
+                w.writerow({**r, "pairs": args.pairs, **meta})
     print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | speedup vs TRL |")
     print("|---|---|---|---|---|---|---|")
     base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}

@@ -20,7 +20,8 @@ BLOCK_SIZE = 128
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes: every packed row has another length, and recompiling per length would dominate.
+    return torch.compile(flex_attention)
 
 
 def build_block_mask(layout: PrefixLayout, block_size: int = BLOCK_SIZE):
