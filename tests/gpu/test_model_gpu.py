@@ -19,7 +19,9 @@ def to_cuda(batch):
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
 def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
-    model = tiny_model(arch, vocab_size=VOCAB, seed=1).cuda()
+    # head_dim 16: the triton kernels take head dims 16..128 (the CPU tests' tiny models use 8)
+    dims = dict(hidden_size=64, head_dim=16) if arch in ("qwen3", "gemma") else dict(hidden_size=64)
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1, **dims).cuda()
     examples = random_examples(12, seed=5, max_prompt=200, max_resp=150)  # rows past one 128-token tile
     batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
     pm = packed_model(model, backend)
