@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
+BATCHING_MODES = ("pairs", "token_budget")
 
 
 @dataclass
@@ -34,8 +35,45 @@ class PrefixDPOConfig(DPOConfig):
             "choices": list(ATTN_BACKENDS),
         },
     )
+    batching: str = field(
+        default="pairs",
+        metadata={
+            "help": "How micro-batches are formed. 'pairs' (default, TRL's semantics): `per_device_train_batch_size` "
+            "pairs per micro-batch, the same pairs per step as TRL, packed into one row. 'token_budget': each "
+            "micro-batch is filled with pairs of similar packed length up to `max_tokens_per_batch` packed tokens "
+            "(`per_device_*_batch_size` is then not used); the loss is weighted so every pair of an optimizer step "
+            "counts equally, as with a fixed number of pairs.",
+            "choices": list(BATCHING_MODES),
+        },
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of one packed micro-batch row (prompt once + both responses per pair, after "
+            "truncation) when `batching='token_budget'` (required there, >= max_length). A pair packs to at most "
+            "2 * max_length tokens; one longer than the budget is refused when the dataloader is built. Trades memory "
+            "for throughput: larger rows keep the GPU fuller."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.batching == "token_budget":
+            if self.max_tokens_per_batch is None or self.max_tokens_per_batch < 2:
+                raise ValueError(
+                    "batching='token_budget' needs max_tokens_per_batch set to the packed tokens one micro-batch row "
+                    f"may hold (>= 2), got {self.max_tokens_per_batch!r}"
+                )
+            if self.max_length is not None and self.max_tokens_per_batch < self.max_length:
+                raise ValueError(
+                    f"max_tokens_per_batch ({self.max_tokens_per_batch}) must be at least max_length "
+                    f"({self.max_length}), or the longest pair might not fit one micro-batch"
+                )
+        elif self.max_tokens_per_batch is not None:
+            raise ValueError(
+                "max_tokens_per_batch is only used with batching='token_budget'; set batching='token_budget' or unset it"
+            )

@@ -11,20 +11,28 @@ preparation (prompt extraction, chat templates, tokenization, the max_length fil
    numbers it would have computed itself, only computed once per prompt and without padding.
 
 The padded batch is never run through the model; it costs a few small integer tensors per step.
+
+``batching="token_budget"`` (off by default) changes only which pairs form a micro-batch and how micro-batch losses
+are weighted; see :class:`PrefixDPOTrainer`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
+from functools import partial
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.trainer_utils import seed_worker
 from trl import DPOConfig, DPOTrainer
 
 from .config import PrefixDPOConfig
+from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
 from .modeling.attention import check_model_supported
 from .modeling.packed import enable_packed_forward
@@ -50,6 +58,25 @@ class PrefixDPOTrainer(DPOTrainer):
 
     Differences from TRL, all by design: ``compute_metrics`` is not supported (TRL deprecated it; the logits it needs
     are never built here), and evaluation always computes the loss only (``prediction_loss_only``).
+
+    ``batching="token_budget"``: the train and eval dataloaders draw micro-batches from
+    :class:`~prefixdpo.data.batching.TokenBudgetBatchSampler` (pairs of similar packed length, up to
+    ``max_tokens_per_batch`` packed tokens per row; ``per_device_*_batch_size`` is not used), so micro-batches hold
+    different numbers of pairs. The loss is weighted so that every pair of an optimizer step counts equally, as with
+    TRL's fixed pairs per step. TRL's loss of a micro-batch is a mean over its pairs, L_m = (1/n_m) sum_i l_i;
+    transformers' ``training_step`` divides it by the micro-batches G_p this process runs in the step
+    (``current_gradient_accumulation_steps``), and the data-parallel all-reduce (DDP, FSDP, ZeRO) averages the W
+    processes' gradients. Scaling L_m by s_m = n_m * G_p * W / N, with N the pairs of the whole step summed over the
+    processes (counted in ``get_batch_samples``, which prefetches every micro-batch of the step), makes the gradient
+    (1/W) sum_p (1/G_p) sum_m s_m grad L_m = (1/N) sum_i grad l_i: the per-pair mean over the step, exactly. The logged
+    ``loss`` is that mean as well. Loss types that are not a mean of independent per-pair terms keep their
+    micro-batch-level meaning: ``aot`` and ``aot_unpaired`` sort the log-ratios within a micro-batch (the pairing of
+    sorted values depends on which pairs share it), ``sft`` averages over the chosen tokens of the micro-batch (so
+    under this weighting a micro-batch's tokens count by its pair count, not by its token count), and ``use_weighting``
+    and MoE aux losses are per micro-batch too; with micro-batches of varying content these differ from TRL's values
+    for the same pairs, as they already do between different ``per_device_train_batch_size`` settings. TRL's logged
+    metrics (``rewards/*``, ``logps/*``, ...) remain means of per-micro-batch means. Extra metrics in this mode:
+    ``batching/pairs_per_micro_batch`` (pairs per packed row) and ``batching/row_fill`` (packed tokens / budget).
     """
 
     _tag_names = ["trl", "dpo", "prefixdpo"]
@@ -111,6 +138,10 @@ class PrefixDPOTrainer(DPOTrainer):
         )
         self._prefix_installed = False
         self._throughput = {"pairs": 0, "tokens": 0, "time": None}
+        self._step_pairs = None  # token_budget: pairs of the current optimizer step, summed over processes
+        self._train_batch_sampler = None
+        self._eval_pair_weight = None
+        self._length_cache = {}
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -152,19 +183,59 @@ class PrefixDPOTrainer(DPOTrainer):
             dtype=torch.float64,
             device=self.accelerator.device,
         )
-        packed, unshared, padded, pairs, shared = self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
+        gathered = self.accelerator.gather_for_metrics(counts[None])
+        packed, unshared, padded, pairs, shared = gathered.sum(0).tolist()
         self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(1.0 - packed / unshared)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
         # Packed rows carry no padding; TRL's padded batch of the same pairs would have had this much.
         self._metrics[mode]["packing/padding_frac"].append(0.0)
         self._metrics[mode]["packing/trl_padding_frac"].append(1.0 - unshared / padded)
+        if self.args.batching == "token_budget":
+            rows = gathered.shape[0]
+            self._metrics[mode]["batching/pairs_per_micro_batch"].append(pairs / rows)
+            self._metrics[mode]["batching/row_fill"].append(packed / (rows * self.args.max_tokens_per_batch))
         if mode == "train":
             self._throughput["pairs"] += pairs
             self._throughput["tokens"] += packed
         return super()._compute_loss(model, inputs, return_outputs)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.batching == "token_budget":
+            # Every process calls this once per optimizer step, before its micro-batches run: count the step's pairs.
+            local = sum(b[PACKED_KEY]["stats"]["pairs"] for b in batch_samples)
+            total = self.accelerator.gather(torch.tensor([local], dtype=torch.long, device=self.accelerator.device))
+            self._step_pairs = int(total.sum().item())
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.args.batching == "token_budget" and self.model.training and self._step_pairs:
+            # s_m = n_m * G_p * W / N (class docstring): after training_step's division by G_p and the all-reduce's
+            # mean over W, each pair of the step weighs 1/N.
+            pairs = inputs[PACKED_KEY]["stats"]["pairs"]
+            scale = pairs * self.current_gradient_accumulation_steps * self.accelerator.num_processes / self._step_pairs
+            out = (out[0] * scale, *out[1:]) if return_outputs else out * scale
+        return out
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        return super().prediction_step(model, inputs, True, ignore_keys)
+        loss, logits, labels = super().prediction_step(model, inputs, True, ignore_keys)
+        if self._eval_pair_weight is not None and loss is not None:
+            # Trainer's evaluation_loop repeats every micro-batch's loss by the same count (eval_batch_size), so
+            # eval_loss is a plain mean over micro-batches; n_m * M / N turns it into the mean over pairs.
+            num_batches, num_pairs = self._eval_pair_weight
+            loss = loss * (inputs[PACKED_KEY]["stats"]["pairs"] * num_batches / num_pairs)
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        sampler = getattr(dataloader, "batch_sampler", None)
+        while sampler is not None and not isinstance(sampler, TokenBudgetBatchSampler):
+            sampler = getattr(sampler, "batch_sampler", None)  # accelerate's shard / skip wrappers
+        self._eval_pair_weight = (len(sampler), len(sampler.lengths)) if sampler is not None else None
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._eval_pair_weight = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and "loss" in logs:
@@ -179,3 +250,76 @@ class PrefixDPOTrainer(DPOTrainer):
     def train(self, *args, **kwargs):
         self._throughput.update(pairs=0, tokens=0, time=time.perf_counter())
         return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------ token-budget dataloaders
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.batching != "token_budget":
+            return super().get_train_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        return self._token_budget_dataloader(self.train_dataset, "Training", training=True)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if self.args.batching != "token_budget":
+            return super().get_eval_dataloader(eval_dataset)
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        elif eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        return self._token_budget_dataloader(eval_dataset, "Evaluation", training=False)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Trainer sets the epoch on the dataloader it iterates; after a resume's skip_first_batches under DDP that
+        # wrapper chain no longer reaches our batch sampler. Set it here, before the epoch's iterator exists.
+        if self._train_batch_sampler is not None:
+            self._train_batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        return super()._run_epoch(*args, **kwargs)
+
+    def _token_budget_dataloader(self, dataset, description: str, training: bool) -> DataLoader:
+        """A dataloader over ``TokenBudgetBatchSampler`` micro-batches, prepared by accelerate (which deals whole
+        micro-batches round-robin to the processes under DDP/FSDP/ZeRO)."""
+        import datasets
+
+        args = self.args
+        if isinstance(dataset, (IterableDataset, datasets.IterableDataset)) or not hasattr(dataset, "__len__"):
+            raise ValueError("batching='token_budget' needs a dataset with a length (not an IterableDataset)")
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        key = getattr(dataset, "_fingerprint", None) or id(dataset)
+        if key not in self._length_cache:
+            self._length_cache[key] = packed_lengths(dataset, args.max_length, args.truncation_mode,
+                                                     args.prefix_sharing)
+        lengths = self._length_cache[key]
+        budget = args.max_tokens_per_batch
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        num_epochs = 1
+        if training:
+            # The sampler's length must hold for every epoch the run iterates (batching.py says why): bound them.
+            if args.max_steps > 0:
+                first = len(TokenBudgetBatchSampler(lengths, budget, seed=seed, num_epochs=1))
+                per_process = math.ceil(first / self.accelerator.num_processes)
+                steps_per_epoch = max(1, math.ceil(per_process / args.gradient_accumulation_steps))
+                num_epochs = math.ceil(args.max_steps / steps_per_epoch)  # more micro-batches only mean fewer epochs
+            else:
+                num_epochs = math.ceil(args.num_train_epochs)
+        sampler = TokenBudgetBatchSampler(lengths, budget, shuffle=training, seed=seed, num_epochs=num_epochs)
+        params = {
+            "batch_sampler": sampler,
+            "collate_fn": collator,
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "in_order": args.dataloader_in_order,
+        }
+        if training:
+            params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                               rank=args.process_index)
+            self._train_batch_sampler = sampler
+        return self.accelerator.prepare(DataLoader(dataset, **params))

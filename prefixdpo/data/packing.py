@@ -120,3 +120,19 @@ def unshared_token_count(example: dict, max_length: int | None, truncation_mode:
         p, c = truncate_sequence(list(example["prompt_ids"]), list(example[key]), max_length, truncation_mode)
         total += len(p) + len(c)
     return total
+
+
+def packed_pair_length(
+    example: dict, max_length: int | None = None, truncation_mode: str = "keep_start", prefix_sharing: bool = True
+) -> int:
+    """Tokens pair ``example`` takes in a packed row: exactly ``len(pack_pairs([example], ...).input_ids)``.
+
+    A row's length is the sum of its pairs' (documents are laid end to end), so this is what a token budget counts.
+    Shared: (P-1) + (1+C) + (1+R) = P + C + R + 1 after truncation; unshared: each truncated prompt+response alone.
+    At most 2 * max_length (each truncated sequence is at most max_length, and sharing only removes tokens)."""
+    prompt = list(example["prompt_ids"])
+    pc, cc = truncate_sequence(prompt, list(example["chosen_ids"]), max_length, truncation_mode)
+    pr, cr = truncate_sequence(prompt, list(example["rejected_ids"]), max_length, truncation_mode)
+    if prefix_sharing and pc == pr and len(pc) >= 1:
+        return len(pc) + 1 + len(cc) + len(cr)
+    return len(pc) + len(cc) + len(pr) + len(cr)
