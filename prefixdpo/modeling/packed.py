@@ -35,7 +35,11 @@ def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape
 def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
     """Run ``inner_forward`` (TRL's fused-head forward) on a packed row; return its output in TRL's view shape."""
     device = packed["input_ids"].device
-    layout = PrefixLayout.from_dict(packed["layout"], device)
+    # The policy's and the reference's forward get the same batch dict: build the layout (and, lazily, the
+    # backends' schedules cached on it) once for both.
+    layout = packed.get("_layout")
+    if layout is None or layout.device != device:
+        layout = packed["_layout"] = PrefixLayout.from_dict(packed["layout"], device)
     out = inner_forward(
         input_ids=packed["input_ids"],
         position_ids=layout.position_ids.unsqueeze(0),
