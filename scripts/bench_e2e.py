@@ -102,7 +102,11 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
+    # "ours-triton@16384": token-budget batching with that many packed tokens per micro-batch (pairs per step vary,
+    # so pairs/s is counted from the pairs each timed step really took).
+    budget = int(trainer_name.split("@")[1]) if "@" in trainer_name else None
+    n_data = args.pairs * (args.steps + args.warmup) * (16 if budget else 1)
+    data = make_data(shape, n_data, seed=0)
     unique = sum(len(tok(d["prompt"])["input_ids"]) + len(tok(d["chosen"])["input_ids"]) +
                  len(tok(d["rejected"])["input_ids"]) + 2 for d in data) / len(data)  # +2: the eos of each response
     torch.manual_seed(0)
@@ -123,15 +127,21 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     else:
         from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
-        backend = trainer_name.split("-", 1)[1]
+        backend = trainer_name.split("-", 1)[1].split("@")[0]
+        extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
         trainer = PrefixDPOTrainer(model=model, ref_model=ref,
-                                   args=PrefixDPOConfig(attn_backend=backend, **common),
+                                   args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
                                    train_dataset=Dataset.from_list(data), processing_class=tok,
                                    callbacks=[timer.callback])
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     dt = timer.times[-1] - timer.times[args.warmup - 1]
-    pairs_s = args.pairs * args.steps / dt
+    if budget:
+        pairs = [h["batching/pairs_per_micro_batch"] for h in trainer.state.log_history
+                 if "batching/pairs_per_micro_batch" in h][args.warmup:]
+        pairs_s = sum(pairs) / dt
+    else:
+        pairs_s = args.pairs * args.steps / dt
     toks_s = pairs_s * unique
     mfu = toks_s * 8 * matmul_params(model) / (peak_tflops * 1e12)
     mem = torch.cuda.max_memory_allocated() / 2**30
