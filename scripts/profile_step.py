@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--max-tokens", type=int, default=None, help="token-budget batching with this budget")
     args = ap.parse_args(argv)
 
     from datasets import Dataset
@@ -37,7 +38,8 @@ def main(argv=None):
     from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
     tok = bench_e2e.make_tokenizer()
-    data = bench_e2e.make_data(args.dataset, args.pairs * (args.warmup + args.steps), seed=0)
+    n = args.pairs * (args.warmup + args.steps) * (16 if args.max_tokens else 1)
+    data = bench_e2e.make_data(args.dataset, n, seed=0)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**bench_e2e.MODELS[args.model]), dtype=torch.bfloat16,
@@ -55,7 +57,8 @@ def main(argv=None):
             times.append(time.perf_counter())
             prof.step()
 
-    cfg = PrefixDPOConfig(output_dir="/tmp/profile_step", report_to="none", bf16=True, attn_backend=args.backend,
+    extra = dict(batching="token_budget", max_tokens_per_batch=args.max_tokens) if args.max_tokens else {}
+    cfg = PrefixDPOConfig(output_dir="/tmp/profile_step", report_to="none", bf16=True, attn_backend=args.backend, **extra,
                           per_device_train_batch_size=args.pairs, max_steps=args.warmup + args.steps,
                           logging_steps=1, save_strategy="no", gradient_checkpointing=True, max_length=None,
                           disable_tqdm=True, dataloader_num_workers=2)
