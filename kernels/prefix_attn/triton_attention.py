@@ -84,7 +84,7 @@ def _fwd_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q [T, Hq, D], k/v [T, Hkv, D], o [T, Hq, D], lse [Hq, T] fp32 (log2 domain)
     SCHED, ORDER, TOK,  # SCHED [n_q_tiles, 10] int32 segment bounds, ORDER [n_q_tiles] tile order, TOK [3, T] int32
@@ -200,7 +200,7 @@ def _bwd_kv_range(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,  # DQ: fp32 [T, Hq, D] accumulation buffer (used when ATOMIC_DQ)
     SCHED, ORDER, QHI,  # SCHED [n_k_tiles, 4] int32 query-tile segments, ORDER [n_k_tiles], QHI [T] int32
@@ -289,7 +289,7 @@ def _bwd_dq_range(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     SCHED, ORDER, TOK,  # the forward's schedule for this kernel's block sizes
