@@ -186,3 +186,11 @@ def test_bf16_autocast_matches_trl_to_bf16_precision(tmp_path):
     for x, y in zip(logs_trl, logs_ours):
         for k in ("loss", "logps/chosen", "logps/rejected"):
             assert y[k] == pytest.approx(x[k], rel=2**-8), k
+
+
+@pytest.mark.slow  # ~3 min of inductor compilation on 2 CPU cores: run with `pytest -m slow`
+def test_torch_compile_parity(tmp_path):
+    kw = dict(torch_compile=True, max_steps=2)
+    _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, **kw)
+    _, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", DATA, **kw)
+    assert_same_logs(logs_trl, logs_ours)
