@@ -19,6 +19,7 @@ are weighted; see :class:`PrefixDPOTrainer`.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -38,6 +39,17 @@ from .modeling.attention import check_model_supported
 from .modeling.packed import enable_packed_forward
 
 logger = logging.getLogger(__name__)
+
+
+def _gather_ragged(gather, tensor):
+    """``gather`` (all processes' tensors, concatenated on dim 0) for tensors whose dim 0 differs across processes."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        return gather(tensor)
+    sizes = gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    longest = max(sizes)
+    pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
+    out = gather(torch.cat([tensor, pad])).view(len(sizes), longest, *tensor.shape[1:])
+    return torch.cat([out[i, :n] for i, n in enumerate(sizes)])
 
 
 def _as_prefix_config(args: DPOConfig | None, model) -> PrefixDPOConfig:
@@ -197,6 +209,15 @@ class PrefixDPOTrainer(DPOTrainer):
         if mode == "train":
             self._throughput["pairs"] += pairs
             self._throughput["tokens"] += packed
+        if self.args.batching == "token_budget" and self.accelerator.num_processes > 1:
+            # TRL gathers per-pair tensors (rewards, logps) with accelerator.gather, which needs equal sizes on every
+            # process; token-budget micro-batches hold different numbers of pairs. Gather them ragged instead.
+            self.accelerator.gather = functools.partial(_gather_ragged, type(self.accelerator).gather.__get__(
+                self.accelerator))
+            try:
+                return super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                del self.accelerator.gather
         return super()._compute_loss(model, inputs, return_outputs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):

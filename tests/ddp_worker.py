@@ -1,0 +1,40 @@
+"""Worker for tests/test_distributed_cpu.py: a few SGD steps of PrefixDPOTrainer on a tiny model; writes the logs.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_JSON PER_DEVICE_BATCH GRAD_ACCUM [BATCHING [MAX_TOKENS]]
+"""
+
+import copy
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import make_pairs, make_tokenizer, tiny_model  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer  # noqa: E402
+
+
+def main():
+    out, per_device, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    batching = sys.argv[4] if len(sys.argv) > 4 else "pairs"
+    extra = {"max_tokens_per_batch": int(sys.argv[5])} if batching == "token_budget" else {}
+    model = tiny_model("llama", seed=0)
+    args = PrefixDPOConfig(
+        output_dir=os.path.dirname(out), report_to="none", bf16=False, use_cpu=True, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum, max_steps=3, logging_steps=1, learning_rate=0.5, optim="sgd", gradient_checkpointing=False, seed=0,
+        save_strategy="no", max_length=40, disable_tqdm=True, batching=batching, **extra,
+    )
+    trainer = PrefixDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                               train_dataset=Dataset.from_list(make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))),
+                               processing_class=make_tokenizer())
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        weights = [p.detach().flatten()[:50].tolist() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
+        with open(out, "w") as f:
+            json.dump({"logs": [h for h in trainer.state.log_history if "loss" in h], "weights": weights}, f)
+
+
+if __name__ == "__main__":
+    main()
