@@ -11,6 +11,7 @@ the exactness tests cover them.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -194,3 +195,16 @@ def test_torch_compile_parity(tmp_path):
     _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, **kw)
     _, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", DATA, **kw)
     assert_same_logs(logs_trl, logs_ours)
+
+
+def test_report_to_tensorboard_writes_our_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path, DATA, max_steps=2, report_to="tensorboard")
+    runs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
+    assert runs
+    acc = EventAccumulator(os.path.dirname(runs[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/margins", "train/prefix_sharing/tokens_saved_frac"} <= tags
