@@ -199,8 +199,10 @@ class PrefixDPOTrainer(DPOTrainer):
         packed, unshared, padded, pairs, shared = gathered.sum(0).tolist()
         self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(1.0 - packed / unshared)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
-        # Packed rows carry no padding; TRL's padded batch of the same pairs would have had this much.
-        self._metrics[mode]["packing/padding_frac"].append(0.0)
+        # Padding in the packed row (the collator packs without any), and what TRL's padded batch would have had.
+        packed_row = inputs[PACKED_KEY]
+        padding = 1.0 - packed_row["layout"]["total_tokens"] / packed_row["input_ids"].shape[1]
+        self._metrics[mode]["packing/padding_frac"].append(padding)
         self._metrics[mode]["packing/trl_padding_frac"].append(1.0 - unshared / padded)
         if self.args.batching == "token_budget":
             rows = gathered.shape[0]
@@ -212,8 +214,7 @@ class PrefixDPOTrainer(DPOTrainer):
         if self.args.batching == "token_budget" and self.accelerator.num_processes > 1:
             # TRL gathers per-pair tensors (rewards, logps) with accelerator.gather, which needs equal sizes on every
             # process; token-budget micro-batches hold different numbers of pairs. Gather them ragged instead.
-            self.accelerator.gather = functools.partial(_gather_ragged, type(self.accelerator).gather.__get__(
-                self.accelerator))
+            self.accelerator.gather = functools.partial(_gather_ragged, self.accelerator.gather)
             try:
                 return super()._compute_loss(model, inputs, return_outputs)
             finally:

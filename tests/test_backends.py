@@ -43,8 +43,6 @@ def tolerance(same_precision_err, ref, dtype, terms=1, head_dim=16):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (6, 1)])
 def test_reference_backend_forward_and_grads(case, dtype, heads):
-    if dtype == torch.float16:
-        pytest.importorskip("torch")  # fp16 matmul on CPU is supported by torch >= 2.1
     layout = PrefixLayout.from_lengths(*LAYOUTS[case])
     hq, hkv = heads
     q, k, v = random_qkv(layout.total_tokens, hq, hkv, 16, dtype, seed=case, requires_grad=True)

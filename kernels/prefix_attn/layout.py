@@ -226,9 +226,9 @@ class PrefixLayout:
         seg_end = off["seg_start"] + off["seg_len"]
         doc_start = off["doc_start"][seg_doc]
         prefix_end = doc_start + self.prefix_lens[seg_doc]
-        doc_end = off["doc_start"][seg_doc] + off["doc_len"][seg_doc]
+        doc_end = doc_start + off["doc_len"][seg_doc]
         # Allowed keys of a query: [lo1, hi1) U [lo2, q]. Prefix: [] U [doc_start, q]. Branch: prefix U [branch_start, q].
-        seg_lo1 = torch.where(seg_is_prefix, doc_start, doc_start)
+        seg_lo1 = doc_start
         seg_hi1 = torch.where(seg_is_prefix, doc_start, prefix_end)
         seg_lo2 = torch.where(seg_is_prefix, doc_start, off["seg_start"])
         # Queries that see a key: [k, q_hi): a prefix key by the rest of its document, a branch key by its branch.
@@ -321,7 +321,7 @@ class PrefixLayout:
         hi1_max = tiles(torch.where(empty1, -1, hi1), -1).amax(1)
         has1 = hi1_max > lo1_min
         lo2_min = tiles(lo2, big).amin(1)
-        q_min = q.new_tensor(0) + torch.arange(nqt, device=self.device) * bm
+        q_min = torch.arange(nqt, device=self.device) * bm
         q_max = torch.clamp(q_min + bm - 1, max=T - 1)
         # Key-tile ranges.
         t_lo1 = torch.where(has1, lo1_min // bn, 0)
