@@ -160,7 +160,7 @@ def load_datasets(script_args: ScriptArguments, training_args, tokenizer, need_e
 def report_prepared_dataset(n_before: int, prepared, training_args, name: str = "train"):
     """After the trainer tokenized a split: say how many pairs TRL's max_length rule dropped and how many it will
     truncate. Returns the :class:`~prefixdpo.data.formats.OverlongReport`."""
-    from .data.formats import report_overlong_pairs, tokenized_lengths
+    from .data.formats import PreferenceDataError, report_overlong_pairs, tokenized_lengths
 
     dropped = n_before - len(prepared)
     if dropped:
@@ -168,6 +168,11 @@ def report_prepared_dataset(n_before: int, prepared, training_args, name: str = 
             "%s dataset: %d of %d pairs were dropped because the prompt alone has max_length=%s tokens or more "
             "(TRL's rule with truncation_mode='keep_start'). Raise max_length or filter long prompts.",
             name, dropped, n_before, training_args.max_length,
+        )
+    if len(prepared) == 0:
+        raise PreferenceDataError(
+            f"no {name} pairs left to train on: all {n_before} were dropped because their prompt alone has "
+            f"max_length={training_args.max_length} tokens or more; raise max_length or filter long prompts"
         )
     lengths = tokenized_lengths(prepared)
     report = report_overlong_pairs(*lengths, training_args.max_length, training_args.truncation_mode, name=name)

@@ -83,6 +83,17 @@ def test_bad_dataset_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     assert "error: the dataset has no 'chosen' and no 'rejected' column" in err
 
 
+def test_every_pair_dropped_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    # Every prompt is longer than max_length: TRL drops them all; say so instead of failing later on an empty set.
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": " ".join(["word"] * 40), "chosen": " yes", "rejected": " no"} for _ in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--max_length", "16",
+                   "--output_dir", str(tmp_path / "o"), "--eval_strategy", "no", *CPU])
+    assert status == 1
+    assert "error: no train pairs left to train on: all 3 were dropped" in capsys.readouterr().err
+
+
 def test_recipe_runs_in_one_process(tmp_path, tiny_model_dir):
     """recipes/dpo.py (what `accelerate launch` runs), here as a plain single process on CPU."""
     import subprocess
