@@ -19,6 +19,7 @@ are weighted; see :class:`PrefixDPOTrainer`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -63,6 +64,20 @@ def _as_prefix_config(args: DPOConfig | None, model) -> PrefixDPOConfig:
                   DPOConfig.__dataclass_fields__[k].init}
         return PrefixDPOConfig(**fields)
     raise TypeError(f"args must be a PrefixDPOConfig (or trl.DPOConfig), got {type(args).__name__}")
+
+
+def keep_fsdp2_outputs_as_computed(plugin) -> None:
+    """FSDP2 under accelerate with mixed_precision=bf16: drop the policy's ``output_dtype`` (parameters are still
+    gathered in bf16 and gradients reduced as accelerate chose).
+
+    accelerate sets ``output_dtype=bf16``, so every wrapped module's output is cast to bf16, the root model's too: the
+    per-token log-probs that TRL's fused head computes in fp32 reach the loss in bf16 and their sum over a response is
+    rounded to 8 bits (an ulp of 32 nats at -4500). Seen on 2 H200s: rewards exactly 0 on one GPU, noise of several
+    nats on two. The reference model, which TRL wraps with the same plugin policy, follows.
+    """
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(plugin, "fsdp_version", 1) == 2 and getattr(policy, "output_dtype", None) is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
 
 
 class PrefixDPOTrainer(DPOTrainer):
@@ -170,6 +185,10 @@ class PrefixDPOTrainer(DPOTrainer):
         self._install_prefix_packing()
 
     # ------------------------------------------------------------------ setup
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        keep_fsdp2_outputs_as_computed(getattr(self.accelerator.state, "fsdp_plugin", None))
+
     def _install_prefix_packing(self):
         """Make the policy and the reference run packed rows (after TRL added its fused LM head to them)."""
         if self._prefix_installed:

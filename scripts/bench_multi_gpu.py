@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,25 +138,32 @@ def read_scalars(out_dir: str) -> dict[str, dict[int, float]]:
 
 
 def launch(name: str, topology: str, nproc: int, bs: int, steps: int, run_yaml: str, workdir: str, args,
-           extra: list[str]) -> dict:
+           extra: list[str], fp32: bool = False) -> dict:
     out_dir = os.path.join(workdir, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     import torch
 
-    cpu = [] if torch.cuda.is_available() else ["--cpu", "--mixed_precision", "no"]  # the CPU smoke test
+    cpu = [] if torch.cuda.is_available() else ["--cpu"]  # the CPU smoke test
+    fp32 = fp32 or bool(cpu)
+    if fp32:
+        cpu += ["--mixed_precision", "no"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", f"{topology}.yaml"),
            "--num_processes", str(nproc), *cpu, os.path.join(ROOT, "recipes", "dpo.py"), "--config", run_yaml,
            "--output_dir", out_dir,
-           "--per_device_train_batch_size", str(bs), "--max_steps", str(steps), *extra, *(["--bf16", "false"] if cpu else [])]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(nproc)))
+           "--per_device_train_batch_size", str(bs), "--max_steps", str(steps), *extra, *(["--bf16", "false"] if fp32 else [])]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(nproc)), PYTHONFAULTHANDLER="1")
     print(f"\n## {name}: {' '.join(cmd)}", flush=True)
     poller = MemoryPoller()
     t0 = time.perf_counter()
     with open(os.path.join(args.out, f"{name}.log"), "w") as log:
+        # Own process group: on a timeout the launcher *and* its workers go (a hung worker left behind would hold
+        # its GPU and slow every later run).
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.run_timeout,
-                                cwd=ROOT).returncode
+            rc = proc.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = "timeout"
     wall = time.perf_counter() - t0
     mem = poller.stop()[:nproc]
@@ -181,13 +189,16 @@ def max_rel_diff(a: dict, b: dict, tag: str, steps) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=["ddp", "fsdp2", "zero3"], choices=["ddp", "fsdp2", "zero3"])
+    ap.add_argument("--fp32_check", nargs="*", default=[], choices=["ddp", "fsdp2", "zero3"],
+                    help="also run 1 vs 2 GPUs in float32 (no autocast) for --compare_steps steps: separates bf16 "
+                    "rounding (the row of 8 pairs vs two rows of 4 round differently) from a real difference")
     ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
     ap.add_argument("--shape", default="capybara", choices=list(SHAPES))
     ap.add_argument("--pairs", type=int, default=8, help="pairs per GPU per step in the throughput runs")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup_steps", type=int, default=5, help="steps left out of pairs/s")
     ap.add_argument("--compare_steps", type=int, default=5)
-    ap.add_argument("--save_step", type=int, default=10, help="FSDP2/ZeRO-3: checkpoint here, then resume from it")
+    ap.add_argument("--save_step", type=int, default=15, help="FSDP2/ZeRO-3: checkpoint here, then resume from it")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--backend", default="triton")
@@ -237,6 +248,18 @@ def main(argv=None):
         big["speedup_vs_1gpu"] = big["pairs_per_s"] / one["pairs_per_s"]
         big["vs"] = one["name"]
         results.append(big)
+
+    for topo in args.fp32_check:
+        t1 = "single_gpu" if topo == "ddp" else topo
+        n = args.compare_steps
+        one = launch(f"{topo}-fp32-1gpu-bs{args.pairs}", t1, 1, args.pairs, n, run_yaml, args.workdir, args, [], True)
+        results.append(one)
+        if ngpu >= 2:
+            two = launch(f"{topo}-fp32-2gpu-bs{half}", topo, 2, half, n, run_yaml, args.workdir, args, [], True)
+            two["loss_rel_diff"] = max_rel_diff(two, one, "train/loss", range(1, n + 1))
+            two["logps_rel_diff"] = max_rel_diff(two, one, "train/logps/chosen", range(1, n + 1))
+            two["vs"] = one["name"]
+            results.append(two)
 
     # ---- Table and CSV.
     import accelerate

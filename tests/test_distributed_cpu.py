@@ -55,3 +55,25 @@ def test_token_budget_under_two_processes(tmp_path):
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
     assert all(0 < h["batching/row_fill"] <= 1 for h in logs)
     assert logs[-1]["rewards/margins"] != 0.0
+
+
+def test_fsdp2_policy_keeps_log_probs_in_fp32():
+    # accelerate's FSDP2 bf16 policy casts every module output to bf16; on two H200s that rounded the summed
+    # log-probs to 8 bits (rewards 0 or noise). The trainer drops output_dtype and keeps the rest of the policy.
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from prefixdpo.trainer import keep_fsdp2_outputs_as_computed
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16  # what accelerate does
+    keep_fsdp2_outputs_as_computed(plugin)
+    p = plugin.mixed_precision_policy
+    assert p.output_dtype is None and p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.bfloat16
+    fsdp1 = SimpleNamespace(fsdp_version=1, mixed_precision_policy=SimpleNamespace(output_dtype=torch.bfloat16))
+    keep_fsdp2_outputs_as_computed(fsdp1)  # FSDP1 has no output cast of this kind: left alone
+    assert fsdp1.mixed_precision_policy.output_dtype == torch.bfloat16
+    keep_fsdp2_outputs_as_computed(None)  # not FSDP
