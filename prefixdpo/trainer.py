@@ -66,6 +66,30 @@ def _as_prefix_config(args: DPOConfig | None, model) -> PrefixDPOConfig:
     raise TypeError(f"args must be a PrefixDPOConfig (or trl.DPOConfig), got {type(args).__name__}")
 
 
+def _check_fsdp_reference_loading(model, ref_model, args, peft_config) -> None:
+    """FSDP with ``fsdp_cpu_ram_efficient_loading``: only rank 0 reads weights from disk and accelerate broadcasts
+    the *policy's*; TRL wraps a reference model it loads from a path without that broadcast, so the other ranks'
+    shards of it hold whatever memory they got (seen on 2 H200s: step-1 loss 1.27 instead of ln 2). Refuse it."""
+    import os
+
+    from transformers.utils import strtobool
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if not strtobool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")):
+        return
+    loads_ref = isinstance(ref_model, str) or (
+        ref_model is None and isinstance(model, str) and peft_config is None and not args.precompute_ref_log_probs
+    )
+    if loads_ref:
+        raise ValueError(
+            "FSDP with fsdp_cpu_ram_efficient_loading: true would leave the reference model's weights unloaded on "
+            "every process but the first (TRL loads it without the broadcast accelerate gives the policy). Set "
+            "fsdp_cpu_ram_efficient_loading: false in the accelerate config (recipes/accelerate/fsdp2.yaml does), "
+            "or use LoRA (the reference is the policy without its adapter) or precompute_ref_log_probs: true."
+        )
+
+
 def keep_fsdp2_outputs_as_computed(plugin) -> None:
     """FSDP2 under accelerate with mixed_precision=bf16: drop the policy's ``output_dtype`` (parameters are still
     gathered in bf16 and gradients reduced as accelerate chose).
@@ -135,6 +159,7 @@ class PrefixDPOTrainer(DPOTrainer):
             )
         if not isinstance(model, str):
             check_model_supported(model)
+        _check_fsdp_reference_loading(model, ref_model, args, peft_config)
         # A reference model for a policy built in memory: a frozen copy of the initial policy. (TRL reloads it from
         # the policy's hub path, which an in-memory model does not have.)
         if (

@@ -63,6 +63,10 @@ def main():
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
+    # ---- Leave together: a process that exits while another still saves or pushes can take the group down.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
 
 if __name__ == "__main__":
     main()

@@ -162,7 +162,15 @@ def launch(name: str, topology: str, nproc: int, bs: int, steps: int, run_yaml: 
         try:
             rc = proc.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
+            import psutil  # torchrun may give its workers sessions of their own: kill the whole tree
+
+            tree = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
+            for p in tree:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
             proc.wait()
             rc = "timeout"
     wall = time.perf_counter() - t0
@@ -196,6 +204,9 @@ def main(argv=None):
     ap.add_argument("--shape", default="capybara", choices=list(SHAPES))
     ap.add_argument("--pairs", type=int, default=8, help="pairs per GPU per step in the throughput runs")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ref_steps", type=int, default=None,
+                    help="steps of the 1-GPU runs (default --steps; --compare_steps is enough for the loss check)")
+    ap.add_argument("--no_throughput", action="store_true", help="skip the 2-GPU runs at --pairs per GPU")
     ap.add_argument("--warmup_steps", type=int, default=5, help="steps left out of pairs/s")
     ap.add_argument("--compare_steps", type=int, default=5)
     ap.add_argument("--save_step", type=int, default=15, help="FSDP2/ZeRO-3: checkpoint here, then resume from it")
@@ -221,7 +232,8 @@ def main(argv=None):
     for topo in args.runs:
         t1 = "single_gpu" if topo == "ddp" else topo
         # 1 GPU: the reference for both the loss comparison and the throughput ratio.
-        one = launch(f"{topo}-1gpu-bs{args.pairs}", t1, 1, args.pairs, args.steps, run_yaml, args.workdir, args, [])
+        one = launch(f"{topo}-1gpu-bs{args.pairs}", t1, 1, args.pairs, args.ref_steps or args.steps, run_yaml,
+                     args.workdir, args, [])
         results.append(one)
         if ngpu < 2:
             continue
@@ -243,6 +255,8 @@ def main(argv=None):
             res["vs"] = same["name"] + f" (steps {args.save_step + 1}-{args.steps})"
             results.append(res)
             shutil.rmtree(same["out_dir"], ignore_errors=True)  # checkpoints of a 1B model + optimizer are large
+        if args.no_throughput:
+            continue
         # 2 GPUs, same batch per GPU: throughput scaling.
         big = launch(f"{topo}-2gpu-bs{args.pairs}", topo, 2, args.pairs, args.steps, run_yaml, args.workdir, args, [])
         big["speedup_vs_1gpu"] = big["pairs_per_s"] / one["pairs_per_s"]

@@ -77,3 +77,20 @@ def test_fsdp2_policy_keeps_log_probs_in_fp32():
     keep_fsdp2_outputs_as_computed(fsdp1)  # FSDP1 has no output cast of this kind: left alone
     assert fsdp1.mixed_precision_policy.output_dtype == torch.bfloat16
     keep_fsdp2_outputs_as_computed(None)  # not FSDP
+
+
+def test_fsdp_ram_efficient_loading_with_a_loaded_reference_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from prefixdpo.trainer import _check_fsdp_reference_loading
+
+    args = SimpleNamespace(precompute_ref_log_probs=False)
+    _check_fsdp_reference_loading("some/model", None, args, None)  # not under FSDP: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: false"):
+        _check_fsdp_reference_loading("some/model", None, args, None)
+    _check_fsdp_reference_loading("some/model", None, args, object())  # LoRA: the reference is the policy
+    _check_fsdp_reference_loading("some/model", None, SimpleNamespace(precompute_ref_log_probs=True), None)
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    _check_fsdp_reference_loading("some/model", None, args, None)
