@@ -160,6 +160,14 @@ class PrefixDPOTrainer(DPOTrainer):
         if not isinstance(model, str):
             check_model_supported(model)
         _check_fsdp_reference_loading(model, ref_model, args, peft_config)
+        if (
+            isinstance(model, str)
+            and args.distributed_state.distributed_type == "FSDP"
+            and "device_map" not in (args.model_init_kwargs or {})
+        ):
+            # TRL sets device_map=None for DDP and DeepSpeed but leaves FSDP on its default, "auto": each process then
+            # spread its models over every visible GPU (seen on 2 H200s: "index is on cuda:0, ... cuda:1").
+            args.model_init_kwargs = {**(args.model_init_kwargs or {}), "device_map": None}
         # A reference model for a policy built in memory: a frozen copy of the initial policy. (TRL reloads it from
         # the policy's hub path, which an in-memory model does not have.)
         if (
