@@ -66,6 +66,20 @@ def _as_prefix_config(args: DPOConfig | None, model) -> PrefixDPOConfig:
     raise TypeError(f"args must be a PrefixDPOConfig (or trl.DPOConfig), got {type(args).__name__}")
 
 
+def _place_models_on_the_process_device(args, quantization_config) -> None:
+    """Models TRL loads from a path under FSDP: ``device_map=None`` (the trainer then places them on this process's
+    GPU). TRL sets it for DDP and DeepSpeed only; it reads the distributed type from ``args.distributed_state``, which
+    says MULTI_GPU while the policy loads but FSDP once the accelerator exists, when the reference loads. The
+    reference then got TRL's default, ``device_map="auto"``, and was spread over both GPUs of each process (seen on 2
+    H200s: "index is on cuda:0, different from other tensors on cuda:1")."""
+    import os
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(getattr(args, "fsdp", None))
+    kwargs = args.model_init_kwargs or {}
+    if fsdp and quantization_config is None and "device_map" not in kwargs:
+        args.model_init_kwargs = {**kwargs, "device_map": None}
+
+
 def _check_fsdp_reference_loading(model, ref_model, args, peft_config) -> None:
     """FSDP with ``fsdp_cpu_ram_efficient_loading``: only rank 0 reads weights from disk and accelerate broadcasts
     the *policy's*; TRL wraps a reference model it loads from a path without that broadcast, so the other ranks'
@@ -160,14 +174,8 @@ class PrefixDPOTrainer(DPOTrainer):
         if not isinstance(model, str):
             check_model_supported(model)
         _check_fsdp_reference_loading(model, ref_model, args, peft_config)
-        if (
-            isinstance(model, str)
-            and args.distributed_state.distributed_type == "FSDP"
-            and "device_map" not in (args.model_init_kwargs or {})
-        ):
-            # TRL sets device_map=None for DDP and DeepSpeed but leaves FSDP on its default, "auto": each process then
-            # spread its models over every visible GPU (seen on 2 H200s: "index is on cuda:0, ... cuda:1").
-            args.model_init_kwargs = {**(args.model_init_kwargs or {}), "device_map": None}
+        if isinstance(model, str) or isinstance(ref_model, str):
+            _place_models_on_the_process_device(args, quantization_config)
         # A reference model for a policy built in memory: a frozen copy of the initial policy. (TRL reloads it from
         # the policy's hub path, which an in-memory model does not have.)
         if (

@@ -232,9 +232,11 @@ def main(argv=None):
     for topo in args.runs:
         t1 = "single_gpu" if topo == "ddp" else topo
         # 1 GPU: the reference for both the loss comparison and the throughput ratio.
-        one = launch(f"{topo}-1gpu-bs{args.pairs}", t1, 1, args.pairs, args.ref_steps or args.steps, run_yaml,
-                     args.workdir, args, [])
-        results.append(one)
+        ref_steps = args.steps if args.ref_steps is None else args.ref_steps
+        one = (launch(f"{topo}-1gpu-bs{args.pairs}", t1, 1, args.pairs, ref_steps, run_yaml, args.workdir, args, [])
+               if ref_steps else {"name": "-", "scalars": {}, "pairs_per_s": float("nan")})  # 0: skip it
+        if ref_steps:
+            results.append(one)
         if ngpu < 2:
             continue
         # 2 GPUs, same global batch: the losses must match the 1-GPU run.

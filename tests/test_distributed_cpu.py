@@ -94,3 +94,23 @@ def test_fsdp_ram_efficient_loading_with_a_loaded_reference_is_refused(monkeypat
     _check_fsdp_reference_loading("some/model", None, SimpleNamespace(precompute_ref_log_probs=True), None)
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     _check_fsdp_reference_loading("some/model", None, args, None)
+
+
+def test_fsdp_loads_models_without_device_map(monkeypatch):
+    # TRL leaves device_map="auto" for a reference it loads under FSDP: each process spread it over every GPU.
+    from types import SimpleNamespace
+
+    from prefixdpo.trainer import _place_models_on_the_process_device
+
+    args = SimpleNamespace(model_init_kwargs={"dtype": "bfloat16"}, fsdp="")
+    _place_models_on_the_process_device(args, None)
+    assert "device_map" not in args.model_init_kwargs  # not FSDP: TRL's own rules
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    _place_models_on_the_process_device(args, None)
+    assert args.model_init_kwargs == {"dtype": "bfloat16", "device_map": None}
+    quantized = SimpleNamespace(model_init_kwargs=None, fsdp="")
+    _place_models_on_the_process_device(quantized, object())  # k-bit: the user's device map rules
+    assert quantized.model_init_kwargs is None
+    mine = SimpleNamespace(model_init_kwargs={"device_map": {"": 0}}, fsdp="")
+    _place_models_on_the_process_device(mine, None)  # an explicit choice is kept
+    assert mine.model_init_kwargs == {"device_map": {"": 0}}
