@@ -62,6 +62,11 @@ class PrefixLayout:
     max_doc_span: int
     _cache: dict = field(default_factory=dict, repr=False)
 
+    # A faster builder of the per-token tables, or None. ``prefix_attn.triton_schedule`` installs one on import (this
+    # module stays torch-only); called with the layout, it fills ``_cache["position_ids"]`` where it applies (a CUDA
+    # layout) and does nothing elsewhere. Not a dataclass field (no annotation).
+    _token_builder = None
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_lengths(
@@ -250,7 +255,12 @@ class PrefixLayout:
     @property
     def position_ids(self) -> torch.Tensor:
         """[T] position ids: a prefix counts 0..P-1, every branch restarts at P (DESIGN.md)."""
-        return self._cached("tok", self._per_token)["position_ids"]
+        if "position_ids" not in self._cache:
+            if "tok" not in self._cache and PrefixLayout._token_builder is not None:
+                PrefixLayout._token_builder(self)
+            if "position_ids" not in self._cache:
+                self._cache["position_ids"] = self._cached("tok", self._per_token)["position_ids"]
+        return self._cache["position_ids"]
 
     @property
     def token_doc(self) -> torch.Tensor:

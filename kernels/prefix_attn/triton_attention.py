@@ -13,8 +13,9 @@ Three layers, as in DESIGN.md style 4:
    registers; dq is either accumulated in an fp32 buffer with atomics (FA2's design) or, with
    ``deterministic=True``, computed by a separate query-major kernel that reuses the forward's schedule.
 2. The launchers: shapes, strides, grid, block sizes, and the tile schedules (built from the layout on its device,
-   O(tiles) vectorized torch ops, cached on the layout so all layers of a forward share them). The grid runs the
-   tiles with the most work first, with all heads of a tile next to each other (the K/V they read stay in L2).
+   O(tiles) vectorized torch ops as the reference, three fused Triton launches on a GPU (``triton_schedule``);
+   cached on the layout so all layers of a forward share them). The grid runs the tiles with the most work first,
+   with all heads of a tile next to each other (the K/V they read stay in L2).
 3. ``torch.library.custom_op`` ops (``prefix_attn::triton_fwd`` / ``triton_bwd``) with a registered autograd
    formula and fake (meta) implementations, so ``torch.compile`` can trace through the backend.
 
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .layout import PrefixLayout
+from .triton_schedule import fused_build, fused_enabled
 
 _LOG2E = 1.4426950408889634
 
@@ -483,7 +485,14 @@ def backward_schedule(layout: PrefixLayout, block_n: int, block_m: int) -> tuple
 
 
 def build_schedules(layout: PrefixLayout, cfg: TritonAttentionConfig) -> dict[str, torch.Tensor]:
-    """Everything the kernels read from the layout (cached on it). Timed by scripts/bench_attention.py."""
+    """Everything the kernels read from the layout (cached on it). Timed by scripts/bench_attention.py.
+
+    On a CUDA layout the fused builder (``triton_schedule``, three Triton launches) fills the cache first, under the
+    keys of the torch functions below, which then only read it; they remain the reference (and the path under
+    ``torch.compile``, on CPU, and with ``PREFIX_ATTN_FUSED_SCHEDULE=0``).
+    """
+    if fused_enabled(layout.device) and not torch.compiler.is_compiling():
+        fused_build(layout, cfg)
     fs, fo = forward_schedule(layout, cfg.fwd_block_m, cfg.fwd_block_n)
     ks, ko = backward_schedule(layout, cfg.kv_block_n, cfg.kv_block_m)
     out = {"tok": _tok_ranges(layout), "q_hi": _q_hi(layout), "fwd_sched": fs, "fwd_order": fo,

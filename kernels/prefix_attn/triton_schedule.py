@@ -1,0 +1,445 @@
+"""The layout's per-token tables and tile schedules, built on the GPU in three Triton launches.
+
+``triton_attention.build_schedules`` reads, for one packed row: ``tok`` [3, T] int32 (lo1, hi1, lo2 per query),
+``q_hi`` [T] int32, and per tile size the forward / dq schedule [n_q_tiles, 10] and the KV-major backward schedule
+[n_k_tiles, 4], each with its launch order; the model forward also needs ``position_ids`` [T] int64. The torch
+path (``PrefixLayout`` and ``triton_attention.forward_schedule`` / ``backward_schedule``) is the reference: about
+200 small ops, 3.7-5.5 ms of host launch overhead on an H100 for a 16K-token row. Here the same integers come from:
+
+1. ``_segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
+   each branch's start and end (cumulative sums in chunks with a carry, so any number of documents works).
+2. ``_token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
+   the starts at or below it (a binary search bounds the starts a chunk can hit), which gives lo1, hi1, lo2, q_hi
+   and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
+   of every tile size, so no tile straddles two programs).
+3. ``_order_kernel``: each schedule's launch order, the stable descending argsort of the tiles' work, as a rank
+   count (a tile's rank is the number of tiles ordered before it).
+
+A launch cannot read what other programs of the same launch write, hence three. Outputs are views into one int32
+buffer plus the int64 position ids. ``fused_build`` fills the layout's cache under the keys the torch path uses, so
+``build_schedules`` and ``PrefixLayout.position_ids`` find them there; importing this module installs
+``PrefixLayout._token_builder`` so that ``position_ids``, asked for before any attention call, takes this path too
+(kernels 1 and 2, per-token tables only; the schedules then cost kernels 2 and 3 from the cached segment table).
+The work is O(T) for kernel 2 and O(tiles^2) small integer compares for kernel 3; its GPU time is still to be
+measured (scripts/bench_attention.py times ``build_schedules``).
+
+Used for layouts on a CUDA device; ``PREFIX_ATTN_FUSED_SCHEDULE=0`` turns it off (the torch path everywhere), and
+``=1`` turns it on under ``TRITON_INTERPRET=1`` for CPU layouts (the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import PrefixLayout
+
+ENV_FLAG = "PREFIX_ATTN_FUSED_SCHEDULE"
+
+_SEG_BLOCK_A = 1024  # kernel 1: lengths per loop step
+_SEG_BLOCK = 32  # kernel 2: document / branch starts compared per loop step (a [CHUNK, _SEG_BLOCK] compare)
+_MIN_CHUNK = 256  # kernel 2: tokens per program (at least twice the largest tile)
+_ORDER_BLOCK = 64  # kernel 3: tiles ranked per program, and tiles compared per loop step
+_MAX_TOKENS = 1 << 28  # int32 index arithmetic inside (3 * T and the buffer offsets stay below 2**31)
+
+
+# =====================================================================================================================
+# 1. Kernels
+# =====================================================================================================================
+
+
+@triton.jit(do_not_specialize=["D", "NB", "T"])  # they change with every row: no recompiles
+def _segments_kernel(
+    PL, BPD, BL,  # prefix_lens [D], branches_per_doc [D], branch_lens [NB] (any integer dtype)
+    BC, ADD,  # scratch [NB] int32: branch tokens before each branch; prefix lengths scattered to first branches
+    DS, PE, BS, BE,  # out int32: doc start [D + 1] (DS[D] = T), prefix end [D], branch start [NB], branch end [NB]
+    D, NB, T,
+    BLOCK: tl.constexpr,  # lengths per loop step (tl.arange needs it static)
+):
+    """Document and branch boundaries from the lengths, one program.
+
+    doc_start[d] = (prefix tokens of docs < d) + (branch tokens of docs < d); a branch starts after all branch
+    tokens before it plus the prefixes of its own and earlier documents, which is an inclusive cumulative sum of the
+    prefix lengths scattered onto each document's first branch.
+    """
+    ar = tl.arange(0, BLOCK)
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # a scalar tensor: loop carries must not be constexpr
+    carry = zero
+    for s in range(0, NB, BLOCK):
+        idx = s + ar
+        m = idx < NB
+        ln = tl.load(BL + idx, mask=m, other=0).to(tl.int32)
+        tl.store(BC + idx, carry + tl.cumsum(ln, 0) - ln, mask=m)
+        tl.store(ADD + idx, tl.zeros([BLOCK], dtype=tl.int32), mask=m)
+        carry += tl.sum(ln, 0)
+    # Other threads of this program read BC and write ADD next.
+    tl.debug_barrier()
+    c_fb = zero
+    c_cp = zero
+    for s in range(0, D, BLOCK):
+        idx = s + ar
+        m = idx < D
+        k = tl.load(BPD + idx, mask=m, other=0).to(tl.int32)
+        p = tl.load(PL + idx, mask=m, other=0).to(tl.int32)
+        fb = c_fb + tl.cumsum(k, 0) - k  # first branch of each document (distinct: every document has one)
+        ds = c_cp + tl.cumsum(p, 0) - p + tl.load(BC + fb, mask=m, other=0)
+        tl.store(ADD + fb, p, mask=m)
+        tl.store(DS + idx, ds, mask=m)
+        tl.store(PE + idx, ds + p, mask=m)
+        c_fb += tl.sum(k, 0)
+        c_cp += tl.sum(p, 0)
+    tl.store(DS + D, T)
+    tl.debug_barrier()
+    carry = zero
+    for s in range(0, NB, BLOCK):
+        idx = s + ar
+        m = idx < NB
+        add = tl.load(ADD + idx, mask=m, other=0)
+        bs = tl.load(BC + idx, mask=m, other=0) + carry + tl.cumsum(add, 0)
+        tl.store(BS + idx, bs, mask=m)
+        tl.store(BE + idx, bs + tl.load(BL + idx, mask=m, other=0).to(tl.int32), mask=m)
+        carry += tl.sum(add, 0)
+
+
+@triton.jit
+def _chunk_bounds(DS, bs_off, D, NB, c0, t_last, n_iter):
+    """For the chunk [c0, t_last]: the documents (of the D starts at DS) and branches (NB starts at DS + bs_off)
+    holding its first and last token, as #{starts <= x} - 1. The four binary searches run as one vector of lanes
+    (doc/c0, doc/t_last, branch/c0, branch/t_last), so each step is one round trip to memory, not four."""
+    lane = tl.arange(0, 4)
+    is_doc = lane < 2
+    x = tl.where(lane % 2 == 0, c0, t_last)
+    base = tl.where(is_doc, 0, bs_off)
+    lo = tl.zeros([4], dtype=tl.int32)
+    hi = tl.where(is_doc, D, NB)
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(DS + base + mid, mask=active, other=0)
+        lo = tl.where(active & (v <= x), mid + 1, lo)
+        hi = tl.where(active & (v > x), mid, hi)
+    d_first = tl.sum(tl.where(lane == 0, lo, 0), axis=0) - 1
+    d_last = tl.sum(tl.where(lane == 1, lo, 0), axis=0) - 1
+    b_first = tl.maximum(tl.sum(tl.where(lane == 2, lo, 0), axis=0) - 1, 0)  # -1: the chunk starts in a prefix
+    b_last = tl.sum(tl.where(lane == 3, lo, 0), axis=0) - 1
+    return d_first, d_last, b_first, b_last
+
+
+@triton.jit
+def _locate(starts, first, last, t, SEG_BLOCK: tl.constexpr):
+    """Per token t: first + #{j in [first, last]: starts[j] <= t} - 1, which for strictly increasing starts is the
+    segment holding t when starts[first] <= t and t is at most the token whose segment is last. Only the segments
+    the chunk overlaps are compared: the work per program is bounded by them, not by the row's."""
+    cnt = tl.zeros(t.shape, dtype=tl.int32)
+    for s in range(first, last + 1, SEG_BLOCK):
+        j = s + tl.arange(0, SEG_BLOCK)
+        st = tl.load(starts + j, mask=j <= last, other=2147483647)
+        cnt += tl.sum((st[None, :] <= t[:, None]).to(tl.int32), axis=1)
+    return first + cnt - 1
+
+
+@triton.jit
+def _query_tiles(
+    SCHED, WORK, lo1, hi1, lo2, valid, pid, T,
+    CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BM whole query tiles
+    BM: tl.constexpr,  # query rows per tile
+    BN: tl.constexpr,  # keys per tile
+):
+    """Forward (or dq) schedule rows of this program's query tiles: ``PrefixLayout.query_tile_ranges`` followed by
+    ``forward_schedule``'s clipping, with the same padding values for rows past T; and each tile's work."""
+    big = T + 1
+    has_r1 = valid & (hi1 > lo1)
+    no_r1 = valid & (hi1 <= lo1)
+    # Empty first ranges must not widen the tile's first range.
+    lo1_min = tl.min(tl.reshape(tl.where(has_r1, lo1, big), [CHUNK // BM, BM]), axis=1)
+    hi1_max = tl.max(tl.reshape(tl.where(has_r1, hi1, -1), [CHUNK // BM, BM]), axis=1)
+    lo2_min = tl.min(tl.reshape(tl.where(valid, lo2, big), [CHUNK // BM, BM]), axis=1)
+    lo2_max = tl.max(tl.reshape(tl.where(valid, lo2, -1), [CHUNK // BM, BM]), axis=1)
+    lo1_max = tl.max(tl.reshape(tl.where(valid, lo1, -1), [CHUNK // BM, BM]), axis=1)
+    hi1_min = tl.min(tl.reshape(tl.where(valid, hi1, big), [CHUNK // BM, BM]), axis=1)
+    n_no_r1 = tl.sum(tl.reshape(no_r1.to(tl.int32), [CHUNK // BM, BM]), axis=1)
+    i = pid * (CHUNK // BM) + tl.arange(0, CHUNK // BM)
+    ok = i < (T + BM - 1) // BM
+    q_min = i * BM
+    q_max = tl.minimum(q_min + BM - 1, T - 1)
+    # All divisions below have non-negative operands on real tiles (truncation = floor).
+    has1 = hi1_max > lo1_min
+    t_lo1 = tl.where(has1, lo1_min // BN, 0)
+    t_hi1 = tl.where(has1, (hi1_max + BN - 1) // BN, 0)
+    t_lo2 = lo2_min // BN
+    t_hi2 = q_max // BN + 1
+    merge = has1 & (t_hi1 >= t_lo2)
+    t_lo2 = tl.where(merge, tl.minimum(t_lo1, t_lo2), t_lo2)
+    t_lo1 = tl.where(merge, 0, t_lo1)
+    t_hi1 = tl.where(merge, 0, t_hi1)
+    f_lo2 = (lo2_max + BN - 1) // BN
+    f_hi2 = tl.maximum((q_min + 1) // BN, f_lo2)
+    all1 = n_no_r1 == 0
+    f_lo1 = tl.where(all1, (lo1_max + BN - 1) // BN, 0)
+    f_hi1 = tl.where(all1, tl.maximum(hi1_min // BN, f_lo1), f_lo1)
+    a1 = tl.minimum(tl.maximum(f_lo1, t_lo1), t_hi1)
+    b1 = tl.minimum(tl.maximum(f_hi1, a1), t_hi1)
+    a2 = tl.minimum(tl.maximum(f_lo1, t_lo2), t_hi2)
+    b2 = tl.minimum(tl.maximum(f_hi1, a2), t_hi2)
+    c2 = tl.minimum(tl.maximum(f_lo2, b2), t_hi2)
+    d2 = tl.minimum(tl.maximum(f_hi2, c2), t_hi2)
+    row = SCHED + i * 10
+    tl.store(row + 0, t_lo1, mask=ok)
+    tl.store(row + 1, a1, mask=ok)
+    tl.store(row + 2, b1, mask=ok)
+    tl.store(row + 3, t_hi1, mask=ok)
+    tl.store(row + 4, t_lo2, mask=ok)
+    tl.store(row + 5, a2, mask=ok)
+    tl.store(row + 6, b2, mask=ok)
+    tl.store(row + 7, c2, mask=ok)
+    tl.store(row + 8, d2, mask=ok)
+    tl.store(row + 9, t_hi2, mask=ok)
+    tl.store(WORK + i, (t_hi1 - t_lo1) + (t_hi2 - t_lo2), mask=ok)
+
+
+@triton.jit
+def _key_tiles(
+    SCHED, WORK, q_hi, valid, pid, T,
+    CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BN whole key tiles
+    BN: tl.constexpr,  # keys per tile
+    BM: tl.constexpr,  # query rows per tile
+):
+    """KV-major backward schedule rows of this program's key tiles (``PrefixLayout.key_tile_ranges`` and
+    ``backward_schedule``; padding keys make a tile never full) and each tile's work."""
+    qhi_max = tl.max(tl.reshape(tl.where(valid, q_hi, -1), [CHUNK // BN, BN]), axis=1)
+    qhi_min = tl.min(tl.reshape(tl.where(valid, q_hi, 0), [CHUNK // BN, BN]), axis=1)
+    j = pid * (CHUNK // BN) + tl.arange(0, CHUNK // BN)
+    ok = j < (T + BN - 1) // BN
+    k0 = j * BN
+    lo = k0 // BM
+    hi = (qhi_max + BM - 1) // BM
+    flo = tl.minimum(tl.maximum((k0 + BN - 1 + BM - 1) // BM, lo), hi)
+    fhi = tl.minimum(tl.maximum(qhi_min // BM, flo), hi)
+    row = SCHED + j * 4
+    tl.store(row + 0, lo, mask=ok)
+    tl.store(row + 1, flo, mask=ok)
+    tl.store(row + 2, fhi, mask=ok)
+    tl.store(row + 3, hi, mask=ok)
+    tl.store(WORK + j, hi - lo, mask=ok)
+
+
+@triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter"])
+def _token_tile_kernel(
+    DS, PE, BS, BE,  # from _segments_kernel
+    TOK, QHI, POS,  # out (WRITE_TOK): [3, T] int32 lo1/hi1/lo2, [T] int32 q_hi, [T] int64 position ids
+    FWD, FWD_W, KV, KV_W, DQ, DQ_W,  # out (TILES): schedules [n, 10] / [n, 4] int32 and their tiles' work [n]
+    T, D, NB,
+    bs_off,  # BS - DS in elements (both views of one buffer): the searches treat them as one array
+    n_iter,  # binary-search steps: the bit length of max(D, NB)
+    CHUNK: tl.constexpr,  # tokens per program, a multiple of every tile size below
+    SEG_BLOCK: tl.constexpr,
+    WRITE_TOK: tl.constexpr,  # False when the per-token tables are already cached (only tiles wanted)
+    TILES: tl.constexpr,  # False when only the per-token tables are wanted (position_ids before any attention)
+    DQ_TILES: tl.constexpr,  # the deterministic dq kernel's schedule (its own tile sizes)
+    FWD_BM: tl.constexpr, FWD_BN: tl.constexpr,
+    KV_BN: tl.constexpr, KV_BM: tl.constexpr,
+    DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
+):
+    """Per token: lo1, hi1, lo2, q_hi and position id (``PrefixLayout._per_token``); per tile: the schedule rows.
+
+    A prefix token of document d sees [doc_start, q] and is seen until the document ends; a branch token sees the
+    prefix [doc_start, prefix_end) and [branch_start, q] and is seen until its branch ends.
+    """
+    pid = tl.program_id(0)
+    c0 = pid * CHUNK
+    t = c0 + tl.arange(0, CHUNK)
+    valid = t < T
+    t_last = tl.minimum(c0 + CHUNK, T) - 1
+    d_first, d_last, b_first, b_last = _chunk_bounds(DS, bs_off, D, NB, c0, t_last, n_iter)
+    d = _locate(DS, d_first, d_last, t, SEG_BLOCK)
+    # A prefix token's branch index is meaningless (the previous document's last branch, or -1): clamp, unused.
+    b = tl.maximum(_locate(BS, b_first, b_last, t, SEG_BLOCK), 0)
+    ds = tl.load(DS + d, mask=valid, other=0)
+    de = tl.load(DS + d + 1, mask=valid, other=0)
+    pe = tl.load(PE + d, mask=valid, other=0)
+    bs = tl.load(BS + b, mask=valid, other=0)
+    be = tl.load(BE + b, mask=valid, other=0)
+    pre = t < pe
+    lo1 = ds
+    hi1 = tl.where(pre, ds, pe)
+    lo2 = tl.where(pre, ds, bs)
+    q_hi = tl.where(pre, de, be)
+    if WRITE_TOK:
+        tl.store(TOK + t, lo1, mask=valid)
+        tl.store(TOK + T + t, hi1, mask=valid)
+        tl.store(TOK + 2 * T + t, lo2, mask=valid)
+        tl.store(QHI + t, q_hi, mask=valid)
+        pos = tl.where(pre, t - ds, (pe - ds) + (t - bs))  # branches restart at the prefix length
+        tl.store(POS + t, pos.to(tl.int64), mask=valid)
+    if TILES:
+        _query_tiles(FWD, FWD_W, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
+        _key_tiles(KV, KV_W, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
+        if DQ_TILES:
+            _query_tiles(DQ, DQ_W, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
+
+
+@triton.jit(do_not_specialize=["w0", "o0", "n0", "w1", "o1", "n1", "w2", "o2", "n2"])
+def _order_kernel(
+    BUF,  # the int32 buffer holding the work arrays and the orders
+    w0, o0, n0, w1, o1, n1, w2, o2, n2,  # per schedule (grid axis 1): offsets of work and order, number of tiles
+    BLOCK: tl.constexpr,  # tiles ranked per program and compared per loop step
+):
+    """order[rank[i]] = i with rank[i] = #{j: w[j] > w[i] or (w[j] == w[i] and j < i)}: the stable descending
+    argsort of the tiles' work (``torch.argsort(work, descending=True, stable=True)``), one schedule per grid row."""
+    kind = tl.program_id(1)
+    w_off = tl.where(kind == 0, w0, tl.where(kind == 1, w1, w2))
+    o_off = tl.where(kind == 0, o0, tl.where(kind == 1, o1, o2))
+    n = tl.where(kind == 0, n0, tl.where(kind == 1, n1, n2))
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mi = i < n
+    wi = tl.load(BUF + w_off + i, mask=mi, other=0)
+    rank = tl.zeros([BLOCK], dtype=tl.int32)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        wj = tl.load(BUF + w_off + j, mask=j < n, other=-1)  # work >= 1 on real tiles: -1 never ranks first
+        before = (wj[None, :] > wi[:, None]) | ((wj[None, :] == wi[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    tl.store(BUF + o_off + rank, i, mask=mi)
+
+
+# =====================================================================================================================
+# 2. Launcher
+# =====================================================================================================================
+
+
+def fused_enabled(device: torch.device) -> bool:
+    """Whether ``fused_build`` serves layouts on ``device`` (see the module docstring for the flag)."""
+    flag = os.environ.get(ENV_FLAG, "")
+    if flag == "0":
+        return False
+    if device.type == "cuda":
+        return True
+    return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _tile_keys(cfg) -> list[tuple]:
+    keys = [("triton_fwd_sched", cfg.fwd_block_m, cfg.fwd_block_n),
+            ("triton_bwd_sched", cfg.kv_block_n, cfg.kv_block_m)]
+    if cfg.deterministic:
+        keys.append(("triton_fwd_sched", cfg.dq_block_m, cfg.dq_block_n))
+    return keys
+
+
+_TOKEN_KEYS = ("triton_tok", "triton_qhi", "position_ids")
+
+
+class _Arena:
+    """Carves one int32 buffer into views; every view starts 64-byte aligned (as a fresh allocation would be, so
+    kernels that read them keep their pointer-alignment specialization)."""
+
+    def __init__(self):
+        self.size = 0
+
+    def take(self, n: int) -> int:
+        off = self.size
+        self.size += (n + 15) // 16 * 16
+        return off
+
+
+def fused_build(layout: PrefixLayout, cfg=None) -> bool:
+    """Fill ``layout``'s cache with the per-token tables, position ids and (given a ``TritonAttentionConfig``) the
+    schedules of ``cfg``, under the torch path's keys. Entries already cached are kept. Returns False (and does
+    nothing) where this path does not apply: T outside [1, 2**28), tile sizes not powers of two."""
+    cache = layout._cache
+    T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
+    if not 0 < T < _MAX_TOKENS:
+        return False
+    want_tok = any(k not in cache for k in _TOKEN_KEYS)
+    want_tiles = cfg is not None and any(k not in cache for k in _tile_keys(cfg))
+    if not (want_tok or want_tiles):
+        return True
+    det = cfg is not None and cfg.deterministic
+    sizes = []
+    if cfg is not None:
+        sizes = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n]
+        sizes += [cfg.dq_block_m, cfg.dq_block_n] if det else []
+        if not all(_pow2(s) for s in sizes):
+            return False
+    # A power of two, so a multiple of every tile size; at least two tiles per program (no [1]-shaped reductions).
+    chunk = max([_MIN_CHUNK] + [2 * s for s in sizes])
+
+    dev = layout.device
+    arena = _Arena()
+    segs = cache.get("fused_segments")
+    if segs is None:
+        o_bc, o_add, o_ds, o_pe, o_bs, o_be = (arena.take(n) for n in (NB, NB, D + 1, D, NB, NB))
+    if want_tok:
+        o_tok, o_qhi = arena.take(3 * T), arena.take(T)
+    if want_tiles:
+        nqt, nkt = -(-T // cfg.fwd_block_m), -(-T // cfg.kv_block_n)
+        ndq = -(-T // cfg.dq_block_m) if det else 0
+        o_fs, o_fo, o_fw = arena.take(10 * nqt), arena.take(nqt), arena.take(nqt)
+        o_ks, o_ko, o_kw = arena.take(4 * nkt), arena.take(nkt), arena.take(nkt)
+        o_ds_, o_do, o_dw = arena.take(10 * ndq), arena.take(ndq), arena.take(ndq)
+    buf = torch.empty(arena.size, dtype=torch.int32, device=dev)
+
+    def view(off, n):
+        return buf[off : off + n]
+
+    if segs is None:
+        segs = tuple(view(o, n) for o, n in ((o_ds, D + 1), (o_pe, D), (o_bs, NB), (o_be, NB)))
+        _segments_kernel[(1,)](
+            layout.prefix_lens.contiguous(), layout.branches_per_doc.contiguous(), layout.branch_lens.contiguous(),
+            view(o_bc, NB), view(o_add, NB), *segs, D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
+        )
+        cache["fused_segments"] = segs
+    if want_tok:
+        tok, qhi = view(o_tok, 3 * T).view(3, T), view(o_qhi, T)
+        pos = torch.empty(T, dtype=torch.int64, device=dev)
+    else:
+        tok = qhi = pos = buf  # unused
+    if want_tiles:
+        fs, fo, fw = view(o_fs, 10 * nqt).view(nqt, 10), view(o_fo, nqt), view(o_fw, nqt)
+        ks, ko, kw = view(o_ks, 4 * nkt).view(nkt, 4), view(o_ko, nkt), view(o_kw, nkt)
+        if det:
+            qs, qo, qw = view(o_ds_, 10 * ndq).view(ndq, 10), view(o_do, ndq), view(o_dw, ndq)
+        else:
+            qs, qw = fs, fw  # unused
+        bm, bn, kbn, kbm = cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_n, cfg.kv_block_m
+        dbm, dbn = cfg.dq_block_m, cfg.dq_block_n
+    else:
+        fs = fw = ks = kw = qs = qw = buf  # unused
+        bm = bn = kbn = kbm = dbm = dbn = 16
+    _token_tile_kernel[(-(-T // chunk),)](
+        *segs, tok, qhi, pos, fs, fw, ks, kw, qs, qw,
+        T, D, NB, (segs[2].data_ptr() - segs[0].data_ptr()) // 4, max(D, NB).bit_length(),
+        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=want_tok, TILES=want_tiles, DQ_TILES=det,
+        FWD_BM=bm, FWD_BN=bn, KV_BN=kbn, KV_BM=kbm, DQ_BM=dbm, DQ_BN=dbn, num_warps=4,
+    )
+    if want_tiles:
+        n_max = max(nqt, nkt, ndq)
+        _order_kernel[(-(-n_max // _ORDER_BLOCK), 3 if det else 2)](
+            buf, o_fw, o_fo, nqt, o_kw, o_ko, nkt, o_dw, o_do, ndq, BLOCK=_ORDER_BLOCK, num_warps=4,
+        )
+        cache.setdefault(("triton_fwd_sched", bm, bn), (fs, fo))
+        cache.setdefault(("triton_bwd_sched", kbn, kbm), (ks, ko))
+        if det:
+            cache.setdefault(("triton_fwd_sched", dbm, dbn), (qs, qo))
+    if want_tok:
+        cache.setdefault("triton_tok", tok)
+        cache.setdefault("triton_qhi", qhi)
+        cache.setdefault("position_ids", pos)
+    return True
+
+
+def _token_builder(layout: PrefixLayout) -> None:
+    """``PrefixLayout.position_ids``'s hook: the per-token tables in two launches, where this path applies."""
+    if fused_enabled(layout.device) and not torch.compiler.is_compiling():
+        fused_build(layout)
+
+
+PrefixLayout._token_builder = staticmethod(_token_builder)
+
+__all__ = ["ENV_FLAG", "fused_build", "fused_enabled"]

@@ -1,0 +1,202 @@
+"""The fused schedule builder (``prefix_attn.triton_schedule``) against the torch path, through Triton's interpreter.
+
+Every tensor ``build_schedules`` returns, and ``position_ids``, must be bit-identical to the torch reference (same
+integers, shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles
+(64/128), deterministic or not. Rows stay at a few hundred tokens: the interpreter runs every op in numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
+from prefix_attn import triton_attention as ta  # noqa: E402
+from prefix_attn import triton_schedule as tsch  # noqa: E402
+
+if type(tsch._token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("triton_schedule was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 32x16, kv 32 keys x 16, dq 32x16
+H100_CFG = ta._CONFIGS[(128, True)]  # fwd 64x64, kv 128 keys x 64, deterministic dq 128x64
+H100_ATOMIC = dataclasses.replace(H100_CFG, deterministic=False)
+FP32_GPU_CFG = ta.TritonAttentionConfig(64, 32, 4, 2, 32, 64, 4, 1, 64, 32, 4, 1)
+# query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), deterministic
+SKEWED_CFG = ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 16, 64, 4, 1, deterministic=True)
+CONFIGS = [CPU_CFG, H100_CFG, H100_ATOMIC, FP32_GPU_CFG, SKEWED_CFG]
+CFG_IDS = ["cpu", "h100", "h100_atomic", "fp32_gpu", "skewed"]
+
+
+@pytest.fixture(autouse=True)
+def _fused_on(monkeypatch):
+    monkeypatch.setenv(tsch.ENV_FLAG, "1")
+
+
+def _reference(prefix, branches, cfg, monkeypatch):
+    """The torch path's tensors (the fused path switched off for this layout only)."""
+    monkeypatch.setenv(tsch.ENV_FLAG, "0")
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    out = dict(ta.build_schedules(layout, cfg))
+    out["position_ids"] = layout.position_ids
+    monkeypatch.setenv(tsch.ENV_FLAG, "1")
+    return out
+
+
+def _assert_same(got: dict, ref: dict, what: str):
+    assert got.keys() == ref.keys()
+    for k in ref:
+        a, b = got[k], ref[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what} {k}: {a.dtype} {a.shape} != {b.dtype} {b.shape}"
+        assert a.is_contiguous(), f"{what} {k}: not contiguous"
+        if not torch.equal(a, b):
+            bad = (a != b).nonzero()[:5].tolist()
+            raise AssertionError(f"{what} {k}: differs at {bad}\nfused {a.tolist()}\ntorch {b.tolist()}")
+
+
+def _check(prefix, branches, cfg, monkeypatch, position_ids_first=False):
+    ref = _reference(prefix, branches, cfg, monkeypatch)
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    if position_ids_first:  # the model forward asks for positions before any attention call
+        pos = layout.position_ids
+        got = dict(ta.build_schedules(layout, cfg))
+        got["position_ids"] = pos
+    else:
+        got = dict(ta.build_schedules(layout, cfg))
+        got["position_ids"] = layout.position_ids
+    # The torch path's per-token and per-tile tables were never built.
+    assert not {"tok", "offsets"} & layout._cache.keys()
+    assert not any(isinstance(k, tuple) and k[0] in ("qtiles", "ktiles") for k in layout._cache)
+    _assert_same(got, ref, f"prefix={prefix} branches={branches} cfg={cfg}")
+    return layout
+
+
+# (name, prefix_lens, branch_lens): lengths 1, tile sizes +-1 (16, 32, 64, 128), documents shorter than a tile, many
+# documents in one tile, empty prefixes, 8 branches, a single document, T not a multiple of any tile, segment
+# boundaries on the fused kernel's chunk boundary.
+AWKWARD = [
+    ("one_token", [0], [[1]]),
+    ("one_token_prefix", [1], [[1]]),
+    ("ones", [1, 0, 1], [[1], [1, 1], [1]]),
+    ("tile16_pm1", [15, 16, 17], [[31, 32], [33], [16, 1]]),
+    ("tile64_pm1", [63, 1, 64], [[65, 1], [63, 64, 2], [1]]),
+    ("tile128_pm1", [127, 0], [[129, 128], [1, 127]]),
+    ("exact_256", [64], [[64, 64, 64]]),
+    ("empty_prefixes", [0, 0, 0, 0], [[5, 9], [17], [1, 2, 3], [64]]),
+    ("many_tiny_docs", [0, 1, 2, 1, 0, 2, 1, 0, 1, 2, 0, 1] * 3,
+     [[1], [2, 1], [1, 3], [1], [2, 2], [1], [3], [1, 1, 1], [2], [1, 2], [3], [1, 1]] * 3),
+    ("eight_branches", [10, 1], [[1, 20, 3, 17, 16, 15, 2, 9], [1] * 8]),
+    ("single_long_doc", [300], [[77]]),
+    ("long_branches", [3], [[200, 190]]),
+    # One-token documents and branches right at the fused kernel's chunk boundary (token 256).
+    ("chunk_edge_docs", [254, 0, 0, 0], [[1], [1], [1], [5]]),
+    ("chunk_edge_branch", [255], [[1, 1, 1, 3]]),
+    ("chunk_edge_prefix", [256], [[2, 1]]),
+    ("all_one_token_docs", [0] * 300, [[1]] * 300),
+]
+
+
+@pytest.mark.parametrize("cfg", [CPU_CFG, H100_CFG], ids=["cpu", "h100"])
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+def test_awkward_layouts(name, prefix, branches, cfg, monkeypatch):
+    _check(prefix, branches, cfg, monkeypatch)
+
+
+def _random_lengths(rng: random.Random):
+    n = rng.randint(1, 14)
+    prefix = [rng.choice([0, 1, rng.randint(0, 90), rng.choice([15, 16, 17, 63, 64, 65])]) for _ in range(n)]
+    branches = [[rng.choice([1, rng.randint(1, 60), rng.choice([31, 32, 33])]) for _ in range(rng.randint(1, 8))]
+                for _ in range(n)]
+    return prefix, branches
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_layouts(seed, monkeypatch):
+    prefix, branches = _random_lengths(random.Random(seed))
+    _check(prefix, branches, CONFIGS[seed % len(CONFIGS)], monkeypatch)
+
+
+def test_many_documents(monkeypatch):
+    # More documents and branches than one step of the segment kernel (1024) and than one chunk compares at once:
+    # 1100 one- or two-token documents, some with an empty prefix.
+    rng = random.Random(5)
+    prefix = [rng.choice([0, 1]) for _ in range(1100)]
+    branches = [[1] * rng.choice([1, 1, 2]) for _ in range(1100)]
+    _check(prefix, branches, CPU_CFG, monkeypatch)
+
+
+def test_position_ids_first_then_two_configs(monkeypatch):
+    """position_ids before any attention (two launches, per-token tables only), then the schedules of two configs
+    from the cached segment table (two launches each)."""
+    prefix, branches = [20, 0, 33], [[13, 30, 1], [64], [1, 5, 8, 2]]
+    layout = _check(prefix, branches, H100_ATOMIC, monkeypatch, position_ids_first=True)
+    segs = layout._cache["fused_segments"]
+    got = dict(ta.build_schedules(layout, SKEWED_CFG))
+    got["position_ids"] = layout.position_ids
+    assert layout._cache["fused_segments"] is segs
+    _assert_same(got, _reference(prefix, branches, SKEWED_CFG, monkeypatch), "second config")
+
+
+def test_position_ids_match_definition(monkeypatch):
+    layout = PrefixLayout.from_lengths([3, 0], [[2, 1], [4]])
+    assert layout.position_ids.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3]
+    assert "tok" not in layout._cache and layout.position_ids.dtype == torch.int64
+
+
+def test_cached_schedules_are_reused(monkeypatch):
+    layout = PrefixLayout.from_lengths([9], [[4, 6]])
+    a = ta.build_schedules(layout, CPU_CFG)
+    b = ta.build_schedules(layout, CPU_CFG)
+    assert all(a[k] is b[k] for k in a)
+
+
+def test_flag(monkeypatch):
+    cpu = torch.device("cpu")
+    assert tsch.fused_enabled(cpu)  # "1" under the interpreter
+    monkeypatch.setenv(tsch.ENV_FLAG, "0")
+    assert not tsch.fused_enabled(cpu) and not tsch.fused_enabled(torch.device("cuda"))
+    monkeypatch.delenv(tsch.ENV_FLAG)
+    assert not tsch.fused_enabled(cpu) and tsch.fused_enabled(torch.device("cuda"))
+    layout = PrefixLayout.from_lengths([2], [[1, 3]])
+    layout.position_ids
+    assert "tok" in layout._cache and "fused_segments" not in layout._cache  # the torch path
+
+
+# ----------------------------------------------------------------------------------------------- through the kernels
+
+
+@pytest.mark.parametrize("cfg", [CPU_CFG, SKEWED_CFG], ids=["atomic", "deterministic"])
+def test_attention_is_bitwise_the_same(cfg, monkeypatch):
+    """Same schedules, same kernels: output and gradients equal the torch-scheduled run bit for bit."""
+    prefix, branches = [31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]]
+    g = torch.Generator().manual_seed(3)
+    T = sum(prefix) + sum(map(sum, branches))
+    q, k, v, do = (torch.randn(T, h, 16, generator=g) for h in (4, 2, 2, 4))
+
+    def run(flag):
+        monkeypatch.setenv(tsch.ENV_FLAG, flag)
+        layout = PrefixLayout.from_lengths(prefix, branches)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = ta.triton_prefix_attention(*xs, layout, config=cfg)
+        o.backward(do)
+        assert ("fused_segments" in layout._cache) == (flag == "1")
+        return [o.detach()] + [x.grad for x in xs]
+
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run("1"), run("0")):
+        assert torch.equal(a, b), name
+
+
+def test_prefix_attention_dispatch(monkeypatch):
+    layout = PrefixLayout.from_lengths([9, 0], [[4, 6], [3]])
+    q, k, v = (torch.randn(layout.total_tokens, 2, 16) for _ in range(3))
+    out = prefix_attention(q, k, v, layout, backend="triton")
+    assert "fused_segments" in layout._cache
+    ref = prefix_attention(q, k, v, PrefixLayout.from_lengths([9, 0], [[4, 6], [3]]), backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
