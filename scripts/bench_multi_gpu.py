@@ -183,6 +183,9 @@ def launch(name: str, topology: str, nproc: int, bs: int, steps: int, run_yaml: 
     after = [v for s, v in sorted(tput.items()) if s > args.warmup_steps]
     print(f"   rc={rc} wall={wall:.0f}s mem/GPU={[round(m, 1) for m in mem]} GiB "
           f"pairs/s={statistics.median(after) if after else float('nan'):.2f}", flush=True)
+    for tag in ("train/loss", "train/logps/chosen"):  # the raw numbers, so a later timeout loses nothing
+        first = sorted(scalars.get(tag, {}).items())[: args.compare_steps]
+        print(f"   {tag}: " + " ".join(f"{s}:{v:.7g}" for s, v in first), flush=True)
     return {"name": name, "topology": topology, "gpus": nproc, "per_device_bs": bs, "global_bs": bs * nproc,
             "rc": rc, "wall_s": wall, "pairs_per_s": statistics.median(after) if after else float("nan"),
             "peak_mem_gib_per_gpu": max(mem) if mem else float("nan"), "scalars": scalars, "out_dir": out_dir}
