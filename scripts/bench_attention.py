@@ -31,6 +31,7 @@ LAYOUTS = {
     "p128_r768x2": (128, [768, 768]),
     "p512_r128x8": (512, [128] * 8),
     "p1024_r64x2": (1024, [64, 64]),
+    "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: the layout-build check of issue 2
 }
 
 
@@ -185,6 +186,16 @@ def main(argv=None):
 
         build_ours()
         t_build = host_median_ms(build_ours, 50)
+        # The same build through the torch reference path (the fused Triton builder switched off).
+        from prefix_attn.triton_schedule import ENV_FLAG
+
+        saved = os.environ.get(ENV_FLAG)
+        os.environ[ENV_FLAG] = "0"
+        try:
+            build_ours()
+            t_build_torch = host_median_ms(build_ours, 50)
+        finally:
+            os.environ.pop(ENV_FLAG) if saved is None else os.environ.__setitem__(ENV_FLAG, saved)
         from torch.nn.attention.flex_attention import create_block_mask
 
         lo1, hi1, lo2 = lay.query_key_ranges()
@@ -221,7 +232,8 @@ def main(argv=None):
             rows.append(dict(layout=name, T=T, impl=impl, pairs=p, fwd_ms=tf_ms, fwdbwd_ms=tfb_ms,
                              fwd_tflops=fl * p / tf_ms * 1e-9, fwdbwd_tflops=3.5 * fl * p / tfb_ms * 1e-9,
                              build_ms=t_build if impl == "ours" else (t_cbm if impl == "flex" else float("nan")),
-                             flex_from_kv_blocks_ms=t_kvb if impl == "flex" else float("nan")))
+                             flex_from_kv_blocks_ms=t_kvb if impl == "flex" else float("nan"),
+                             build_torch_path_ms=t_build_torch if impl == "ours" else float("nan")))
         del q, k, v, do, qd, kd, vd, dod
         torch.cuda.empty_cache()
 
@@ -252,7 +264,8 @@ def main(argv=None):
                   f"{r['fwd_tflops'] / dn['fwd_tflops']:>8.2f}{r['fwdbwd_ms']:>8.3f}{r['fwdbwd_tflops']:>6.0f}"
                   f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{r['build_ms']:>9.3f}")
     print("(build ms: ours = PrefixLayout.from_dict + build_schedules from device lengths; flex = create_block_mask;"
-          f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']})")
+          f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
+          f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']})")
     print(f"CSV appended: {csv_path}")
 
 
