@@ -10,7 +10,12 @@ MFU counts 8 * N FLOPs per unique token (policy forward + backward 6N, reference
 multiply activations: every linear layer and the LM head, not the embedding lookup), over the bf16 matmul rate
 measured at the start of the run. Attention FLOPs are left out of the numerator, so MFU is conservative.
 
+With ``--lora R`` (the 8B shape needs it on an 80 GB GPU) both trainers train rank-R adapters on every linear layer
+and take the reference forward from the base model with the adapters off; MFU then counts 6 * N (the backward
+computes input gradients only).
+
     python scripts/bench_e2e.py --out $OUT            # all six shapes, trl + ours(triton) + ours(flex)
+    python scripts/bench_e2e.py --model llama-8b --lora 16 --datasets capybara hh-rlhf --trainers trl ours-triton
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
 MODELS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+    # Llama-3-8B: 8.0B parameters; 16 GB of bf16 weights, so a full fine-tune with AdamW states and a separate
+    # reference copy does not fit an 80 GB GPU: run it with --lora (the reference is the base, adapters off).
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),
 }
 WORDS = 30000
@@ -113,7 +123,15 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = matmul_params(model)
+    # LoRA: no reference copy; both trainers run the reference forward through the base model with adapters off.
+    ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules="all-linear")
     common = dict(output_dir=os.path.join(args.tmp, f"{trainer_name}-{shape}"), report_to="none", bf16=torch.cuda.is_available(),
                   per_device_train_batch_size=args.pairs, max_steps=args.steps + args.warmup, logging_steps=1,
                   save_strategy="no", gradient_checkpointing=True, max_length=None, disable_tqdm=True,
@@ -122,14 +140,14 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     if trainer_name == "trl":
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common),
+        trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common), peft_config=peft_config,
                              train_dataset=Dataset.from_list(data), processing_class=tok, callbacks=[timer.callback])
     else:
         from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
         backend = trainer_name.split("-", 1)[1].split("@")[0]
         extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
-        trainer = PrefixDPOTrainer(model=model, ref_model=ref,
+        trainer = PrefixDPOTrainer(model=model, ref_model=ref, peft_config=peft_config,
                                    args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
                                    train_dataset=Dataset.from_list(data), processing_class=tok,
                                    callbacks=[timer.callback])
@@ -143,7 +161,9 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     else:
         pairs_s = args.pairs * args.steps / dt
     toks_s = pairs_s * unique
-    mfu = toks_s * 8 * matmul_params(model) / (peak_tflops * 1e12)
+    # FLOPs per unique token: policy forward 2N + backward 4N (2N with LoRA: input gradients only, the frozen
+    # weights get none) + reference forward 2N. Recomputation under gradient checkpointing is not credited.
+    mfu = toks_s * (6 if args.lora else 8) * n_params / (peak_tflops * 1e12)
     mem = torch.cuda.max_memory_allocated() / 2**30
     del trainer, model, ref
     torch.cuda.empty_cache()
@@ -159,6 +179,8 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (per_device_train_batch_size)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="LoRA of rank R on every linear layer (both trainers); 0: full fine-tune")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
