@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
+# The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
+REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
 
 
@@ -35,6 +37,27 @@ class PrefixDPOConfig(DPOConfig):
             "choices": list(ATTN_BACKENDS),
         },
     )
+    ref_attn_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention backend for the reference model's forward (it needs no backward). None: the same as "
+            "`attn_backend`. 'triton_fp8': FP8 (e4m3) attention, Q/K/V quantized per tile with fp32 scales, softmax "
+            "in fp32 (Hopper; elsewhere it falls back to the bf16 triton kernel with a warning). Trades a small, "
+            "measured error in the reference log-probs (docs/PERFORMANCE.md) for a faster reference forward. Applies "
+            "to a separate reference model, to the PEFT policy with its adapter disabled, and to "
+            "`precompute_ref_log_probs`.",
+            "choices": [None, *REF_ATTN_BACKENDS],
+        },
+    )
+    fp8_rotation: bool = field(
+        default=True,
+        metadata={
+            "help": "With ref_attn_backend='triton_fp8': rotate Q and K by a random orthogonal (Hadamard times random "
+            "signs) matrix before quantizing, as FlashAttention-3 does. QK^T is unchanged; outlier channels are "
+            "spread over all channels, which lowers the FP8 error. Costs one small matmul per tile in the quantize "
+            "step."
+        },
+    )
     batching: str = field(
         default="pairs",
         metadata={
@@ -60,6 +83,8 @@ class PrefixDPOConfig(DPOConfig):
         super().__post_init__()
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.ref_attn_backend is not None and self.ref_attn_backend not in REF_ATTN_BACKENDS:
+            raise ValueError(f"ref_attn_backend must be None or one of {REF_ATTN_BACKENDS}, got {self.ref_attn_backend!r}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.batching == "token_budget":

@@ -18,6 +18,7 @@ are weighted; see :class:`PrefixDPOTrainer`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -37,7 +38,7 @@ from .config import PrefixDPOConfig
 from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
 from .modeling.attention import check_model_supported
-from .modeling.packed import enable_packed_forward
+from .modeling.packed import enable_packed_forward, reference_mode
 
 logger = logging.getLogger(__name__)
 
@@ -234,16 +235,25 @@ class PrefixDPOTrainer(DPOTrainer):
         """Make the policy and the reference run packed rows (after TRL added its fused LM head to them)."""
         if self._prefix_installed:
             return
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        enable_packed_forward(policy, self.args.attn_backend)
+        policy = self._packed_policy()
+        ref_backend = self.args.ref_attn_backend
+        enable_packed_forward(policy, self.args.attn_backend, ref_backend)
         if self.ref_model is not None:
-            enable_packed_forward(self.accelerator.unwrap_model(self.ref_model), self.args.attn_backend)
+            enable_packed_forward(self.accelerator.unwrap_model(self.ref_model), ref_backend or self.args.attn_backend,
+                                  reference=True)
         self._prefix_installed = True
 
+    def _packed_policy(self):
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return model.get_base_model() if is_peft_model(model) else model
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # Called from TRL's __init__: reference log-probs are precomputed through the same packed path.
+        # Called from TRL's __init__: reference log-probs are precomputed through the same packed path. Without a
+        # reference model TRL runs the policy itself (full fine-tuning: its initial weights; PEFT: adapters off):
+        # those calls are reference calls (``ref_attn_backend``).
         self._install_prefix_packing()
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        with reference_mode(self._packed_policy()) if self.ref_model is None else contextlib.nullcontext():
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ------------------------------------------------------------------ loss and metrics
     def _compute_loss(self, model, inputs, return_outputs):

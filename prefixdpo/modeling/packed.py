@@ -12,6 +12,7 @@ checkpointing's recomputation in the backward runs the same attention.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -58,19 +59,49 @@ def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, in
     return out
 
 
-def enable_packed_forward(model, backend: str = "auto") -> None:
+def _adapter_probe(model):
+    """One PEFT tuner layer inside ``model`` (None without PEFT): its state says whether adapters are switched off."""
+    for m in model.modules():
+        if hasattr(m, "disable_adapters") and hasattr(m, "active_adapters") and hasattr(m, "merged"):
+            return m
+    return None
+
+
+def is_reference_call(model) -> bool:
+    """Whether this forward of ``model`` computes reference log-probs.
+
+    True for a separate reference model, for the policy while the trainer uses it as its own reference
+    (``reference_mode``: precomputing reference log-probs without a reference model), and for a PEFT policy run
+    without gradients with its adapters disabled or with TRL's ``"ref"`` adapter active (how TRL gets the reference
+    from a PEFT model)."""
+    if model._prefixdpo_is_reference or model._prefixdpo_force_reference:
+        return True
+    probe = model._prefixdpo_adapter_probe
+    if probe is None or torch.is_grad_enabled():
+        return False
+    return bool(probe.disable_adapters) or list(probe.active_adapters) == ["ref"]
+
+
+def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None = None,
+                          reference: bool = False) -> None:
     """Install prefix-shared attention into ``model`` and make its forward accept ``prefix_packed`` (idempotent).
 
     ``model`` must already carry TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``): the packed call
-    scores response positions through it.
+    scores response positions through it. ``backend`` runs the policy's packed calls, ``ref_backend`` (default: the
+    same) those that compute reference log-probs (``is_reference_call``); ``reference=True`` marks a separate
+    reference model, whose every call is one.
     """
-    if getattr(model, "_prefixdpo_backend", None) is not None:
-        model._prefixdpo_backend = backend
+    already = getattr(model, "_prefixdpo_backend", None) is not None
+    model._prefixdpo_backend = backend
+    model._prefixdpo_ref_backend = ref_backend or backend
+    model._prefixdpo_is_reference = reference
+    if already:
         return
+    model._prefixdpo_force_reference = False
+    model._prefixdpo_adapter_probe = _adapter_probe(model)
     original_attn = model.config._attn_implementation
     install(model)
     inner = model.forward
-    model._prefixdpo_backend = backend
 
     @functools.wraps(inner)
     def forward(self, *args, **kwargs):
@@ -88,8 +119,18 @@ def enable_packed_forward(model, backend: str = "auto") -> None:
         for unused in ("attention_mask", "labels", "fused_lm_head", "use_cache", "position_ids", "shift_labels"):
             kwargs.pop(unused, None)
         view_shape = (view_ids.shape[0], view_ids.shape[1] - 1)
-        return packed_forward(
-            self, packed, backend=self._prefixdpo_backend, view_shape=view_shape, inner_forward=inner, **kwargs
-        )
+        backend = self._prefixdpo_ref_backend if is_reference_call(self) else self._prefixdpo_backend
+        return packed_forward(self, packed, backend=backend, view_shape=view_shape, inner_forward=inner, **kwargs)
 
     model.forward = types.MethodType(forward, model)
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """Within the block, ``model``'s packed calls compute reference log-probs (use its reference backend)."""
+    prev = model._prefixdpo_force_reference
+    model._prefixdpo_force_reference = True
+    try:
+        yield
+    finally:
+        model._prefixdpo_force_reference = prev
