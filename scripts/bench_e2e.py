@@ -16,6 +16,11 @@ computes input gradients only).
 
     python scripts/bench_e2e.py --out $OUT            # all six shapes, trl + ours(triton) + ours(flex)
     python scripts/bench_e2e.py --model llama-8b --lora 16 --datasets capybara hh-rlhf --trainers trl ours-triton
+
+Trainer names: ``trl``, ``ours-<backend>`` (triton, flex, reference), ``ours-<backend>@<tokens>`` (token-budget
+batching), each with options after ``+``: ``fp8ref`` (the reference model's attention in FP8,
+``ref_attn_backend="triton_fp8"``), ``nogc`` (no gradient checkpointing; TRL's default has it on), ``compile``
+(``torch_compile=True``); e.g. ``ours-triton+nogc``, ``trl+nogc``, ``ours-triton+fp8ref@16384``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import copy
 import csv
 import datetime
+import gc
 import math
 import os
 import random
@@ -136,8 +142,14 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
                   per_device_train_batch_size=args.pairs, max_steps=args.steps + args.warmup, logging_steps=1,
                   save_strategy="no", gradient_checkpointing=True, max_length=None, disable_tqdm=True,
                   dataloader_num_workers=2)
+    # Options after '+': nogc (no gradient checkpointing), compile (TrainingArguments.torch_compile), fp8ref.
+    opts = trainer_name.split("@")[0].split("+")[1:]
+    if "nogc" in opts:
+        common["gradient_checkpointing"] = False
+    if "compile" in opts:
+        common["torch_compile"] = True
     timer = StepTimer()
-    if trainer_name == "trl":
+    if trainer_name.split("+")[0] == "trl":
         from trl import DPOConfig, DPOTrainer
 
         trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common), peft_config=peft_config,
@@ -145,12 +157,15 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     else:
         from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
-        backend = trainer_name.split("-", 1)[1].split("@")[0]
+        backend = trainer_name.split("-", 1)[1].split("@")[0].split("+")[0]  # "triton", "flex", "reference"
         extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
+        if "fp8ref" in opts:  # the reference model's attention in FP8 (issue 6)
+            extra["ref_attn_backend"] = "triton_fp8"
         trainer = PrefixDPOTrainer(model=model, ref_model=ref, peft_config=peft_config,
                                    args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
                                    train_dataset=Dataset.from_list(data), processing_class=tok,
                                    callbacks=[timer.callback])
+    gc.collect()
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     dt = timer.times[-1] - timer.times[args.warmup - 1]
@@ -166,6 +181,9 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     mfu = toks_s * (6 if args.lora else 8) * n_params / (peak_tflops * 1e12)
     mem = torch.cuda.max_memory_allocated() / 2**30
     del trainer, model, ref
+    # The trainer holds reference cycles: without a collection the model stays allocated into the next run, whose
+    # peak then starts from it (seen on the 8B shape: three runs in a row reported the same 30.29 GiB).
+    gc.collect()
     torch.cuda.empty_cache()
     return {"trainer": trainer_name, "dataset": shape, "pairs_per_s": pairs_s, "unique_tokens_per_s": toks_s,
             "peak_mem_gib": mem, "mfu": mfu, "mean_unique_tokens_per_pair": unique}
@@ -216,7 +234,7 @@ def main(argv=None):
                 w.writerow({**r, "pairs": args.pairs, **meta})
     print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | speedup vs TRL |")
     print("|---|---|---|---|---|---|---|")
-    base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}
+    base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}  # TRL at its defaults
     for r in rows:
         sp = r["pairs_per_s"] / base[r["dataset"]] if r["dataset"] in base else float("nan")
         print(f"| {r['dataset']} | {r['trainer']} | {r['pairs_per_s']:.2f} | {r['unique_tokens_per_s']:.0f} | "
