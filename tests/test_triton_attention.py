@@ -130,6 +130,46 @@ def test_configs(cfg):
     _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=torch.float32, seed=7, config=cfg)
 
 
+# The speed variants (config fields fwd_pack_gqa, fwd_merged, bwd_merged, dq_pack_gqa; scripts/bench_attention.py
+# --sweep times them on a GPU). Packed kernels count fwd_block_m / dq_block_m in tokens (x groups MMA rows).
+_V = dict(fwd_block_m=16, fwd_block_n=16, kv_block_m=16, kv_block_n=32, dq_block_m=16, dq_block_n=16)
+VARIANTS = {
+    "pack_fwd": dict(fwd_pack_gqa=True),
+    "merged_fwd": dict(fwd_merged=True),
+    "pack_merged_fwd_tma": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_tma=True),
+    "merged_bwd_atomic": dict(bwd_merged=True),
+    "merged_bwd_atomic_tma": dict(bwd_merged=True, bwd_tma=True, kv_block_m=32, kv_block_n=16),
+    "merged_bwd_det": dict(bwd_merged=True, deterministic=True),
+    "pack_dq": dict(deterministic=True, dq_pack_gqa=True),
+    "all_tma": dict(fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True, dq_pack_gqa=True,
+                    fwd_tma=True, bwd_tma=True),
+}
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 1), (2, 2)], ids=["g2", "g3_padded", "g1"])
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_speed_variants(variant, hq, hkv):
+    cfg = ta.TritonAttentionConfig(**{**_V, "fwd_warps": 4, "fwd_stages": 1, "kv_warps": 4, "kv_stages": 1,
+                                      "dq_warps": 4, "dq_stages": 1, **VARIANTS[variant]})
+    layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
+    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + 7, config=cfg)
+
+
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+def test_speed_variants_awkward(name, prefix, branches):
+    """Every new path at once (packed + merged forward and dq, merged KV-major) on the awkward layouts, fp16."""
+    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"]})
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    _check_against_float64(layout, hq=4, hkv=1, d=16, dtype=torch.float16, seed=len(name), config=cfg)
+
+
+def test_config_list_roundtrip():
+    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"]})
+    assert ta.TritonAttentionConfig.from_list(cfg.as_list()) == cfg
+    base = ta.TritonAttentionConfig()
+    assert ta.TritonAttentionConfig.from_list(base.as_list()) == base
+
+
 def test_query_sees_only_itself():
     # Every document is one branch of one token: each query sees only itself, so out == v exactly.
     layout = PrefixLayout.from_lengths([0] * 40, [[1]] * 40)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import triton
@@ -86,6 +86,59 @@ def _fwd_range(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_merged(
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp,
+    qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The forward's key-tile walk as ONE loop (``fwd_merged``): range 1 ``[s0, s3)`` then range 2 ``[s4, s9)``, a
+    runtime flag per key tile choosing the per-element mask. Same tiles and arithmetic as the eight ``_fwd_range``
+    loops, but one software-pipelined loop: with short branches each of the eight loops runs 0-3 iterations, so the
+    pipeline's prologue/epilogue (and the TMA/cp.async wait at each loop's start) is paid up to eight times per tile
+    and loads never overlap the previous segment's MMAs. Row order of the tiles differs (rounding only)."""
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    n1 = s3 - s0
+    offs_n = tl.arange(0, BLOCK_N)
+    for i in range(0, n1 + (s9 - s4)):
+        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+        n0 = j * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([n0, kv_col])
+            v = v_desc.load([n0, kv_col])
+        else:
+            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            inb = (n0 + offs_n) < T
+            k = tl.load(kp, mask=inb[:, None], other=0.0)
+            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if not full:
+            kk = (n0 + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q [T, Hq, D], k/v [T, Hkv, D], o [T, Hq, D], lse [Hq, T] fp32 (log2 domain)
@@ -100,6 +153,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    MERGED: tl.constexpr = False,  # one loop over all key tiles (``_fwd_merged``) instead of eight
 ):
     pid = tl.program_id(0)
     tile = tl.load(ORDER + pid // H_Q)
@@ -120,6 +174,30 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
+    if MERGED:
+        acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                                    offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_walk8(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                                   offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
+    acc = acc / l_safe[:, None]
+    o_base = O + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + h.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _fwd_walk8(
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp,
+    qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The forward's key-tile walk as eight loops: the full tiles first (no mask), then the masked ones."""
     # Range 1 (shared prefix): masked [s0, s1), full [s1, s2), masked [s2, s3).
     # Range 2 (causal part): masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9).
     s0 = tl.load(sp + 0)
@@ -132,7 +210,7 @@ def _fwd_kernel(
     s7 = tl.load(sp + 7)
     s8 = tl.load(sp + 8)
     s9 = tl.load(sp + 9)
-    args = (q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    args = (q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s7, s8, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
@@ -141,13 +219,64 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s4, s5, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s6, s7, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s8, s9, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
+    return acc, l_i, m_i
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
+
+@triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
+def _fwd_packed_kernel(
+    Q, K, V, O, LSE,  # as in _fwd_kernel
+    SCHED, ORDER, TOK,  # the forward schedule for BLOCK_M-token query tiles
+    K_DESC, V_DESC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    T, qk_scale,
+    H_KV: tl.constexpr,  # KV heads: program id -> (query tile, KV head)
+    GROUPS: tl.constexpr,  # query heads per KV head, all computed by one program
+    GROUPS_P2: tl.constexpr,  # GROUPS rounded up to a power of two (tl.arange); the extra rows are masked off
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's); the MMA has BLOCK_M * GROUPS_P2 rows
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    MERGED: tl.constexpr,
+):
+    """GQA-packed forward (``fwd_pack_gqa``): one program computes BLOCK_M query tokens for ALL the query heads of
+    one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] operand (row r: token tile*BLOCK_M + r // G, head
+    hk*G + r % G; q[t, hk*G:(hk+1)*G, :] is contiguous, so the load and store stay coalesced). Every K/V tile brought
+    into shared memory feeds GROUPS x more MMA rows, and the mask granularity (the schedule's tiles) is BLOCK_M tokens,
+    not BLOCK_M rows: 16 tokens x 4 heads give a 64-row wgmma whose tiles straddle branch ends 4x less often."""
+    pid = tl.program_id(0)
+    tile = tl.load(ORDER + pid // H_KV)
+    hk = pid % H_KV
+    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
+    g = offs_r % GROUPS_P2
+    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2  # token of each row
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_m < T) & (g < GROUPS)
+    h = (hk * GROUPS + g).to(tl.int64)
+    q = tl.load(Q + (offs_m.to(tl.int64) * stride_qt + h * stride_qh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
+    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
+    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)  # padded rows: no allowed key
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_kh
+
+    acc = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
+    sp = SCHED + tile * 10
+    if MERGED:
+        acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                                    offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_walk8(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                                   offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    o_base = O + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(LSE + h.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    tl.store(O + (offs_m.to(tl.int64) * stride_ot + h * stride_oh)[:, None] + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + h * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
@@ -202,6 +331,62 @@ def _bwd_kv_range(
     return dk, dv
 
 
+@triton.jit
+def _bwd_kv_merged(
+    dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, DQ, stride_qt, stride_qh, stride_dqt, stride_dqh, offs_n, offs_d,
+    qhi, hk, s0, s1, s2, s3, qk_scale, sm_scale, T,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The KV-major walk as ONE loop over (query head g, query tile j), g outer (``bwd_merged``), with a runtime
+    flag choosing the per-element mask on the boundary tiles ``[s0, s1)`` and ``[s2, s3)``.
+
+    Why this should move the backward most: a branch key tile (the bulk of the keys in every DPO layout) is seen by
+    only its branch's 2-5 query tiles, split into up to three loops per query head, so the 8-warp, 2-stage kernel
+    runs 3 x GROUPS loops of 0-3 iterations each: every loop restarts the software pipeline (its first q/dO load is
+    exposed, no MMA overlaps it) and drains it at the end. One loop of GROUPS x (s3 - s0) iterations keeps the
+    q/dO loads of the next (head, tile) in flight under the current MMAs across head and segment boundaries.
+    """
+    n = s3 - s0
+    offs_mm = tl.arange(0, BLOCK_M)
+    for i in range(0, GROUPS * n):
+        g = i // n
+        j = s0 + (i - g * n)
+        full = (j >= s1) & (j < s2)
+        h = (hk * GROUPS + g).to(tl.int64)
+        m0 = j * BLOCK_M
+        offs_m = m0 + offs_mm
+        row_ok = offs_m < T
+        if USE_TMA:
+            q = q_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
+            do = do_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
+        else:
+            qoff = h * stride_qh + m0.to(tl.int64) * stride_qt + offs_mm[:, None] * stride_qt + offs_d[None, :]
+            q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if not full:
+            qq = offs_m[None, :]
+            ok = (qq >= offs_n[:, None]) & (qq < qhi[:, None])
+            pt = tl.where(ok, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+            dqp = DQ + h * stride_dqh + m0.to(tl.int64) * stride_dqt + offs_mm[:, None] * stride_dqt + offs_d[None, :]
+            tl.atomic_add(dqp, dq, mask=row_ok[:, None], sem="relaxed")
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,  # DQ: fp32 [T, Hq, D] accumulation buffer (used when ATOMIC_DQ)
@@ -217,6 +402,7 @@ def _bwd_kv_kernel(
     ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    MERGED: tl.constexpr = False,  # one loop over (query head, query tile) (``_bwd_kv_merged``) instead of 3 x GROUPS
 ):
     pid = tl.program_id(0)
     tile = tl.load(ORDER + pid // H_KV)
@@ -235,21 +421,26 @@ def _bwd_kv_kernel(
     s3 = tl.load(sp + 3)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(GROUPS):
-        h = (hk * GROUPS + g).to(tl.int64)
-        q_base = Q + h * stride_qh
-        do_base = DO + h * stride_qh
-        dq_base = DQ + h * stride_dqh
-        lse_base = LSE + h * T
-        delta_base = DELTA + h * T
-        args = (q_base, do_base, Q_DESC, DO_DESC, (hk * GROUPS + g) * HEAD_DIM, lse_base, delta_base, dq_base,
-                stride_qt, stride_dqt, offs_n, offs_d, qhi)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, qk_scale, sm_scale, T, BLOCK_M, False, ATOMIC_DQ,
-                               USE_TMA, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
-                               USE_TMA, DOT_PREC)
-        dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
-                               USE_TMA, DOT_PREC)
+    if MERGED:
+        dk, dv = _bwd_kv_merged(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, DQ, stride_qt, stride_qh, stride_dqt,
+                                stride_dqh, offs_n, offs_d, qhi, hk, s0, s1, s2, s3, qk_scale, sm_scale, T, GROUPS,
+                                HEAD_DIM, BLOCK_M, ATOMIC_DQ, USE_TMA, DOT_PREC)
+    else:
+        for g in range(GROUPS):
+            h = (hk * GROUPS + g).to(tl.int64)
+            q_base = Q + h * stride_qh
+            do_base = DO + h * stride_qh
+            dq_base = DQ + h * stride_dqh
+            lse_base = LSE + h * T
+            delta_base = DELTA + h * T
+            args = (q_base, do_base, Q_DESC, DO_DESC, (hk * GROUPS + g) * HEAD_DIM, lse_base, delta_base, dq_base,
+                    stride_qt, stride_dqt, offs_n, offs_d, qhi)
+            dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s1, s2, qk_scale, sm_scale, T, BLOCK_M, False, ATOMIC_DQ,
+                                   USE_TMA, DOT_PREC)
+            dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s0, s1, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
+                                   USE_TMA, DOT_PREC)
+            dk, dv = _bwd_kv_range(dk, dv, k, v, *args, s2, s3, qk_scale, sm_scale, T, BLOCK_M, True, ATOMIC_DQ,
+                                   USE_TMA, DOT_PREC)
     tl.store(DK + kvoff, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kvoff, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -305,26 +496,60 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    MERGED: tl.constexpr = False,  # one loop over all key tiles (``_bwd_dq_merged``) instead of eight
+    PACK: tl.constexpr = False,  # GQA packing: program = (query tile, KV head), rows = BLOCK_M tokens x GROUPS_P2 heads
+    GROUPS_P2: tl.constexpr = 1,  # GROUPS rounded up to a power of two (PACK only)
 ):
     pid = tl.program_id(0)
-    tile = tl.load(ORDER + pid // H_Q)
-    h = pid % H_Q
-    hk = h // GROUPS
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    qoff = h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+    if PACK:
+        # As in _fwd_packed_kernel: row r = token tile*BLOCK_M + r // G of head hk*G + r % G (token-major).
+        tile = tl.load(ORDER + pid // (H_Q // GROUPS))
+        hk = pid % (H_Q // GROUPS)
+        offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
+        g = offs_r % GROUPS_P2
+        offs_m = tile * BLOCK_M + offs_r // GROUPS_P2
+        row_ok = (offs_m < T) & (g < GROUPS)
+        hrow = (hk * GROUPS + g).to(tl.int64)
+        qoff = (hrow * stride_qh + offs_m.to(tl.int64) * stride_qt)[:, None] + offs_d[None, :]
+        lse = tl.load(LSE + hrow * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + hrow * T + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
+    else:
+        tile = tl.load(ORDER + pid // H_Q)
+        h = pid % H_Q
+        hk = h // GROUPS
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        qoff = h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+        lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
     hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
     lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_kh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     sp = SCHED + tile * 10
+    if MERGED:
+        dq = _bwd_dq_merged(dq, q, do, lse, delta, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                            offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    else:
+        dq = _bwd_dq_walk8(dq, q, do, lse, delta, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                           offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_walk8(
+    dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp,
+    qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     s0 = tl.load(sp + 0)
     s1 = tl.load(sp + 1)
     s2 = tl.load(sp + 2)
@@ -335,7 +560,7 @@ def _bwd_dq_kernel(
     s7 = tl.load(sp + 7)
     s8 = tl.load(sp + 8)
     s9 = tl.load(sp + 9)
-    args = (q, do, lse, delta, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
+    args = (q, do, lse, delta, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
     dq = _bwd_dq_range(dq, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     dq = _bwd_dq_range(dq, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     dq = _bwd_dq_range(dq, *args, s7, s8, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
@@ -344,7 +569,53 @@ def _bwd_dq_kernel(
     dq = _bwd_dq_range(dq, *args, s4, s5, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
     dq = _bwd_dq_range(dq, *args, s6, s7, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
     dq = _bwd_dq_range(dq, *args, s8, s9, qk_scale, T, BLOCK_N, True, USE_TMA, DOT_PREC)
-    tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    return dq
+
+
+@triton.jit
+def _bwd_dq_merged(
+    dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp,
+    qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The dq kernel's key-tile walk as one loop, as ``_fwd_merged`` (``bwd_merged``)."""
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    n1 = s3 - s0
+    offs_n = tl.arange(0, BLOCK_N)
+    for i in range(0, n1 + (s9 - s4)):
+        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+        n0 = j * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([n0, kv_col])
+            v = v_desc.load([n0, kv_col])
+        else:
+            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+            inb = (n0 + offs_n) < T
+            k = tl.load(kp, mask=inb[:, None], other=0.0)
+            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if not full:
+            kk = (n0 + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
+    return dq
 
 
 # =====================================================================================================================
@@ -373,17 +644,23 @@ class TritonAttentionConfig:
     deterministic: bool = False
     fwd_tma: bool = False  # forward K/V loads through TMA descriptors (Hopper+ only; ignored elsewhere)
     bwd_tma: bool = False  # backward q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors
+    # GQA packing of the forward (``_fwd_packed_kernel``): one program per (query tile, KV head) computes all
+    # Hq/Hkv query heads, so ``fwd_block_m`` counts TOKENS and the MMA has fwd_block_m x groups rows (16 x 4 = 64).
+    fwd_pack_gqa: bool = False
+    # The forward's eight key-tile loops (full tiles, then masked ones) as one loop with a runtime mask flag.
+    fwd_merged: bool = False
+    # The backward's loops as one loop each: KV-major over (query head, query tile), dq kernel over key tiles.
+    bwd_merged: bool = False
+    # GQA packing of the deterministic dq kernel (as ``fwd_pack_gqa``; ``dq_block_m`` counts tokens).
+    dq_pack_gqa: bool = False
 
     def as_list(self) -> list[int]:
-        return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
-                self.kv_block_m, self.kv_block_n, self.kv_warps, self.kv_stages,
-                self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages, int(self.deterministic),
-                int(self.fwd_tma), int(self.bwd_tma)]
+        return [int(getattr(self, f.name)) for f in fields(self)]
 
     @classmethod
     def from_list(cls, xs) -> "TritonAttentionConfig":
-        *ints, det, tma, btma = [int(x) for x in xs]
-        return cls(*ints, deterministic=bool(det), fwd_tma=bool(tma), bwd_tma=bool(btma))
+        fs = fields(cls)
+        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
 
 
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
@@ -535,12 +812,23 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
 
         kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [cfg.fwd_block_n, D])
         vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [cfg.fwd_block_n, D])
+    if cfg.fwd_pack_gqa:
+        _fwd_packed_kernel[(order.numel() * Hkv,)](
+            q, k, v, o, lse, sched, order, tok, kd, vd,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+            T, scale * _LOG2E,
+            H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
+            BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype),
+            MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        )
+        return o, lse
     _fwd_kernel[grid](
         q, k, v, o, lse, sched, order, tok, kd, vd,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         T, scale * _LOG2E,
         H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages,
     )
     return o, lse
 
@@ -576,18 +864,22 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
         Hq * D if atomic else 0, D if atomic else 0,
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
-        ATOMIC_DQ=atomic, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        ATOMIC_DQ=atomic, USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, num_warps=cfg.kv_warps,
+        num_stages=cfg.kv_stages,
     )
     if atomic:
         dq = dq_acc.to(q.dtype)
     else:
         dq = torch.empty_like(q)
-        _bwd_dq_kernel[(dq_order.numel() * Hq,)](
+        pack = cfg.dq_pack_gqa
+        _bwd_dq_kernel[(dq_order.numel() * (Hkv if pack else Hq),)](
             q, k, v, do, lse, delta, dq, dq_sched, dq_order, tok, kd, vd,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             T, qk_scale, scale,
             H_Q=Hq, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+            USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, PACK=pack,
+            GROUPS_P2=triton.next_power_of_2(groups) if pack else 1,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     return dq, dk, dv
 

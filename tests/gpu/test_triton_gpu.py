@@ -99,6 +99,50 @@ def test_awkward_layouts(name, prefix, branches, deterministic):
     _check(_triton(layout, config=cfg), layout, 8, 2, 128, torch.bfloat16, 1, label=name)
 
 
+# The speed variants of scripts/bench_attention.py --sweep (config fields fwd_pack_gqa, fwd_merged, bwd_merged,
+# dq_pack_gqa) at GPU tile sizes, on top of the (128, bf16) default config. Packed kernels: *_block_m in tokens.
+GPU_VARIANTS = {
+    "fwd_merged": dict(fwd_merged=True),
+    "fwd_pack16": dict(fwd_pack_gqa=True, fwd_block_m=16),
+    "fwd_pack16_merged": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_block_m=16),
+    "fwd_pack32_merged_w8": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_block_m=32, fwd_warps=8),
+    "fwd_pack_nontma": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_block_m=16, fwd_tma=False),
+    "bwd_merged": dict(bwd_merged=True),
+    "bwd_merged_kv32_s3": dict(bwd_merged=True, kv_block_m=32, kv_stages=3),
+    "bwd_merged_atomic": dict(bwd_merged=True, deterministic=False),
+    "bwd_merged_nontma": dict(bwd_merged=True, bwd_tma=False),
+    "dq_pack32": dict(dq_pack_gqa=True, dq_block_m=32),
+    "dq_pack16_merged_w4": dict(dq_pack_gqa=True, bwd_merged=True, dq_block_m=16, dq_warps=4),
+}
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2)], ids=["g4", "g3"])
+@pytest.mark.parametrize("name,prefix,branches", [AWKWARD[2], AWKWARD[3]], ids=[AWKWARD[2][0], AWKWARD[3][0]])
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS), ids=list(GPU_VARIANTS))
+def test_speed_variants(variant, name, prefix, branches, hq, hkv):
+    from dataclasses import replace
+
+    from prefix_attn.triton_attention import default_config
+
+    if hq // hkv == 3 and "pack" not in variant:
+        pytest.skip("3 groups (padded to 4 rows per token) only matter for the packed kernels; saves compiles")
+    layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
+    cfg = replace(default_config(128, torch.bfloat16, torch.device(DEV)), **GPU_VARIANTS[variant])
+    _check(_triton(layout, config=cfg), layout, hq, hkv, 128, torch.bfloat16, 2, label=f"{variant} {name}")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_speed_variants_random_d64(seed):
+    from dataclasses import replace
+
+    from prefix_attn.triton_attention import default_config
+
+    layout = _random_layout(random.Random(seed), tokens=1500)
+    cfg = replace(default_config(64, torch.bfloat16, torch.device(DEV)), fwd_pack_gqa=True, fwd_merged=True,
+                  fwd_block_m=16, bwd_merged=True, dq_pack_gqa=True, dq_block_m=32)
+    _check(_triton(layout, config=cfg), layout, 8, 2, 64, torch.bfloat16, seed, label=f"all variants seed {seed}")
+
+
 def test_large_row():
     layout = PrefixLayout.from_lengths([2047] * 3, [[257, 257]] * 3, device=DEV)  # ~7.7K tokens
     _check(_triton(layout), layout, 4, 1, 128, torch.bfloat16, 3, label="large")

@@ -1,0 +1,175 @@
+"""Compile the attention kernels' config variants for Hopper (sm_90a) without a GPU and report what the compiler did.
+
+For each variant: wgmma instructions in the PTX, whether the key/query loop got multi-buffered async copies (TMA
+``cp.async.bulk.tensor`` or ``cp.async``), shared memory per program (Triton's metadata), and ptxas's registers per
+thread and spill bytes (the bundled ptxas, ``-v``). Run on any machine with Triton (no GPU needed):
+
+    python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
+    python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"
+    python scripts/check_sm90_compile.py --dump DIR      # also write each variant's ttgir / ptx to DIR
+
+Argument specialization mirrors the runtime's: pointers and strides divisible by 16 (``tt.divisibility``), ``T``
+unspecialized (as ``do_not_specialize`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from prefix_attn import triton_attention as ta  # noqa: E402
+
+G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
+DT = "bf16"
+
+
+def _desc(rows):
+    return f"tensordesc<{DT}[{rows}, {D}]>"
+
+
+def _compile(fn, types, consts, num_warps, num_stages):
+    """types: arg name -> signature type (constexprs are filled in from consts)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = types[name]
+            if (sig[name].startswith("*") or name.startswith("stride")) and name != "T":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def _ptxas(ptx: str):
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.path.join(d, "k.cubin")], capture_output=True,
+                           text=True)
+    out = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill_st = re.search(r"(\d+) bytes spill stores", out)
+    spill_ld = re.search(r"(\d+) bytes spill loads", out)
+    return (int(regs.group(1)) if regs else -1, int(spill_st.group(1)) if spill_st else -1,
+            int(spill_ld.group(1)) if spill_ld else -1, out if r.returncode else "")
+
+
+def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False):
+    fn = ta._fwd_packed_kernel if pack else ta._fwd_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", ORDER="*i32",
+                 TOK="*i32", qk_scale="fp32")
+    consts = dict(GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32", MERGED=merged)
+    if pack:
+        consts.update(H_KV=HKV, GROUPS_P2=G)
+    else:
+        consts.update(H_Q=HKV * G)
+    if tma:
+        types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
+    else:
+        consts.update(K_DESC=None, V_DESC=None)
+    return name, fn, types, consts, w, s
+
+
+def _kv(name, bm, bn, w, s, tma=True, merged=False, atomic=False):
+    fn = ta._bwd_kv_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
+                 DV=f"*{DT}", DQ="*fp32", SCHED="*i32", ORDER="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, USE_TMA=tma,
+                  DOT_PREC="tf32", MERGED=merged)
+    if tma:
+        types.update(Q_DESC=_desc(bm), DO_DESC=_desc(bm))
+    else:
+        consts.update(Q_DESC=None, DO_DESC=None)
+    return name, fn, types, consts, w, s
+
+
+def _dq(name, bm, bn, w, s, tma=True, merged=False, pack=False):
+    fn = ta._bwd_dq_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
+                 SCHED="*i32", ORDER="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_Q=HKV * G, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
+                  MERGED=merged, PACK=pack, GROUPS_P2=G if pack else 1)
+    if tma:
+        types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
+    else:
+        consts.update(K_DESC=None, V_DESC=None)
+    return name, fn, types, consts, w, s
+
+
+VARIANTS = [
+    # forward (default: 64x64, 4 warps, 3 stages, TMA)
+    _fwd("fwd 64x64 w4 s3 (default)", 64, 64, 4, 3),
+    _fwd("fwd 64x64 w4 s3 merged", 64, 64, 4, 3, merged=True),
+    _fwd("fwd pack 16tok(x4=64 rows) x64 w4 s3", 16, 64, 4, 3, pack=True),
+    _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3, pack=True, merged=True),
+    _fwd("fwd pack 32tok(x4=128 rows) x64 w8 s3", 32, 64, 8, 3, pack=True),
+    _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3, pack=True, merged=True),
+    _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2, pack=True, merged=True),
+    _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2, pack=True, merged=True),
+    # KV-major backward (default: 64 queries x 128 keys, 8 warps, 2 stages, TMA)
+    _kv("kv 64x128 w8 s2 (default)", 64, 128, 8, 2),
+    _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2, merged=True),
+    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3, merged=True),
+    _kv("kv 32x128 w8 s3", 32, 128, 8, 3),
+    _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3, merged=True),
+    _kv("kv 64x128 w8 s2 merged atomic-dq", 64, 128, 8, 2, merged=True, atomic=True),
+    # deterministic dq kernel (default: 128 x 64, 8 warps, 2 stages, TMA)
+    _dq("dq 128x64 w8 s2 (default)", 128, 64, 8, 2),
+    _dq("dq 128x64 w8 s2 merged", 128, 64, 8, 2, merged=True),
+    _dq("dq pack 32tok(x4=128 rows) x64 w8 s2", 32, 64, 8, 2, pack=True),
+    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2, pack=True, merged=True),
+    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2, pack=True, merged=True),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--dump", default=None)
+    args = ap.parse_args(argv)
+    print(f"# triton {triton.__version__}, target sm_90a, G={G} D={D} {DT}")
+    print(f"{'variant':<44}{'wgmma':>6}{'tma ld':>7}{'cp.async':>9}{'smem KB':>8}{'regs':>5}{'spill st/ld B':>15}")
+    for name, fn, types, consts, w, s in VARIANTS:
+        if args.only not in name:
+            continue
+        try:
+            k = _compile(fn, types, consts, w, s)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:<44} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+        wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
+        tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+        cpa = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))
+        regs, sst, sld, err = _ptxas(ptx)
+        smem = k.metadata.shared / 1024
+        print(f"{name:<44}{wgmma:>6}{tma:>7}{cpa:>9}{smem:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
+        if err:
+            print("   ptxas:", err[:300])
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            base = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+            for ext in ("ttgir", "ptx"):
+                with open(os.path.join(args.dump, f"{base}.{ext}"), "w") as f:
+                    f.write(k.asm[ext])
+
+
+if __name__ == "__main__":
+    main()
