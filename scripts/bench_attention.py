@@ -9,7 +9,8 @@ dense causal. It also times the layout/schedule build next to FlexAttention's ``
 ``bench_attention.csv``), with the GPU name, versions, date and command.
 
     python scripts/bench_attention.py                      # the table
-    python scripts/bench_attention.py --sweep              # also time a few kernel configs on the first layout
+    python scripts/bench_attention.py --sweep              # also time the config variants (SWEEP_VARIANTS) first
+    python scripts/bench_attention.py --sweep --sweep-only # only the variant table (two layouts, ~3 min)
 """
 
 from __future__ import annotations
@@ -65,6 +66,119 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+# Config variants timed by --sweep: name -> fields replaced on the default config (``default_config``: forward 64x64,
+# 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; deterministic dq 128x64). Packed
+# kernels (fwd_pack_gqa / dq_pack_gqa) count *_block_m in TOKENS: the MMA has block_m x (Hq / Hkv) rows. The
+# comments say what each is predicted to move (scripts/check_sm90_compile.py shows the compiles: registers, spills,
+# shared memory).
+SWEEP_VARIANTS = {
+    "default": {},
+    # forward: one pipelined loop instead of 8 short ones (short branches: 2-5 key tiles split over 2-4 loops)
+    "fwd_merged": dict(fwd_merged=True),
+    # forward GQA packing: 16 tokens x 4 heads = 64 rows; same wgmma shape, 4x finer mask granularity, K/V from
+    # SMEM feeds 4 heads (predicted: the short-document layouts, p512_r128x8, gain most)
+    "fwd_pack16": dict(fwd_pack_gqa=True, fwd_block_m=16),
+    "fwd_pack16_merged": dict(fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True),
+    # 32 tokens x 4 heads = 128 rows over 2 warpgroups (no spills at 186 regs)
+    "fwd_pack32_merged_w8": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_warps=8),
+    # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
+    "fwd_pack32_merged_n128_w8_s2": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_block_n=128,
+                                         fwd_warps=8, fwd_stages=2),
+    # backward: the KV-major kernel at 64x128/8 warps spills (255 regs, ~250 B/thread); merged loop spills half
+    "bwd_merged": dict(bwd_merged=True),
+    # 32-query steps: no spills (255 -> 0 B), 3 stages; isolates the spill effect (unmerged) and with the merge
+    "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
+    "bwd_merged_kv32_s3": dict(bwd_merged=True, kv_block_m=32, kv_stages=3),
+    # deterministic dq kernel GQA-packed: 32 tokens x 4 heads = 128 rows, K/V tiles reused by 4 heads
+    "dq_pack32": dict(dq_pack_gqa=True, dq_block_m=32),
+    "bwd_merged_dq_pack32": dict(bwd_merged=True, dq_pack_gqa=True, dq_block_m=32),
+    # everything predicted to help at once (two flavours of the forward)
+    "all_pack16": dict(fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True, bwd_merged=True, kv_block_m=32,
+                       kv_stages=3, dq_pack_gqa=True, dq_block_m=32),
+    "all_pack32_w8": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_warps=8, bwd_merged=True,
+                          kv_block_m=32, kv_stages=3, dq_pack_gqa=True, dq_block_m=32),
+}
+
+
+def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
+    """Time every SWEEP_VARIANTS entry on each --sweep-layouts row: forward and fwd+bwd (do_bench medians, short
+    reps), effective TFLOP/s, and the largest relative difference of (out, dq, dk, dv) against the default config.
+    Prints one compact table, appends a CSV (``*_sweep.csv`` beside --csv) and returns the fastest fwd+bwd config
+    (summed over the layouts) among those within 2e-2 of the default. Compiles dominate the time (~3 kernels x a few
+    seconds per variant); the timing itself is ~0.4 s per (variant, layout)."""
+    from dataclasses import replace
+
+    names = args.sweep_variants or list(SWEEP_VARIANTS)
+    rows = []
+    for lname in args.sweep_layouts:
+        lay = make_layout(lname, args.tokens, dev)
+        T = lay.total_tokens
+        q, k, v, do = inputs(T, 0)
+        pairs = lay.allowed_pairs()
+        ref_o = ta.triton_prefix_attention(q, k, v, lay, config=base)
+        ref = (ref_o, *torch.autograd.grad(ref_o, (q, k, v), do))
+        for name in names:
+            cfg = replace(base, **SWEEP_VARIANTS[name])
+
+            def fwd(cfg=cfg):
+                with torch.no_grad():
+                    return ta.triton_prefix_attention(q, k, v, lay, config=cfg)
+
+            def step(cfg=cfg):
+                o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
+                return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+            try:
+                err = max(rel_err(a, b) for a, b in zip(step(), ref))
+                f_ms = bench(fwd, warmup=5, rep=40)
+                fb_ms = bench(step, warmup=5, rep=60)
+            except Exception as e:  # a variant that does not compile (shared memory, registers) is reported, skipped
+                print(f"{lname} {name}: failed {type(e).__name__}: {str(e)[:160]}")
+                continue
+            fl = 4 * Hq * D * pairs
+            rows.append(dict(layout=lname, T=T, variant=name, fwd_ms=f_ms, fwd_tflops=fl / f_ms * 1e-9,
+                             fwdbwd_ms=fb_ms, fwdbwd_tflops=3.5 * fl / fb_ms * 1e-9, rel_diff=err,
+                             config=str(cfg.as_list())))
+        del q, k, v, do, ref, ref_o
+        torch.cuda.empty_cache()
+
+    print(f"\n## sweep ({gpu}); rel diff = max over out, dq, dk, dv of |x - default| / |default|")
+    print(f"{'layout':<14}{'variant':<30}{'fwd ms':>8}{'TF/s':>6}{'x def':>6}{'f+b ms':>8}{'TF/s':>6}{'x def':>6}"
+          f"{'rel diff':>9}")
+    for lname in args.sweep_layouts:
+        rs = [r for r in rows if r["layout"] == lname]
+        d = next((r for r in rs if r["variant"] == "default"), None)
+        for r in rs:
+            xf = d["fwd_ms"] / r["fwd_ms"] if d else float("nan")
+            xb = d["fwdbwd_ms"] / r["fwdbwd_ms"] if d else float("nan")
+            print(f"{lname:<14}{r['variant']:<30}{r['fwd_ms']:>8.3f}{r['fwd_tflops']:>6.0f}{xf:>6.2f}"
+                  f"{r['fwdbwd_ms']:>8.3f}{r['fwdbwd_tflops']:>6.0f}{xb:>6.2f}{r['rel_diff']:>9.1e}")
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    import triton
+
+    meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=stamp, command=command)
+    sweep_csv = os.path.splitext(csv_path)[0] + "_sweep.csv"
+    if rows:
+        new = not os.path.exists(sweep_csv)
+        with open(sweep_csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({**r, **meta})
+        print(f"sweep CSV appended: {sweep_csv}")
+
+    def total(name, key):
+        rs = [r for r in rows if r["variant"] == name]
+        ok = len(rs) == len(args.sweep_layouts) and all(r["rel_diff"] < 2e-2 for r in rs)
+        return sum(r[key] for r in rs) if ok else float("inf")
+
+    fastest_f = min(names, key=lambda n: total(n, "fwd_ms"))
+    fastest_fb = min(names, key=lambda n: total(n, "fwdbwd_ms"))
+    print(f"fastest forward: {fastest_f}; fastest fwd+bwd: {fastest_fb} (used for the table)")
+    return replace(base, **SWEEP_VARIANTS[fastest_fb]) if total(fastest_fb, "fwdbwd_ms") < float("inf") else base
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
@@ -75,8 +189,11 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time a few kernel configs on the first layout first, "
-                    "and use the fastest forward and backward configs for the table")
+    ap.add_argument("--sweep", action="store_true", help="time the kernel config variants (SWEEP_VARIANTS) on "
+                    "--sweep-layouts first, and use the fastest fwd+bwd variant for the table")
+    ap.add_argument("--sweep-layouts", nargs="+", default=["p2048_r256x2", "p512_r128x8"], choices=sorted(LAYOUTS))
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no table, no CSV of the table)")
+    ap.add_argument("--sweep-variants", nargs="+", default=None, help="only these SWEEP_VARIANTS names")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
 
@@ -113,59 +230,13 @@ def main(argv=None):
 
         return bench(fwd), bench(fwdbwd)
 
-    # ------------------------------------------------------------------ optional config sweep on the first layout
+    # ------------------------------------------------------------------ optional config sweep (SWEEP_VARIANTS)
     base = ta.default_config(D, dtype, dev)
     best = base
     if args.sweep:
-        from dataclasses import replace
-
-        lay = make_layout(args.layouts[0], args.tokens, dev)
-        T = lay.total_tokens
-        q, k, v, do = inputs(T, 0)
-        pairs = lay.allowed_pairs()
-        ref_o = ta.triton_prefix_attention(q, k, v, lay, config=base)
-        ref_g = torch.autograd.grad(ref_o, (q, k, v), do)
-        fwd_variants = [(64, 64, 4, 3, True), (64, 64, 4, 3, False), (128, 64, 8, 3, True)]
-        bwd_variants = [(32, 128, 8, 3, True, True), (32, 128, 8, 3, True, False), (64, 128, 8, 2, True, True),
-                        (64, 128, 8, 2, False, True)]
-        print(f"\n## sweep on {args.layouts[0]} (T={T}); fwd: (block_m, block_n, warps, stages, tma)")
-        fbest = None
-        for bm, bn, w, s, tma in fwd_variants:
-            cfg = replace(base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=s, fwd_tma=tma)
-            try:
-                o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-                err = rel_err(o, ref_o)
-                ms = bench(lambda: ta.triton_prefix_attention(q, k, v, lay, config=cfg))
-            except Exception as e:  # a config that does not compile (shared memory) is skipped
-                print(f"fwd {bm, bn, w, s, tma}: failed {type(e).__name__}: {str(e)[:100]}")
-                continue
-            tf = 4 * Hq * D * pairs / ms * 1e-9
-            print(f"fwd {bm, bn, w, s, tma}: {ms:.3f} ms {tf:.0f} TFLOP/s  rel diff vs default {err:.1e}")
-            if err < 2e-2 and (fbest is None or ms < fbest[0]):
-                fbest = (ms, cfg)
-        best = fbest[1] if fbest else base
-        print("bwd: (kv_block_m, kv_block_n, warps, stages, deterministic, tma); time is fwd+bwd")
-        bbest = None
-        for bm, bn, w, s, det, tma in bwd_variants:
-            cfg = replace(best, kv_block_m=bm, kv_block_n=bn, kv_warps=w, kv_stages=s, deterministic=det, bwd_tma=tma)
-
-            def step(cfg=cfg):
-                o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-                return torch.autograd.grad(o, (q, k, v), do)
-
-            try:
-                gr = step()
-                err = max(rel_err(a, b) for a, b in zip(gr, ref_g))
-                ms = bench(step)
-            except Exception as e:
-                print(f"bwd {bm, bn, w, s, det, tma}: failed {type(e).__name__}: {str(e)[:100]}")
-                continue
-            tf = 3.5 * 4 * Hq * D * pairs / ms * 1e-9
-            print(f"bwd {bm, bn, w, s, det, tma}: fwd+bwd {ms:.3f} ms {tf:.0f} TFLOP/s  max rel diff vs default {err:.1e}")
-            if err < 2e-2 and (bbest is None or ms < bbest[0]):
-                bbest = (ms, cfg)
-        best = bbest[1] if bbest else best
-        print(f"chosen: {best}")
+        best = run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu)
+        if args.sweep_only:
+            return
 
     # ------------------------------------------------------------------ the table
     rows = []
