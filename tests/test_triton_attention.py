@@ -143,6 +143,9 @@ VARIANTS = {
     "pack_dq": dict(deterministic=True, dq_pack_gqa=True),
     "all_tma": dict(fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True, dq_pack_gqa=True,
                     fwd_tma=True, bwd_tma=True),
+    "doc_order_det": dict(doc_order=True, deterministic=True),
+    "doc_order_all": dict(doc_order=True, fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True,
+                          dq_pack_gqa=True),
 }
 
 
@@ -157,8 +160,9 @@ def test_speed_variants(variant, hq, hkv):
 
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_speed_variants_awkward(name, prefix, branches):
-    """Every new path at once (packed + merged forward and dq, merged KV-major) on the awkward layouts, fp16."""
-    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"]})
+    """Every new path at once (packed + merged forward and dq, merged KV-major, document order) on the awkward
+    layouts, fp16."""
+    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"], "doc_order": True})
     layout = PrefixLayout.from_lengths(prefix, branches)
     _check_against_float64(layout, hq=4, hkv=1, d=16, dtype=torch.float16, seed=len(name), config=cfg)
 

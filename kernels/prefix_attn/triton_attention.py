@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -154,9 +154,13 @@ def _fwd_kernel(
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     MERGED: tl.constexpr = False,  # one loop over all key tiles (``_fwd_merged``) instead of eight
+    DOC_ORDER: tl.constexpr = False,  # tiles back to front in position order instead of ORDER (``doc_order``)
 ):
     pid = tl.program_id(0)
-    tile = tl.load(ORDER + pid // H_Q)
+    if DOC_ORDER:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_Q
+    else:
+        tile = tl.load(ORDER + pid // H_Q)
     h = pid % H_Q
     hk = h // GROUPS
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -238,6 +242,7 @@ def _fwd_packed_kernel(
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     MERGED: tl.constexpr,
+    DOC_ORDER: tl.constexpr = False,
 ):
     """GQA-packed forward (``fwd_pack_gqa``): one program computes BLOCK_M query tokens for ALL the query heads of
     one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] operand (row r: token tile*BLOCK_M + r // G, head
@@ -245,7 +250,10 @@ def _fwd_packed_kernel(
     into shared memory feeds GROUPS x more MMA rows, and the mask granularity (the schedule's tiles) is BLOCK_M tokens,
     not BLOCK_M rows: 16 tokens x 4 heads give a 64-row wgmma whose tiles straddle branch ends 4x less often."""
     pid = tl.program_id(0)
-    tile = tl.load(ORDER + pid // H_KV)
+    if DOC_ORDER:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV
+    else:
+        tile = tl.load(ORDER + pid // H_KV)
     hk = pid % H_KV
     offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
     g = offs_r % GROUPS_P2
@@ -388,6 +396,26 @@ def _bwd_kv_merged(
 
 
 @triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
+def _bwd_delta_kernel(
+    O, DO, DELTA,  # o, dO [T, Hq, D] (dO contiguous); DELTA [Hq, T] fp32 out
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tokens per program
+):
+    """delta[h, t] = sum_d o[t, h, d] * dO[t, h, d] in fp32: the softmax-Jacobian term of the backward, in one read of
+    o and dO (the torch expression materialized three fp32 copies of [T, Hq, D])."""
+    h = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_t < T
+    t64 = offs_t.to(tl.int64)[:, None]
+    o = tl.load(O + h * stride_oh + t64 * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + h * stride_doh + t64 * stride_dot + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + h * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,  # DQ: fp32 [T, Hq, D] accumulation buffer (used when ATOMIC_DQ)
     SCHED, ORDER, QHI,  # SCHED [n_k_tiles, 4] int32 query-tile segments, ORDER [n_k_tiles], QHI [T] int32
@@ -403,9 +431,13 @@ def _bwd_kv_kernel(
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     MERGED: tl.constexpr = False,  # one loop over (query head, query tile) (``_bwd_kv_merged``) instead of 3 x GROUPS
+    DOC_ORDER: tl.constexpr = False,  # key tiles front to back in position order instead of ORDER (``doc_order``)
 ):
     pid = tl.program_id(0)
-    tile = tl.load(ORDER + pid // H_KV)
+    if DOC_ORDER:
+        tile = pid // H_KV
+    else:
+        tile = tl.load(ORDER + pid // H_KV)
     hk = pid % H_KV
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -499,12 +531,17 @@ def _bwd_dq_kernel(
     MERGED: tl.constexpr = False,  # one loop over all key tiles (``_bwd_dq_merged``) instead of eight
     PACK: tl.constexpr = False,  # GQA packing: program = (query tile, KV head), rows = BLOCK_M tokens x GROUPS_P2 heads
     GROUPS_P2: tl.constexpr = 1,  # GROUPS rounded up to a power of two (PACK only)
+    DOC_ORDER: tl.constexpr = False,  # tiles back to front in position order instead of ORDER (``doc_order``)
 ):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
+    n_tiles = (T + BLOCK_M - 1) // BLOCK_M
     if PACK:
         # As in _fwd_packed_kernel: row r = token tile*BLOCK_M + r // G of head hk*G + r % G (token-major).
-        tile = tl.load(ORDER + pid // (H_Q // GROUPS))
+        if DOC_ORDER:
+            tile = n_tiles - 1 - pid // (H_Q // GROUPS)
+        else:
+            tile = tl.load(ORDER + pid // (H_Q // GROUPS))
         hk = pid % (H_Q // GROUPS)
         offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
         g = offs_r % GROUPS_P2
@@ -516,7 +553,10 @@ def _bwd_dq_kernel(
         delta = tl.load(DELTA + hrow * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
     else:
-        tile = tl.load(ORDER + pid // H_Q)
+        if DOC_ORDER:
+            tile = n_tiles - 1 - pid // H_Q
+        else:
+            tile = tl.load(ORDER + pid // H_Q)
         h = pid % H_Q
         hk = h // GROUPS
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -653,6 +693,13 @@ class TritonAttentionConfig:
     bwd_merged: bool = False
     # GQA packing of the deterministic dq kernel (as ``fwd_pack_gqa``; ``dq_block_m`` counts tokens).
     dq_pack_gqa: bool = False
+    # Launch order: tiles in position order, document by document (query-major kernels back to front, so a
+    # document's longest tiles go first; the KV-major kernel front to back, prefix key tiles first), all heads of a
+    # tile next to each other, instead of the whole row's tiles longest-first. The programs running at once then read
+    # one document's K/V (backward: its q/dO), which stay in L2; longest-first interleaves every document (measured
+    # on an H100, 16K row of 2048/256+256 documents: forward L2 hit rate 67%, 1.0 GB read from DRAM for 0.19 GB of
+    # q/k/v; KV-major backward 36%, 1.7 GB).
+    doc_order: bool = False
 
     def as_list(self) -> list[int]:
         return [int(getattr(self, f.name)) for f in fields(self)]
@@ -666,10 +713,15 @@ class TritonAttentionConfig:
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py
 # (docs/PERFORMANCE.md); override with set_default_config().
 _CONFIGS: dict[tuple[int, bool], TritonAttentionConfig] = {
-    (64, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 4, 2, deterministic=True, fwd_tma=True,
-                                      bwd_tma=True),
-    (128, True): TritonAttentionConfig(64, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2, deterministic=True, fwd_tma=True,
-                                       bwd_tma=True),
+    # H100 sweep, 2026-11-24 (docs/PERFORMANCE.md, "doc_order_all_pack16"): GQA-packed forward and dq kernels,
+    # one merged loop per tile, document-ordered launch; KV-major backward 64 queries x 128 keys. The packed
+    # kernels' *_block_m (query tokens per tile) is set from the GQA group size in ``default_config``.
+    (64, True): TritonAttentionConfig(16, 64, 4, 3, 64, 128, 8, 2, 32, 64, 8, 2, deterministic=True, fwd_tma=True,
+                                      bwd_tma=True, fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True,
+                                      dq_pack_gqa=True, doc_order=True),
+    (128, True): TritonAttentionConfig(16, 64, 4, 3, 64, 128, 8, 2, 32, 64, 8, 2, deterministic=True, fwd_tma=True,
+                                       bwd_tma=True, fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True,
+                                       dq_pack_gqa=True, doc_order=True),
 }
 _OVERRIDE: TritonAttentionConfig | None = None
 
@@ -680,16 +732,28 @@ def set_default_config(cfg: TritonAttentionConfig | None) -> None:
     _OVERRIDE = cfg
 
 
-def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TritonAttentionConfig:
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, groups: int = 4) -> TritonAttentionConfig:
+    """The config for ``head_dim``, ``dtype`` and ``groups`` query heads per KV head (``set_default_config``
+    overrides it). On a GPU the packed kernels get as many query tokens per tile as make 64 MMA rows in the forward
+    (16 tokens x 4 heads, measured) and 128 in the dq kernel, at least 16 tokens (8 warps beyond 64 rows)."""
     if _OVERRIDE is not None:
         return _OVERRIDE
     if device.type != "cuda":  # the CPU interpreter: small tiles keep the tests fast and exercise many tiles
         return TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1)
-    hd = 64 if head_dim <= 64 else 128
-    cfg = _CONFIGS.get((hd, dtype in (torch.float16, torch.bfloat16)))
+    return _gpu_config(64 if head_dim <= 64 else 128, dtype in (torch.float16, torch.bfloat16), max(1, groups))
+
+
+@functools.lru_cache(maxsize=None)  # called once per attention call: no dataclass built per layer
+def _gpu_config(hd: int, half: bool, groups: int) -> TritonAttentionConfig:
+    cfg = _CONFIGS.get((hd, half))
     if cfg is None:  # fp32 on a GPU: smaller tiles (twice the bytes per element)
         return TritonAttentionConfig(64, 32, 4, 2, 32, 64, 4, 1, 64, 32, 4, 1)
-    return cfg
+    if not cfg.fwd_pack_gqa:
+        return cfg
+    g = triton.next_power_of_2(groups)
+    fwd_m = max(64 // g, 16)
+    return replace(cfg, fwd_block_m=fwd_m, fwd_warps=4 if fwd_m * g <= 64 else 8,
+                   dq_block_m=max(128 // g, 16) if cfg.dq_pack_gqa else cfg.dq_block_m)
 
 
 def _tok_ranges(layout: PrefixLayout) -> torch.Tensor:
@@ -819,7 +883,7 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
             T, scale * _LOG2E,
             H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
             BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype),
-            MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            MERGED=cfg.fwd_merged, DOC_ORDER=cfg.doc_order, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         )
         return o, lse
     _fwd_kernel[grid](
@@ -827,8 +891,8 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         T, scale * _LOG2E,
         H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps,
-        num_stages=cfg.fwd_stages,
+        USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), MERGED=cfg.fwd_merged, DOC_ORDER=cfg.doc_order,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
 
@@ -844,7 +908,9 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
     if T == 0:
         return torch.zeros_like(q), dk, dv
     # delta = rowsum(dO * O), [Hq, T] fp32 (the softmax-Jacobian term).
-    delta = (do.float() * o.float()).sum(-1).t().contiguous()
+    delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(T, 64), Hq)](o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
+                                                 HEAD_DIM=D, BLOCK_T=64, num_warps=4)
     atomic = not cfg.deterministic
     dq_acc = torch.zeros((T, Hq, D), device=q.device, dtype=torch.float32) if atomic else q.new_empty(0, dtype=torch.float32)
     qk_scale = scale * _LOG2E
@@ -864,8 +930,8 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
         Hq * D if atomic else 0, D if atomic else 0,
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
-        ATOMIC_DQ=atomic, USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, num_warps=cfg.kv_warps,
-        num_stages=cfg.kv_stages,
+        ATOMIC_DQ=atomic, USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, DOC_ORDER=cfg.doc_order,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
     if atomic:
         dq = dq_acc.to(q.dtype)
@@ -877,7 +943,7 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             T, qk_scale, scale,
             H_Q=Hq, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, PACK=pack,
+            USE_TMA=use_tma, DOT_PREC=prec, MERGED=cfg.bwd_merged, DOC_ORDER=cfg.doc_order, PACK=pack,
             GROUPS_P2=triton.next_power_of_2(groups) if pack else 1,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
@@ -1008,7 +1074,7 @@ def triton_prefix_attention(
     if D not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton backend: head_dim {D} not supported ({_SUPPORTED_HEAD_DIMS})")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    cfg = config or default_config(D, q.dtype, q.device)
+    cfg = config or default_config(D, q.dtype, q.device, Hq // max(1, k.shape[1]))
     s = build_schedules(layout, cfg)
     if not torch.compiler.is_compiling():
         return _EagerTritonAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), s, scale, cfg)

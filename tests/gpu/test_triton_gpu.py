@@ -99,6 +99,13 @@ def test_awkward_layouts(name, prefix, branches, deterministic):
     _check(_triton(layout, config=cfg), layout, 8, 2, 128, torch.bfloat16, 1, label=name)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4)], ids=["mha", "g8", "g3", "g3x4"])
+def test_default_config_per_group_size(hq, hkv):
+    """default_config sizes the packed tiles from the GQA group (64 forward rows, 128 dq rows): every group size."""
+    layout = _random_layout(random.Random(hq * 31 + hkv), tokens=1800)
+    _check(_triton(layout), layout, hq, hkv, 128, torch.bfloat16, hq + hkv, label=f"{hq}/{hkv} heads")
+
+
 # The speed variants of scripts/bench_attention.py --sweep (config fields fwd_pack_gqa, fwd_merged, bwd_merged,
 # dq_pack_gqa) at GPU tile sizes, on top of the (128, bf16) default config. Packed kernels: *_block_m in tokens.
 GPU_VARIANTS = {
@@ -113,6 +120,13 @@ GPU_VARIANTS = {
     "bwd_merged_nontma": dict(bwd_merged=True, bwd_tma=False),
     "dq_pack32": dict(dq_pack_gqa=True, dq_block_m=32),
     "dq_pack16_merged_w4": dict(dq_pack_gqa=True, bwd_merged=True, dq_block_m=16, dq_warps=4),
+    # the unpacked, unmerged, longest-first kernels (the defaults before 2026-11-24's sweep) stay tested
+    "legacy_unpacked": dict(fwd_pack_gqa=False, fwd_merged=False, bwd_merged=False, dq_pack_gqa=False,
+                            doc_order=False, fwd_block_m=64, dq_block_m=128),
+    "doc_order": dict(doc_order=True),
+    "doc_order_pack16_merged": dict(doc_order=True, fwd_pack_gqa=True, fwd_merged=True, fwd_block_m=16,
+                                    bwd_merged=True, dq_pack_gqa=True, dq_block_m=32),
+    "doc_order_atomic": dict(doc_order=True, deterministic=False),
 }
 
 
