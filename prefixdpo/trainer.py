@@ -251,9 +251,19 @@ class PrefixDPOTrainer(DPOTrainer):
         # Called from TRL's __init__: reference log-probs are precomputed through the same packed path. Without a
         # reference model TRL runs the policy itself (full fine-tuning: its initial weights; PEFT: adapters off):
         # those calls are reference calls (``ref_attn_backend``).
+        # TRL caches them in a file keyed on the dataset and the model's weights; FP8 attention gives other values,
+        # so its settings join the key (switching ref_attn_backend must not reuse the other setting's file).
         self._install_prefix_packing()
-        with reference_mode(self._packed_policy()) if self.ref_model is None else contextlib.nullcontext():
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+        model_hash = self._precompute_model_hash
+        if self.args.ref_attn_backend == "triton_fp8":
+            from datasets.fingerprint import Hasher
+
+            self._precompute_model_hash = Hasher.hash((model_hash, "triton_fp8", self.args.fp8_rotation))
+        try:
+            with reference_mode(self._packed_policy()) if self.ref_model is None else contextlib.nullcontext():
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = model_hash
 
     # ------------------------------------------------------------------ loss and metrics
     def _compute_loss(self, model, inputs, return_outputs):
