@@ -11,6 +11,7 @@ dense causal. It also times the layout/schedule build next to FlexAttention's ``
     python scripts/bench_attention.py                      # the table
     python scripts/bench_attention.py --sweep              # also time the config variants (SWEEP_VARIANTS) first
     python scripts/bench_attention.py --sweep --sweep-only # only the variant table (two layouts, ~3 min)
+    python scripts/bench_attention.py --fp8-only           # FP8 forward vs ours: speed, accuracy (--fp8: after)
 """
 
 from __future__ import annotations
@@ -190,6 +191,126 @@ def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
     return replace(base, **SWEEP_VARIANTS[fastest_fb]) if total(fastest_fb, "fwdbwd_ms") < float("inf") else base
 
 
+def run_fp8(args):
+    """``--fp8``: the FP8 forward (``triton_fp8``) against our bf16/fp16 forward, speed and accuracy.
+
+    Speed, per layout (the --tokens row): our 16-bit forward; the FP8 forward without and with rotation, the
+    quantize launch included (``fp8 total``), and its two parts alone (``quant``, ``attn``); effective TFLOP/s over
+    the allowed pairs (4 * Hq * D * pairs; the quantize step counts as time, not FLOPs) and the ratio to the 16-bit
+    forward. Accuracy, per layout on a short row (--fp8-acc-tokens, so float64 fits): relative error
+    ||out - ref|| / ||ref|| against ``attention_math`` in float64 of the original inputs, for the 16-bit forward and
+    FP8 without / with rotation, on random N(0, 1) inputs and on inputs with outlier channels (4 channels of q and k
+    scaled by 10-50x, the same channels in both). CSV rows go to ``*_fp8.csv`` beside --csv.
+    """
+    import triton
+
+    from prefix_attn import triton_attention as ta
+    from prefix_attn import triton_fp8 as tf
+    from prefix_attn.reference import attention_math
+
+    dev = torch.device("cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    gpu = torch.cuda.get_device_name(dev)
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    csv_path = args.csv or os.path.join(os.environ.get("OUT", "."), "bench_attention.csv")
+    cfg16 = ta.default_config(D, dtype, dev, Hq // Hkv)
+    cfg8 = tf.fp8_default_config(D, dev)
+    ok, why = tf.fp8_supported(dev, dtype, D)
+    if not ok:
+        print(f"--fp8: triton_fp8 does not run here ({why})")
+        return
+    print(f"# --fp8 | {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} Hq={Hq} "
+          f"Hkv={Hkv} D={D} | fp8 config {cfg8}")
+
+    def inputs(T, seed, outliers=0):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        q, k, v = (torch.randn(T, h, D, device=dev, generator=g) for h in (Hq, Hkv, Hkv))
+        if outliers:
+            ch = torch.randperm(D, device=dev, generator=g)[:outliers]
+            mult = 10 + 40 * torch.rand(outliers, device=dev, generator=g)
+            q[:, :, ch] *= mult
+            k[:, :, ch] *= mult
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+
+    rows = []
+    for name in args.layouts:
+        lay = make_layout(name, args.tokens, dev)
+        T, pairs = lay.total_tokens, lay.allowed_pairs()
+        flops = 4 * Hq * D * pairs
+        q, k, v = inputs(T, 1)
+        out = torch.empty_like(q)
+        sched, order, tok = tf.fp8_schedules(lay, cfg8, D, dtype, Hq // Hkv)  # cached on the layout, as in training
+        with torch.no_grad():
+            t16 = bench(lambda: ta.triton_prefix_attention(q, k, v, lay, config=cfg16))
+            rows.append(dict(kind="speed", layout=name, T=T, impl=args.dtype, pairs=pairs, fwd_ms=t16,
+                             quant_ms=float("nan"), attn_ms=t16, tflops=flops / t16 * 1e-9, x_16bit=1.0))
+            for rot in (False, True):
+                def quant(rot=rot):
+                    return tf.quantize_qkv_fp8(q, k, v, cfg8.block_m, cfg8.block_n, rot, cfg8.quant_warps)
+
+                x = quant()
+                t_q = bench(quant)
+                t_a = bench(lambda: tf._launch_fp8_fwd(x, sched, order, tok, D**-0.5, cfg8, out))
+                t_all = bench(lambda rot=rot: tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=rot, config=cfg8,
+                                                                              out=out))
+                rows.append(dict(kind="speed", layout=name, T=T, impl="fp8_rotate" if rot else "fp8", pairs=pairs,
+                                 fwd_ms=t_all, quant_ms=t_q, attn_ms=t_a, tflops=flops / t_all * 1e-9,
+                                 x_16bit=t16 / t_all))
+        del q, k, v, out
+        torch.cuda.empty_cache()
+
+    acc = []
+    for name in args.layouts:
+        lay = make_layout(name, args.fp8_acc_tokens, dev)
+        for data, outl in (("random", 0), ("outliers", 4)):
+            q, k, v = inputs(lay.total_tokens, 2, outl)
+            truth = attention_math(q.double(), k.double(), v.double(), lay)
+            with torch.no_grad():
+                outs = {args.dtype: ta.triton_prefix_attention(q, k, v, lay, config=cfg16),
+                        "fp8": tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg8),
+                        "fp8_rotate": tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=True, config=cfg8)}
+            for impl, o in outs.items():
+                err = ((o.double() - truth).norm() / truth.norm()).item()
+                acc.append(dict(kind="accuracy", layout=name, T=lay.total_tokens, impl=impl, data=data, rel_err=err,
+                                finite=bool(torch.isfinite(o).all())))
+            del truth, outs
+            torch.cuda.empty_cache()
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=stamp, command=command,
+                dtype=args.dtype, Hq=Hq, Hkv=Hkv, D=D, fp8_config=str(cfg8.as_list()), config=str(cfg16.as_list()))
+    fp8_csv = os.path.splitext(csv_path)[0] + "_fp8.csv"
+    fields = ["kind", "layout", "T", "impl", "pairs", "fwd_ms", "quant_ms", "attn_ms", "tflops", "x_16bit", "data",
+              "rel_err", "finite"]
+    new = not os.path.exists(fp8_csv)
+    with open(fp8_csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields + list(meta))
+        if new:
+            w.writeheader()
+        for r in rows + acc:
+            w.writerow({**{k: "" for k in fields}, **r, **meta})
+
+    print(f"\n# FP8 forward vs {args.dtype} forward | {gpu} | {stamp}\n# {command}")
+    print(f"{'layout':<14}{'T':>6} {'impl':<11}{'fwd ms':>8}{'quant ms':>9}{'attn ms':>8}{'TF/s':>6}"
+          f"{'x ' + args.dtype:>8}")
+    for r in rows:
+        print(f"{r['layout']:<14}{r['T']:>6} {r['impl']:<11}{r['fwd_ms']:>8.3f}{r['quant_ms']:>9.3f}"
+              f"{r['attn_ms']:>8.3f}{r['tflops']:>6.0f}{r['x_16bit']:>8.2f}")
+    print("(fwd ms: the whole call; for fp8 = quantize + attention. TF/s: 4*Hq*D*allowed pairs / fwd ms.)")
+    print(f"\n# accuracy: ||out - ref|| / ||ref||, ref = float64 attention of the original inputs "
+          f"(rows of ~{args.fp8_acc_tokens} tokens; outliers: 4 channels of q and k x10-50)")
+    impls = [args.dtype, "fp8", "fp8_rotate"]
+    print(f"{'layout':<14}{'T':>6} {'data':<9}" + "".join(f"{i:>12}" for i in impls) + f"{'rot gain':>9}")
+    for name in args.layouts:
+        for data in ("random", "outliers"):
+            rs = {r["impl"]: r for r in acc if r["layout"] == name and r["data"] == data}
+            flag = "" if all(r["finite"] for r in rs.values()) else "  NON-FINITE"
+            print(f"{name:<14}{rs['fp8']['T']:>6} {data:<9}" + "".join(f"{rs[i]['rel_err']:>12.2e}" for i in impls)
+                  + f"{rs['fp8']['rel_err'] / rs['fp8_rotate']['rel_err']:>9.2f}{flag}")
+    print(f"FP8 CSV appended: {fp8_csv}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
@@ -206,7 +327,14 @@ def main(argv=None):
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no table, no CSV of the table)")
     ap.add_argument("--sweep-variants", nargs="+", default=None, help="only these SWEEP_VARIANTS names")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--fp8", action="store_true", help="after the table, time and check the FP8 forward "
+                    "(triton_fp8, with and without rotation) against our 16-bit forward (run_fp8)")
+    ap.add_argument("--fp8-only", action="store_true", help="only the --fp8 tables")
+    ap.add_argument("--fp8-acc-tokens", type=int, default=4096, help="row length of the --fp8 accuracy table "
+                    "(its float64 reference is O(T^2) memory)")
     args = ap.parse_args(argv)
+    if args.fp8_only:
+        return run_fp8(args)
 
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -349,6 +477,8 @@ def main(argv=None):
           f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
           f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']})")
     print(f"CSV appended: {csv_path}")
+    if args.fp8:
+        run_fp8(args)
 
 
 if __name__ == "__main__":

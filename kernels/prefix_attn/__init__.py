@@ -4,6 +4,23 @@ Depends on torch (and triton for the `triton` backend) only; imports nothing fro
 """
 
 from .layout import PrefixLayout
-from .ops import BACKENDS, prefix_attention, resolve_backend
+from .ops import BACKENDS, FP8_BACKENDS, prefix_attention, resolve_backend
 
-__all__ = ["BACKENDS", "PrefixLayout", "prefix_attention", "resolve_backend"]
+
+def __getattr__(name):
+    # The FP8 forward's public names, imported on first use (they need triton; the package itself does not).
+    if name in ("FP8AttentionConfig", "fp8_supported", "quantize_qkv_fp8", "set_fp8_default_config",
+                "triton_fp8_prefix_attention"):
+        from . import triton_fp8
+
+        return getattr(triton_fp8, name)
+    if name == "rotation_matrix":
+        from .fp8_reference import rotation_matrix
+
+        return rotation_matrix
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "FP8_BACKENDS", "FP8AttentionConfig", "PrefixLayout", "fp8_supported", "prefix_attention",
+           "quantize_qkv_fp8", "resolve_backend", "rotation_matrix", "set_fp8_default_config",
+           "triton_fp8_prefix_attention"]

@@ -5,6 +5,12 @@ Backends (all take the same layout and must agree; DESIGN.md):
 - ``flex``: FlexAttention with a BlockMask from the layout's tile tables (the paper's method; baseline, fallback).
 - ``triton``: our Triton kernels (Hopper-tuned).
 - ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
+- ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``triton_fp8.py``), without / with the random
+  Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference model):
+  a call whose inputs require grad in grad mode raises. Where FP8 does not run (``fp8_supported``: CUDA compute
+  capability >= 8.9, float16/bfloat16, head_dim 64 or 128) it falls back to ``triton`` (else ``auto``'s choice),
+  logging a warning that names why (once per reason). Two names rather than a flag, so that a config's
+  ``fp8_rotation`` reaches the kernel through the same backend string as everything else.
 """
 
 from __future__ import annotations
@@ -17,7 +23,16 @@ from .layout import PrefixLayout
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "flex", "reference")
+BACKENDS = ("auto", "triton", "flex", "reference", "triton_fp8", "triton_fp8_rotate")
+FP8_BACKENDS = ("triton_fp8", "triton_fp8_rotate")
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str, *args) -> None:
+    key = msg % args
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
 
 
 def _triton_backend():
@@ -32,6 +47,21 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """The concrete backend ``backend`` means for tensors on ``device`` (``auto`` picks the best that runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend in FP8_BACKENDS:
+        try:
+            from .triton_fp8 import fp8_supported
+        except ImportError as e:  # triton missing
+            ok, why = False, f"triton_fp8 cannot be imported ({e})"
+        else:
+            ok, why = fp8_supported(device, dtype, head_dim)
+        if ok:
+            return backend
+        fn, supported = _triton_backend()
+        fallback = "triton" if fn is not None and supported(device, dtype, head_dim)[0] else resolve_backend(
+            "auto", device, dtype, head_dim)
+        _warn_once("prefix_attn: %s does not run here (%s); falling back to the %s backend (no FP8)", backend, why,
+                   fallback)
+        return fallback
     if backend != "auto":
         return backend
     if device.type != "cuda":
@@ -82,14 +112,26 @@ def prefix_attention(
         q: [total_tokens, Hq, head_dim]. k, v: [total_tokens, Hkv, head_dim], Hq a multiple of Hkv (GQA, no repeat).
         layout: the row's :class:`PrefixLayout` (on q's device).
         softmax_scale: defaults to head_dim ** -0.5.
-        backend: ``auto`` | ``triton`` | ``flex`` | ``reference``.
+        backend: ``auto`` | ``triton`` | ``flex`` | ``reference`` | ``triton_fp8`` | ``triton_fp8_rotate`` (the FP8
+            forward, without / with rotation; forward only, falls back to ``triton`` with a warning where FP8 does
+            not run).
 
     Returns [total_tokens, Hq, head_dim]: query q attends to keys [lo1, hi1) U [lo2, q] (``layout.query_key_ranges``):
     a prefix token to its prefix causally, a branch token to its document's whole prefix and its own branch causally.
-    Differentiable in q, k, v for every backend.
+    Differentiable in q, k, v for every backend but the FP8 ones (they raise if called with inputs that require
+    grad in grad mode, also where they fall back).
     """
     _check(q, k, v, layout)
+    if backend in FP8_BACKENDS and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError(
+            f"attention backend {backend!r} is forward-only (for the frozen reference model): it has no backward. "
+            "Call it under torch.no_grad() / inference_mode, or with inputs that do not require grad; use 'triton' "
+            "to train.")
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name in FP8_BACKENDS:
+        from .triton_fp8 import triton_fp8_prefix_attention
+
+        return triton_fp8_prefix_attention(q, k, v, layout, softmax_scale, rotate=name == "triton_fp8_rotate")
     if name == "reference":
         from .reference import reference_attention
 

@@ -1,0 +1,561 @@
+"""The `triton_fp8` backend: an FP8 (e4m3) forward of prefix-shared attention, for the frozen DPO reference model.
+
+Semantics as the `triton` backend (DESIGN.md, "The layout"): query ``q`` attends to keys ``[lo1[q], hi1[q]) U
+[lo2[q], q]``. Forward only: the reference model needs no backward, so there is no LSE and no autograd formula;
+a call whose inputs require grad in grad mode raises.
+
+Three layers, as in DESIGN.md style 4:
+
+1. ``@triton.jit`` kernels.
+   - ``_quant_qkv_kernel``: ONE launch quantizes q, k and v (one program per (tile, head) of one of them): one read
+     of the 16-bit input, one write of e4m3 values plus one fp32 scale per (tile, head), ``scale = amax / 448``
+     (1.0 for an all-zero tile). Query tiles are the attention kernel's query tiles (``block_m`` rows), key/value
+     tiles its key tiles (``block_n`` rows), so the attention kernel needs one scalar scale per tile pair. V is
+     written transposed, ``vt8 [Hkv, D, T_pad]`` (T contiguous, zero padded to whole key tiles): Hopper's fp8
+     wgmma wants both operands K-major, and for ``P @ V`` the reduction runs over keys. With ``rotate`` the kernel
+     first multiplies each q/k tile by the rotation (``rotation_matrix``: a [D, D] ``tl.dot`` with +-1 entries,
+     exact in bf16/fp16, fp32 accumulation, then the 1/sqrt(D) in fp32). V is never rotated.
+   - ``_fp8_fwd_kernel``: the forward of ``triton_attention._fwd_kernel`` (same schedule, the full key tiles without
+     a mask, boundary tiles masked with the per-query ranges) on e4m3 operands.
+     ``S = (q8 @ k8^T) * (q_scale * k_scale * softmax_scale * log2 e)`` in fp32, online softmax in fp32.
+     P is cast to e4m3 for ``P @ V``, SHIFTED: ``p = exp2(s - m + 8)``, i.e. 256 * the usual P, in [0, 256]
+     (e4m3's largest finite value is 448). Unscaled P in [0, 1] (FlashAttention-3's choice) would lose every
+     probability below 2^-10 of the row max to zero (e4m3's smallest subnormal is 2^-9) and round those below
+     2^-6 coarsely (subnormals); shifted by 2^8 they keep full e4m3 precision down to 2^-14 of the max. The
+     shift costs nothing (it folds into the exp2's FMA) and cancels in ``acc / l`` (l sums the same shifted p,
+     unrounded, in fp32).
+     V's per-tile scale is applied after the dot without any extra multiply: the accumulator is kept in units of
+     the current tile's V scale, ``acc_u = acc / vs_j``; moving to tile j+1 folds ``vs_j / vs_{j+1}`` into the
+     online-softmax rescale ``alpha`` that multiplies the accumulator anyway; the output is
+     ``acc_u * vs_last / l``.
+2. Launchers: ``quantize_qkv_fp8`` (also timed alone by scripts/bench_attention.py --fp8) and ``_launch_fp8_fwd``
+   (the schedule is ``triton_attention.build_schedules``' forward schedule for the fp8 tile sizes, cached on the
+   layout; K through a TMA descriptor over ``k8`` viewed [T, Hkv*D], V through one over ``vt8`` viewed
+   [Hkv*D, T_pad], on Hopper).
+3. ``triton_fp8_prefix_attention`` (eager: the launchers directly) and a ``torch.library.custom_op``
+   (``prefix_attn::triton_fp8_fwd``, used under ``torch.compile``).
+
+The pure-torch reference of the quantization (``quantize_reference``, ``dequantize_reference``, ``rotation_matrix``)
+and of the whole computation (``fp8_attention_reference``: dequantized inputs, P rounded to e4m3 as the kernel does)
+live in ``fp8_reference.py``; the tests hold the kernels to them.
+
+In Triton's CPU interpreter (``TRITON_INTERPRET=1``) the fp32 -> e4m3 conversion is wrong where rounding carries
+into the next binade (e.g. 125.7 -> 64 instead of 128, Triton 3.x); there (only) the kernels round to the e4m3
+grid in fp32 first (``EXACT_CAST``), so the conversion itself is exact. On a GPU the hardware conversion
+(``cvt.rn.satfinite.e4m3x2.f32``, round to nearest even) is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
+from .layout import PrefixLayout
+from .triton_attention import _LOG2E, _tma_ok, build_schedules, default_config
+
+# =====================================================================================================================
+# 1. Kernels
+# =====================================================================================================================
+
+
+@triton.jit
+def _to_e4m3(x, EXACT_CAST: tl.constexpr):
+    """fp32 -> e4m3 (round to nearest even). ``EXACT_CAST`` (the CPU interpreter only): round on the e4m3 grid in
+    fp32 first (normal spacing 2^(e-3), subnormal 2^-9; the add/subtract of 1.5 * 2^23 rounds to an integer), so
+    the interpreter's faulty conversion only sees representable values."""
+    if EXACT_CAST:
+        a = tl.abs(x)
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(a, 1.0e-30))), -6.0)
+        sp = tl.math.exp2(e - 3.0)
+        r = ((a / sp + 12582912.0) - 12582912.0) * sp
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_tile(
+    X, Y, S, R, blk, h, T, T_PAD, stride_xt, stride_xh, stride_yt, stride_yh, n_blocks, rsqrt_d,
+    BLOCK: tl.constexpr,  # rows per tile = rows per scale
+    HEAD_DIM: tl.constexpr,
+    ROTATE: tl.constexpr,  # multiply by the +-1 rotation R (and rsqrt_d) before quantizing
+    TRANSPOSED: tl.constexpr,  # write Y as [H, HEAD_DIM, T_PAD] (V), rows T..T_PAD-1 as zeros; else [T, H, HEAD_DIM]
+    EXACT_CAST: tl.constexpr,
+):
+    offs_t = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_t < T
+    x = tl.load(X + h.to(tl.int64) * stride_xh + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    if ROTATE:
+        r = tl.load(R + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        if EXACT_CAST:  # the interpreter: 16-bit dots are unreliable there; fp32 products of +-1 are exact anyway
+            xf = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee") * rsqrt_d
+        else:  # x * (+-1) is exact in 16 bits; the tensor cores accumulate in fp32
+            xf = tl.dot(x, r.to(x.dtype)) * rsqrt_d
+    else:
+        xf = x.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(xf), 1), 0)
+    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)  # IEEE division, as torch's
+    inv = tl.math.div_rn(1.0, scale)
+    y = _to_e4m3(xf * inv, EXACT_CAST)
+    tl.store(S + h * n_blocks + blk, scale)
+    if TRANSPOSED:
+        yp = Y + h.to(tl.int64) * HEAD_DIM * T_PAD + offs_d[:, None].to(tl.int64) * T_PAD + offs_t[None, :]
+        tl.store(yp, tl.trans(y), mask=(offs_t < T_PAD)[None, :])
+    else:
+        yp = Y + offs_t[:, None].to(tl.int64) * stride_yt + h.to(tl.int64) * stride_yh + offs_d[None, :]
+        tl.store(yp, y, mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])
+def _quant_qkv_kernel(
+    Q, K, V,  # inputs: q [T, Hq, D], k/v [T, Hkv, D], 16-bit, unit stride along D
+    Q8, K8, VT8,  # outputs: q8 [T, Hq, D], k8 [T, Hkv, D] contiguous e4m3; vt8 [Hkv, D, T_PAD] e4m3
+    QS, KS, VS,  # scales: qs [Hq, N_QB], ks/vs [Hkv, N_KB] fp32
+    R,  # [D, D] +-1 rotation (diag(signs) @ Hadamard) in the inputs' dtype; unused without ROTATE
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    T, T_PAD, N_QB, N_KB, rsqrt_d,
+    H_Q: tl.constexpr,  # program id -> (tensor, tile, head) decomposition
+    H_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query rows per scale (the attention kernel's BLOCK_M)
+    BLOCK_KV: tl.constexpr,  # key/value rows per scale (the attention kernel's BLOCK_N)
+    ROTATE: tl.constexpr,  # rotate q and k (never v)
+    EXACT_CAST: tl.constexpr,
+):
+    """One launch for q, k and v: programs [0, N_QB*H_Q) quantize q, the next N_KB*H_KV k, the rest v."""
+    pid = tl.program_id(0)
+    nq = N_QB * H_Q
+    nk = N_KB * H_KV
+    if pid < nq:
+        _quant_tile(Q, Q8, QS, R, pid // H_Q, pid % H_Q, T, T_PAD, stride_qt, stride_qh, H_Q * HEAD_DIM, HEAD_DIM,
+                    N_QB, rsqrt_d, BLOCK_Q, HEAD_DIM, ROTATE, False, EXACT_CAST)
+    elif pid < nq + nk:
+        i = pid - nq
+        _quant_tile(K, K8, KS, R, i // H_KV, i % H_KV, T, T_PAD, stride_kt, stride_kh, H_KV * HEAD_DIM, HEAD_DIM,
+                    N_KB, rsqrt_d, BLOCK_KV, HEAD_DIM, ROTATE, False, EXACT_CAST)
+    else:
+        i = pid - nq - nk
+        _quant_tile(V, VT8, VS, R, i // H_KV, i % H_KV, T, T_PAD, stride_vt, stride_vh, 0, 0,
+                    N_KB, rsqrt_d, BLOCK_KV, HEAD_DIM, False, True, EXACT_CAST)
+
+
+@triton.jit
+def _fp8_step(
+    acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row, stride_kt,
+    T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # 0: a full tile (no mask); 1: a boundary tile (per-element mask, bounds on K);
+    #                        2: the runtime flag ``full`` decides (the merged loop: one loop body, so one pipeline)
+    USE_TMA: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):
+    """One key tile j: S, the online-softmax update, P (shifted by 2^P_SHIFT) to e4m3, acc += P @ V."""
+    offs_n = tl.arange(0, BLOCK_N)
+    n0 = j * BLOCK_N
+    if USE_TMA:
+        k = k_desc.load([n0, kv_col])  # rows past T come back as zeros
+        vt = vt_desc.load([vt_row, n0])
+    else:
+        kp = k_base + (n0 + offs_n)[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+        if MASKED != 0:
+            k = tl.load(kp, mask=((n0 + offs_n) < T)[:, None], other=0.0)
+        else:
+            k = tl.load(kp)
+        # vt8 is zero padded to whole key tiles: always in bounds, and padding keys have V = 0 (never NaN * 0)
+        vt = tl.load(vt_base + offs_d[:, None].to(tl.int64) * T_PAD + (n0 + offs_n)[None, :])
+    sc = qsc * tl.load(ks_base + j)
+    vs = tl.load(vs_base + j)
+    s = tl.dot(q, tl.trans(k))  # e4m3 x e4m3 -> fp32
+    if MASKED == 1:
+        kk = (n0 + offs_n)[None, :]
+        ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+        s = tl.where(ok, s, float("-inf"))
+    if MASKED == 2:
+        if not full:
+            kk = (n0 + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            s = tl.where(ok, s, float("-inf"))
+    # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN. sc > 0.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * sc - (m_new - 8.0)[:, None])  # 2^8 * softmax numerator, in [0, 256]  (P_SHIFT_LOG2 = 8)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * (alpha * (v_prev / vs))[:, None]  # acc stays in units of the current tile's V scale
+    acc = tl.dot(_to_e4m3(p, EXACT_CAST), tl.trans(vt), acc)
+    return acc, l_i, m_new, vs
+
+
+@triton.jit
+def _fp8_range(
+    acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row, stride_kt,
+    T_PAD, offs_m, offs_d, lo1, hi1, lo2, start, end, T,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # 0 or 1 (as _fp8_step's)
+    USE_TMA: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):
+    for j in range(start, end):
+        acc, l_i, m_i, v_prev = _fp8_step(
+            acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row,
+            stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, False, T, BLOCK_N, MASKED, USE_TMA, EXACT_CAST)
+    return acc, l_i, m_i, v_prev
+
+
+@triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])  # T varies per row: no recompile per length
+def _fp8_fwd_kernel(
+    Q8, K8, VT8, QS, KS, VS, O,  # q8 [T, Hq, D], k8 [T, Hkv, D], vt8 [Hkv, D, T_PAD] e4m3; scales; o [T, Hq, D]
+    SCHED, ORDER, TOK,  # the forward schedule for (BLOCK_M, BLOCK_N) tiles, as triton_attention._fwd_kernel's
+    K_DESC, VT_DESC,  # TMA descriptors: k8 as [T, Hkv*D] block [BLOCK_N, D]; vt8 as [Hkv*D, T_PAD] block [D, BLOCK_N]
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    T, T_PAD, N_QB, N_KB, sm_scale_log2,
+    H_Q: tl.constexpr,  # program id -> (tile, head)
+    GROUPS: tl.constexpr,  # query heads per KV head (GQA)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per tile = q's quantization tile (must match the schedule's)
+    BLOCK_N: tl.constexpr,  # keys per tile = k/v's quantization tile (must match the schedule's)
+    USE_TMA: tl.constexpr,
+    MERGED: tl.constexpr,  # one loop over all key tiles with a per-tile mask flag (as triton_attention._fwd_merged)
+    DOC_ORDER: tl.constexpr,  # tiles back to front in position order instead of ORDER (triton_attention's doc_order)
+    EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
+):
+    pid = tl.program_id(0)
+    if DOC_ORDER:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_Q
+    else:
+        tile = tl.load(ORDER + pid // H_Q)
+    h = pid % H_Q
+    hk = h // GROUPS
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q8 + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    qsc = tl.load(QS + h * N_QB + tile) * sm_scale_log2
+    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
+    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
+    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)
+    k_base = K8 + hk.to(tl.int64) * stride_kh
+    vt_base = VT8 + hk.to(tl.int64) * HEAD_DIM * T_PAD
+    ks_base = KS + hk * N_KB
+    vs_base = VS + hk * N_KB
+    kv_col = hk * HEAD_DIM
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
+    sp = SCHED + tile * 10
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    if MERGED:
+        n1 = s3 - s0
+        for i in range(0, n1 + (s9 - s4)):
+            j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+            full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+            acc, l_i, m_i, v_prev = _fp8_step(
+                acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
+                stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST)
+    else:
+        # Range 1 (shared prefix): masked [s0, s1), full [s1, s2), masked [s2, s3).
+        # Range 2 (causal part): masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9).
+        # Full tiles first (no mask), then the boundary tiles.
+        args = (q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col, stride_kt, T_PAD, offs_m,
+                offs_d, lo1, hi1, lo2)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s1, s2, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s5, s6, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s7, s8, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s0, s1, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s2, s3, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s4, s5, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s6, s7, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s8, s9, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
+    acc = acc * (v_prev / l_safe)[:, None]
+    o_base = O + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# =====================================================================================================================
+# 2. Launchers
+# =====================================================================================================================
+
+
+@dataclass(frozen=True)
+class FP8AttentionConfig:
+    """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
+
+    ``block_m``: query rows per tile (q's quantization tile); ``block_n``: keys per tile (k's and v's quantization
+    tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA descriptors
+    (Hopper; ignored elsewhere). ``merged``: one key-tile loop per query tile instead of eight. ``doc_order``: launch
+    the query tiles back to front in position order (the programs running at once share one document's K/V in L2;
+    measured on the bf16 forward: L2 hit rate 67% -> 94%) instead of longest-first."""
+
+    block_m: int = 128
+    block_n: int = 128
+    warps: int = 8
+    stages: int = 3
+    tma: bool = True
+    merged: bool = False
+    doc_order: bool = False
+    quant_warps: int = 8  # 4 spills registers at 128-row tiles of D=128 (one program holds a [128, D] fp32 tile)
+
+    def as_list(self) -> list[int]:
+        return [int(getattr(self, f.name)) for f in fields(self)]
+
+    @classmethod
+    def from_list(cls, xs) -> "FP8AttentionConfig":
+        fs = fields(cls)
+        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
+
+
+# Keyed on head dim; not yet swept on a GPU (scripts/bench_attention.py --fp8 times the default; set_fp8_default_config
+# overrides it). 128 x 128 e4m3 tiles: a K or V stage is 16 KB (D=128), three stages + Q fit easily in shared memory
+# (113 KB at D=128; sm_90 compile: 229 registers, no spills). Document order as the bf16 default (its H100 sweep).
+_FP8_CONFIGS: dict[int, FP8AttentionConfig] = {
+    64: FP8AttentionConfig(128, 128, 8, 4, doc_order=True),
+    128: FP8AttentionConfig(128, 128, 8, 3, doc_order=True),
+}
+_FP8_OVERRIDE: FP8AttentionConfig | None = None
+
+
+def set_fp8_default_config(cfg: FP8AttentionConfig | None) -> None:
+    """Use ``cfg`` for every FP8 call that passes no config (None restores the table)."""
+    global _FP8_OVERRIDE
+    _FP8_OVERRIDE = cfg
+
+
+def fp8_default_config(head_dim: int, device: torch.device) -> FP8AttentionConfig:
+    if _FP8_OVERRIDE is not None:
+        return _FP8_OVERRIDE
+    if device.type != "cuda":  # the CPU interpreter: small tiles keep the tests fast and exercise many tiles
+        return FP8AttentionConfig(32, 16, 4, 1, tma=False)
+    return _FP8_CONFIGS[64 if head_dim <= 64 else 128]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_ROT_CACHE: dict = {}
+
+
+def _rotation_operand(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernel's +-1 rotation matrix (cached per head dim, dtype and device)."""
+    key = (head_dim, dtype, device)
+    if key not in _ROT_CACHE:
+        _ROT_CACHE[key] = rotation_pm1(head_dim).to(device=device, dtype=dtype).contiguous()
+    return _ROT_CACHE[key]
+
+
+class FP8QKV(NamedTuple):
+    """Quantized operands of the FP8 forward. Dequantized value of ``q8[t, h, :]``: ``q8[t, h, :] * qs[h, t //
+    block_m]`` (likewise k with ``ks``, ``block_n``; v is ``vt8[h, :, t] * vs[h, t // block_n]``). With rotation,
+    q8 and k8 hold ``q @ rotation_matrix(D)`` and ``k @ rotation_matrix(D)``."""
+
+    q8: torch.Tensor  # [T, Hq, D] float8_e4m3fn
+    k8: torch.Tensor  # [T, Hkv, D] float8_e4m3fn
+    vt8: torch.Tensor  # [Hkv, D, T_pad] float8_e4m3fn, T_pad = ceil(T / block_n) * block_n, zeros past T
+    qs: torch.Tensor  # [Hq, ceil(T / block_m)] fp32
+    ks: torch.Tensor  # [Hkv, ceil(T / block_n)] fp32
+    vs: torch.Tensor  # [Hkv, ceil(T / block_n)] fp32
+    block_m: int
+    block_n: int
+
+
+def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+                     rotate: bool = False, quant_warps: int = 8) -> FP8QKV:
+    """Quantize q, k, v to e4m3 with one fp32 scale per (tile, head), in one Triton launch (see the module doc).
+
+    q [T, Hq, D], k/v [T, Hkv, D], float16 or bfloat16, unit stride along D. Tiles of ``block_m`` rows for q,
+    ``block_n`` rows for k and v. ``rotate``: q and k are multiplied by ``rotation_matrix(D)`` first.
+    The pure-torch equivalent is ``fp8_reference.quantize_reference``.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(2) != 1:
+            raise ValueError(f"quantize_qkv_fp8: {name} must have unit stride along head_dim")
+    nqb, nkb = -(-T // block_m), -(-T // block_n)
+    t_pad = nkb * block_n
+    dev = q.device
+    f8 = torch.float8_e4m3fn
+    q8 = torch.empty((T, Hq, D), device=dev, dtype=f8)
+    k8 = torch.empty((T, Hkv, D), device=dev, dtype=f8)
+    vt8 = torch.empty((Hkv, D, t_pad), device=dev, dtype=f8)
+    qs = torch.empty((Hq, nqb), device=dev, dtype=torch.float32)
+    ks = torch.empty((Hkv, nkb), device=dev, dtype=torch.float32)
+    vs = torch.empty((Hkv, nkb), device=dev, dtype=torch.float32)
+    out = FP8QKV(q8, k8, vt8, qs, ks, vs, block_m, block_n)
+    if T == 0:
+        return out
+    rot = _rotation_operand(D, q.dtype, dev) if rotate else qs  # any pointer when unused
+    grid = (nqb * Hq + 2 * nkb * Hkv,)
+    _quant_qkv_kernel[grid](
+        q, k, v, q8, k8, vt8, qs, ks, vs, rot,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        T, t_pad, nqb, nkb, float(torch.tensor(D**-0.5, dtype=torch.float32)),
+        H_Q=Hq, H_KV=Hkv, HEAD_DIM=D, BLOCK_Q=block_m, BLOCK_KV=block_n, ROTATE=bool(rotate),
+        EXACT_CAST=_interpret(), num_warps=quant_warps,
+    )
+    return out
+
+
+def _launch_fp8_fwd(x: FP8QKV, sched, order, tok, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
+    T, Hq, D = x.q8.shape
+    Hkv = x.k8.shape[1]
+    if T == 0:
+        return out
+    t_pad = x.vt8.shape[2]
+    use_tma = cfg.tma and _tma_ok(x.k8)
+    kd = vd = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(x.k8.view(T, Hkv * D), [cfg.block_n, D])
+        vd = TensorDescriptor.from_tensor(x.vt8.view(Hkv * D, t_pad), [D, cfg.block_n])
+    _fp8_fwd_kernel[(order.numel() * Hq,)](
+        x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, order, tok, kd, vd,
+        x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
+        T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
+        H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
+        MERGED=cfg.merged, DOC_ORDER=cfg.doc_order, EXACT_CAST=_interpret(), num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return out
+
+
+def fp8_schedules(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dtype: torch.dtype, groups: int = 4):
+    """The forward schedule (sched, order) for cfg's tiles and the per-query ranges, cached on the layout.
+
+    Through ``triton_attention.build_schedules`` with the 16-bit default config's backward tiles (so on a GPU the
+    fused builder makes them in its three launches, and the policy's forward/backward on the same layout later finds
+    its backward schedules already cached). ``groups``: query heads per KV head (the 16-bit config depends on it)."""
+    base = default_config(head_dim, dtype, layout.device, groups)
+    s = build_schedules(layout, replace(base, fwd_block_m=cfg.block_m, fwd_block_n=cfg.block_n))
+    return s["fwd_sched"], s["fwd_order"], s["tok"]
+
+
+def _fp8_forward(q, k, v, sched, order, tok, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
+    x = quantize_qkv_fp8(q, k, v, cfg.block_m, cfg.block_n, rotate, cfg.quant_warps)
+    if out is None:
+        out = torch.empty_like(q)
+    return _launch_fp8_fwd(x, sched, order, tok, scale, cfg, out)
+
+
+# =====================================================================================================================
+# 3. Custom op (the torch.compile path) and the public API
+# =====================================================================================================================
+
+
+@torch.library.custom_op("prefix_attn::triton_fp8_fwd", mutates_args=())
+def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, order: torch.Tensor,
+            tok: torch.Tensor, scale: float, rotate: bool, cfg: list[int]) -> torch.Tensor:
+    return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, FP8AttentionConfig.from_list(cfg))
+
+
+@_fp8_op.register_fake
+def _(q, k, v, sched, order, tok, scale, rotate, cfg):
+    return torch.empty_like(q)
+
+
+_FP8_HEAD_DIMS_GPU = (64, 128)
+_FP8_HEAD_DIMS_INTERPRET = (16, 32, 64, 128)
+
+
+def fp8_supported(device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> tuple[bool, str]:
+    """Whether the ``triton_fp8`` backend runs for tensors on ``device`` of ``dtype`` with ``head_dim``; and why not.
+
+    Needs FP8 tensor cores: a CUDA GPU of compute capability >= 8.9 (Ada; Hopper 9.0 is the target, the only one
+    with TMA). TRITON_INTERPRET=1 runs it on the CPU (tests)."""
+    device = torch.device(device)
+    interpret = _interpret()
+    if device.type != "cuda" and not interpret:
+        return False, f"the triton_fp8 backend needs a CUDA GPU (got device {device})"
+    if device.type == "cuda" and not interpret:
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return False, (f"GPU compute capability {major}.{minor} has no FP8 tensor cores (8.9 or newer needed; "
+                           f"Hopper 9.0 is the target)")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False, f"dtype {dtype} is not supported by triton_fp8 (float16, bfloat16)"
+    dims = _FP8_HEAD_DIMS_INTERPRET if interpret else _FP8_HEAD_DIMS_GPU
+    if head_dim is not None and head_dim not in dims:
+        return False, f"head_dim {head_dim} is not supported by triton_fp8 ({dims})"
+    return True, ""
+
+
+def triton_fp8_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PrefixLayout,
+    softmax_scale: float | None = None,
+    *,
+    rotate: bool = False,
+    config: FP8AttentionConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefix-shared attention over one packed row, FP8 (e4m3) forward. NOT differentiable (reference model only).
+
+    Args:
+        q: [T, Hq, D]; k, v: [T, Hkv, D], Hq a multiple of Hkv (GQA). float16 or bfloat16 (all three the same);
+            D in (64, 128) on a GPU. Unit stride along D.
+        layout: the row's PrefixLayout, on q's device, ``total_tokens == T``.
+        softmax_scale: defaults to D ** -0.5.
+        rotate: multiply q and k by ``rotation_matrix(D)`` (random signs, then a normalized Hadamard) before
+            quantizing: q k^T is unchanged, outlier channels are spread over all channels, the FP8 error drops
+            (FlashAttention-3's incoherent processing). The backend name ``triton_fp8_rotate`` sets it.
+        config: tiles / launch parameters (default ``fp8_default_config``).
+        out: optional [T, Hq, D] contiguous output buffer in q's dtype (written, and returned).
+
+    Returns [T, Hq, D] in q's dtype: query q attends to keys [lo1, hi1) U [lo2, q] (``layout.query_key_ranges``).
+    Raises RuntimeError if grad mode is on and q, k or v requires grad.
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError(
+            "triton_fp8 attention is forward-only (for the frozen reference model): it has no backward. Call it "
+            "under torch.no_grad() / inference_mode, or with inputs that do not require grad; use the 'triton' "
+            "backend to train.")
+    T, Hq, D = q.shape
+    ok, why = fp8_supported(q.device, q.dtype, D)
+    if not ok:
+        raise ValueError(f"triton_fp8: {why}")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    cfg = config or fp8_default_config(D, q.device)
+    sched, order, tok = fp8_schedules(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+            raise ValueError("out must be a contiguous tensor of q's shape and dtype")
+        return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, cfg, out)
+    if torch.compiler.is_compiling():
+        return _fp8_op(q, k, v, sched, order, tok, scale, bool(rotate), cfg.as_list())
+    return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, cfg)
+
+
+__all__ = ["FP8AttentionConfig", "FP8QKV", "E4M3_MAX", "P_SHIFT_LOG2", "fp8_default_config", "fp8_schedules",
+           "fp8_supported", "quantize_qkv_fp8", "set_fp8_default_config", "triton_fp8_prefix_attention"]

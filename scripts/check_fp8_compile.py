@@ -1,0 +1,92 @@
+"""Compile the FP8 forward's kernels (``prefix_attn.triton_fp8``) for Hopper (sm_90a) without a GPU; report what
+the compiler did, as scripts/check_sm90_compile.py does for the 16-bit kernels (whose helpers this reuses).
+
+Per variant: wgmma instructions (and how many are e4m3), TMA loads, e4m3 conversions (``cvt...e4m3x2``), shared
+memory, ptxas registers and spills. Head dims 64 and 128, Llama-3-8B heads (32 query, 8 KV).
+
+    python scripts/check_fp8_compile.py
+    python scripts/check_fp8_compile.py --only "D=128"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_sm90_compile as c  # noqa: E402  (also puts kernels/ on sys.path)
+
+from prefix_attn import triton_fp8 as tf  # noqa: E402
+
+HQ, HKV = 32, 8
+
+
+def _quant(d, dt, rot, warps=8, block=128):
+    fn = tf._quant_qkv_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32",
+                 KS="*fp32", VS="*fp32", R=f"*{dt}", rsqrt_d="fp32")
+    consts = dict(H_Q=HQ, H_KV=HKV, HEAD_DIM=d, BLOCK_Q=block, BLOCK_KV=block, ROTATE=rot, EXACT_CAST=False)
+    return f"quant {dt} D={d} rotate={rot} w{warps}", fn, types, consts, warps, 1
+
+
+def _fwd(d, cfg: tf.FP8AttentionConfig):
+    fn = tf._fp8_fwd_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16",
+                 SCHED="*i32", ORDER="*i32", TOK="*i32", sm_scale_log2="fp32")
+    bm, bn = cfg.block_m, cfg.block_n
+    consts = dict(H_Q=HQ, GROUPS=HQ // HKV, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma, MERGED=cfg.merged,
+                  DOC_ORDER=cfg.doc_order, EXACT_CAST=False)
+    if cfg.tma:
+        types.update(K_DESC=f"tensordesc<fp8e4nv[{bn}, {d}]>", VT_DESC=f"tensordesc<fp8e4nv[{d}, {bn}]>")
+    else:
+        consts.update(K_DESC=None, VT_DESC=None)
+    name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages}" + (" tma" if cfg.tma else "")
+            + (" merged" if cfg.merged else "") + (" doc" if cfg.doc_order else ""))
+    return name, fn, types, consts, cfg.warps, cfg.stages
+
+
+def variants():
+    out = []
+    for d in (64, 128):
+        for dt in ("bf16", "fp16"):
+            for rot in (False, True):
+                out.append(_quant(d, dt, rot))
+        base = tf._FP8_CONFIGS[d]
+        for kw in ({}, dict(merged=True), dict(block_n=64), dict(block_m=64, warps=4), dict(stages=4),
+                   dict(tma=False), dict(doc_order=False)):
+            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **kw})))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="")
+    args = ap.parse_args(argv)
+    print(f"# triton {c.triton.__version__}, target sm_90a, Hq={HQ} Hkv={HKV}")
+    print(f"{'variant':<46}{'wgmma':>6}{'e4m3':>5}{'tma ld':>7}{'cvt e4m3':>9}{'smem KB':>8}{'regs':>5}"
+          f"{'spill st/ld B':>15}")
+    for name, fn, types, consts, w, s in variants():
+        if args.only not in name:
+            continue
+        try:
+            k = c._compile(fn, types, consts, w, s)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:<46} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        ptx = k.asm["ptx"]
+        wg = len(re.findall(r"wgmma\.mma_async", ptx))
+        e4 = len(re.findall(r"wgmma\.mma_async[^;]*e4m3", ptx))
+        tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+        cvt = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx))
+        regs, sst, sld, err = c._ptxas(ptx)
+        print(f"{name:<46}{wg:>6}{e4:>5}{tma:>7}{cvt:>9}{k.metadata.shared / 1024:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
+        if err:
+            print("   ptxas:", err[:300])
+
+
+if __name__ == "__main__":
+    main()
