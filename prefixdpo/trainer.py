@@ -237,6 +237,8 @@ class PrefixDPOTrainer(DPOTrainer):
             return
         policy = self._packed_policy()
         ref_backend = self.args.ref_attn_backend
+        if ref_backend == "triton_fp8" and self.args.fp8_rotation:
+            ref_backend = "triton_fp8_rotate"  # prefix_attn's name for the FP8 forward with Q/K rotated
         enable_packed_forward(policy, self.args.attn_backend, ref_backend)
         if self.ref_model is not None:
             enable_packed_forward(self.accelerator.unwrap_model(self.ref_model), ref_backend or self.args.attn_backend,

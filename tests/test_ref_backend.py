@@ -17,7 +17,7 @@ import prefixdpo.modeling.packed as packed_mod
 from conftest import make_pairs, make_tokenizer, tiny_model
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
-POLICY, REF = "reference", "triton_fp8"
+POLICY, REF = "reference", "triton_fp8_rotate"  # ref_attn_backend="triton_fp8" with fp8_rotation (the default)
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def calls(monkeypatch):
 def _train(tmp_path, ref_model=None, peft_config=None, **kw):
     args = PrefixDPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4, max_steps=1,
                            save_strategy="no", max_length=40, disable_tqdm=True, bf16=False, attn_backend=POLICY,
-                           ref_attn_backend=REF, **kw)
+                           ref_attn_backend="triton_fp8", **kw)
     model = tiny_model("llama", seed=0)
     if ref_model == "copy":
         ref_model = copy.deepcopy(model)
@@ -60,6 +60,13 @@ def test_separate_reference_model(tmp_path, calls):
     with_grad, without = _split(calls)
     assert with_grad == {POLICY}
     assert without == [REF], calls  # one step: one reference forward
+
+
+def test_fp8_without_rotation(tmp_path, calls):
+    _train(tmp_path, ref_model="copy", fp8_rotation=False)
+    with_grad, without = _split(calls)
+    assert with_grad == {POLICY}
+    assert without == ["triton_fp8"], calls
 
 
 def test_peft_adapter_disabled_is_the_reference(tmp_path, calls):
