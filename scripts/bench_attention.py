@@ -191,6 +191,51 @@ def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
     return replace(base, **SWEEP_VARIANTS[fastest_fb]) if total(fastest_fb, "fwdbwd_ms") < float("inf") else base
 
 
+FP8_SWEEP = {  # FP8AttentionConfig fields over the default; times the FP8 call (quantize included) per layout
+    "default": {},
+    "merged": dict(merged=True),
+    "m64_n128_w4": dict(block_m=64, warps=4, merged=True),
+    "m128_n64_w8": dict(block_n=64, merged=True),
+    "m64_n64_w4": dict(block_m=64, block_n=64, warps=4, merged=True),
+    "m128_n128_s2": dict(stages=2, merged=True),
+    "m128_n128_longest_first": dict(doc_order=False),
+}
+
+
+def run_fp8_sweep(args):
+    """``--fp8-sweep``: FP8AttentionConfig variants (FP8_SWEEP) against the bf16 default forward, per layout."""
+    from dataclasses import replace
+
+    from prefix_attn import PrefixLayout  # noqa: F401
+    from prefix_attn import triton_attention as ta
+    from prefix_attn import triton_fp8 as tf
+
+    dev = torch.device("cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    base = tf.fp8_default_config(D, dev)
+    print(f"\n## FP8 sweep ({torch.cuda.get_device_name(dev)}); ms = quantize + attention; x bf16 = bf16 ms / fp8 ms")
+    print(f"{'layout':<14}{'variant':<26}{'ms':>8}{'TF/s':>6}{'x bf16':>8}{'rel diff':>10}")
+    for name in args.layouts:
+        lay = make_layout(name, args.tokens, dev)
+        T, pairs = lay.total_tokens, lay.allowed_pairs()
+        g = torch.Generator(device=dev).manual_seed(3)
+        q, k, v = (torch.randn(T, h, D, device=dev, dtype=dtype, generator=g) for h in (Hq, Hkv, Hkv))
+        with torch.no_grad():
+            ms16 = bench(lambda: ta.triton_prefix_attention(q, k, v, lay))
+            ref = ta.triton_prefix_attention(q, k, v, lay)
+            for vname, fields_ in FP8_SWEEP.items():
+                cfg = replace(base, **fields_)
+                try:
+                    o = tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg)
+                    ms = bench(lambda: tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg))
+                except Exception as e:  # a config that does not compile (shared memory) is skipped
+                    print(f"{name:<14}{vname:<26} failed {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                print(f"{name:<14}{vname:<26}{ms:>8.3f}{4 * Hq * D * pairs / ms * 1e-9:>6.0f}{ms16 / ms:>8.2f}"
+                      f"{rel_err(o, ref):>10.1e}")
+
+
 def run_fp8(args):
     """``--fp8``: the FP8 forward (``triton_fp8``) against our bf16/fp16 forward, speed and accuracy.
 
@@ -330,9 +375,12 @@ def main(argv=None):
     ap.add_argument("--fp8", action="store_true", help="after the table, time and check the FP8 forward "
                     "(triton_fp8, with and without rotation) against our 16-bit forward (run_fp8)")
     ap.add_argument("--fp8-only", action="store_true", help="only the --fp8 tables")
+    ap.add_argument("--fp8-sweep", action="store_true", help="only the FP8 config sweep (FP8_SWEEP)")
     ap.add_argument("--fp8-acc-tokens", type=int, default=4096, help="row length of the --fp8 accuracy table "
                     "(its float64 reference is O(T^2) memory)")
     args = ap.parse_args(argv)
+    if args.fp8_sweep:
+        return run_fp8_sweep(args)
     if args.fp8_only:
         return run_fp8(args)
 

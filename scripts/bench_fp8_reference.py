@@ -7,7 +7,8 @@ One GPU, a random-init Llama-3.2-1B shape (bench_e2e's), synthetic Capybara-shap
    sequence's summed log-prob to bf16's (max and median), and, as the scale of what any bf16 change does, the
    difference between two bf16 kernels' (flex vs triton) results.
 2. A DPO run of ``--steps`` steps (AdamW, constant lr) with the bf16 reference and with the FP8 one, same seed,
-   same data: the loss at every step and the largest difference.
+   same data: the loss at every step and the largest difference; and, as the noise floor any change of the
+   reference's attention kernel causes, the same run with a bf16 FlexAttention reference (the policy runs triton).
 
 Honest caveat, printed with the results: a random-init model's attention is diffuse and its log-probs are dominated
 by the near-uniform LM head, so these differences say how much FP8 attention moves *this* model; a trained model
@@ -105,8 +106,9 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 2. DPO runs: bf16 reference vs FP8 reference
     losses = {}
-    for label, (backend, rot) in {"bf16": (None, True), "fp8 + rotation": ("triton_fp8", True),
-                                  "fp8": ("triton_fp8", False)}.items():
+    runs = {"bf16": (None, True), "bf16 flex reference (noise floor)": ("flex", True),
+            "fp8 + rotation": ("triton_fp8", True), "fp8": ("triton_fp8", False)}
+    for label, (backend, rot) in runs.items():
         t = build(args, tok, data, backend, rot, args.steps)
         t.train()
         losses[label] = [h["loss"] for h in t.state.log_history if "loss" in h]
@@ -133,7 +135,7 @@ def main(argv=None):
     print(f"## {args.steps}-step DPO loss: largest |difference| to the bf16 reference's run at any step")
     for label, ls in losses.items():
         d = max(abs(a - b) for a, b in zip(ls, losses["bf16"]))
-        print(f"{label:<16} first {ls[0]:.4f} last {ls[-1]:.4f}   max |d loss| vs bf16 {d:.2e}")
+        print(f"{label:<36} first {ls[0]:.4f} last {ls[-1]:.4f}   max |d loss| vs bf16 {d:.2e}")
     print("(random-init model: diffuse attention, near-uniform LM head; see the script's docstring)")
     print(f"CSV appended: {path}")
 
