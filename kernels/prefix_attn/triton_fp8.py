@@ -333,12 +333,13 @@ class FP8AttentionConfig:
         return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
 
 
-# Keyed on head dim; not yet swept on a GPU (scripts/bench_attention.py --fp8 times the default; set_fp8_default_config
-# overrides it). 128 x 128 e4m3 tiles: a K or V stage is 16 KB (D=128), three stages + Q fit easily in shared memory
-# (113 KB at D=128; sm_90 compile: 229 registers, no spills). Document order as the bf16 default (its H100 sweep).
+# Keyed on head dim. H100 sweep (scripts/bench_attention.py --fp8-sweep, 2026-11-24, D=128, 32/8 heads, bf16 in,
+# 16K rows; time = quantize + attention vs the bf16 default forward): 128x128 tiles / 8 warps / eight loops 0.72x
+# (p2048_r256x2) and 0.51x (p512_r128x8); one merged loop 0.89x / 0.68x; 64x128 / 4 warps merged 1.04x / 0.79x;
+# 64x64 / 4 warps merged 1.01x / 0.87x (chosen). D=64 takes the same shape (not swept).
 _FP8_CONFIGS: dict[int, FP8AttentionConfig] = {
-    64: FP8AttentionConfig(128, 128, 8, 4, doc_order=True),
-    128: FP8AttentionConfig(128, 128, 8, 3, doc_order=True),
+    64: FP8AttentionConfig(64, 64, 4, 3, merged=True, doc_order=True),
+    128: FP8AttentionConfig(64, 64, 4, 3, merged=True, doc_order=True),
 }
 _FP8_OVERRIDE: FP8AttentionConfig | None = None
 
