@@ -63,6 +63,21 @@ def host_median_ms(fn, n):
     return statistics.median(ts)
 
 
+def device_median_ms(fn, n):
+    """Median GPU time of ``fn`` between two events, after a sync (so no earlier work is queued): what the build
+    costs the device, as opposed to the host wall time of host_median_ms (Python, launch overhead, the sync)."""
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -444,6 +459,7 @@ def main(argv=None):
 
         build_ours()
         t_build = host_median_ms(build_ours, 50)
+        t_build_dev = device_median_ms(build_ours, 50)  # GPU time of the same build (its launches back to back)
         # The same build through the torch reference path (the fused Triton builder switched off).
         from prefix_attn.triton_schedule import ENV_FLAG
 
@@ -491,7 +507,8 @@ def main(argv=None):
                              fwd_tflops=fl * p / tf_ms * 1e-9, fwdbwd_tflops=3.5 * fl * p / tfb_ms * 1e-9,
                              build_ms=t_build if impl == "ours" else (t_cbm if impl == "flex" else float("nan")),
                              flex_from_kv_blocks_ms=t_kvb if impl == "flex" else float("nan"),
-                             build_torch_path_ms=t_build_torch if impl == "ours" else float("nan")))
+                             build_torch_path_ms=t_build_torch if impl == "ours" else float("nan"),
+                             build_device_ms=t_build_dev if impl == "ours" else float("nan")))
         del q, k, v, do, qd, kd, vd, dod
         torch.cuda.empty_cache()
 
@@ -523,7 +540,8 @@ def main(argv=None):
                   f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{r['build_ms']:>9.3f}")
     print("(build ms: ours = PrefixLayout.from_dict + build_schedules from device lengths; flex = create_block_mask;"
           f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
-          f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']})")
+          f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']};"
+          f" ours, GPU time between events: {[round(r['build_device_ms'], 3) for r in rows if r['impl'] == 'ours']})")
     print(f"CSV appended: {csv_path}")
     if args.fp8:
         run_fp8(args)
