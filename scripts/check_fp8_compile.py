@@ -23,28 +23,37 @@ from prefix_attn import triton_fp8 as tf  # noqa: E402
 HQ, HKV = 32, 8
 
 
-def _quant(d, dt, rot, warps=8, block=128):
+def _quant(d, dt, rot, warps=8, block=128, block_kv=None, q_tiles=1):
     fn = tf._quant_qkv_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32",
                  KS="*fp32", VS="*fp32", R=f"*{dt}", rsqrt_d="fp32")
-    consts = dict(H_Q=HQ, H_KV=HKV, HEAD_DIM=d, BLOCK_Q=block, BLOCK_KV=block, ROTATE=rot, EXACT_CAST=False)
-    return f"quant {dt} D={d} rotate={rot} w{warps}", fn, types, consts, warps, 1
+    block_kv = block_kv or block
+    consts = dict(H_Q=HQ, H_KV=HKV, HEAD_DIM=d, BLOCK_Q=block, BLOCK_KV=block_kv, ROTATE=rot, EXACT_CAST=False,
+                  Q_TILES=q_tiles)
+    tiles = "" if (block, block_kv, q_tiles) == (128, 128, 1) else f" q{block}x{q_tiles} kv{block_kv}"
+    return f"quant {dt} D={d} rotate={rot} w{warps}{tiles}", fn, types, consts, warps, 1
 
 
-def _fwd(d, cfg: tf.FP8AttentionConfig):
-    fn = tf._fp8_fwd_kernel
+def _fwd(d, cfg: tf.FP8AttentionConfig, hq=HQ, hkv=HKV):
+    fn = tf._fp8_fwd_packed_kernel if cfg.pack_gqa else tf._fp8_fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16",
                  SCHED="*i32", ORDER="*i32", TOK="*i32", sm_scale_log2="fp32")
     bm, bn = cfg.block_m, cfg.block_n
-    consts = dict(H_Q=HQ, GROUPS=HQ // HKV, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma, MERGED=cfg.merged,
+    consts = dict(GROUPS=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma, MERGED=cfg.merged,
                   DOC_ORDER=cfg.doc_order, EXACT_CAST=False)
+    if cfg.pack_gqa:
+        gp2 = 1 << (hq // hkv - 1).bit_length()
+        consts.update(H_KV=hkv, GROUPS_P2=gp2)
+    else:
+        consts.update(H_Q=hq)
     if cfg.tma:
         types.update(K_DESC=f"tensordesc<fp8e4nv[{bn}, {d}]>", VT_DESC=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_DESC=None, VT_DESC=None)
-    name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages}" + (" tma" if cfg.tma else "")
+    pack = f" pack{bm}tok x{hq // hkv}h" if cfg.pack_gqa else ""
+    name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages}{pack}" + (" tma" if cfg.tma else "")
             + (" merged" if cfg.merged else "") + (" doc" if cfg.doc_order else ""))
     return name, fn, types, consts, cfg.warps, cfg.stages
 
@@ -59,6 +68,18 @@ def variants():
         for kw in ({}, dict(merged=True), dict(block_n=64), dict(block_m=64, warps=4), dict(stages=4),
                    dict(tma=False), dict(doc_order=False)):
             out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **kw})))
+        # GQA-packed (pack_gqa): block_m tokens x 4 heads (Llama-3-8B), the FP8_SWEEP entries; then group sizes 3
+        # (padded to 4), 8 and 1 at 64-128 MMA rows.
+        for w in (4, 8):  # the packed quantize of q: 16-token tiles, 4 per program (64 rows), K/V 64-key tiles
+            out.append(_quant(d, "bf16", False, w, 16, 64, 4))
+        out.append(_quant(d, "bf16", True, 4, 16, 64, 4))
+        pk = dict(pack_gqa=True, merged=True, doc_order=True)
+        for kw in (dict(block_m=16, block_n=64, warps=4), dict(block_m=16, block_n=128, warps=4),
+                   dict(block_m=32, block_n=64, warps=8), dict(block_m=16, block_n=64, warps=4, merged=False),
+                   dict(block_m=16, block_n=64, warps=4, tma=False)):
+            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **pk, **kw})))
+        for hq, hkv, bm, w in ((24, 8, 16, 4), (64, 8, 16, 8), (8, 8, 64, 4)):
+            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **pk, "block_m": bm, "warps": w}), hq, hkv))
     return out
 
 

@@ -190,6 +190,30 @@ def test_quantize_kernel_matches_reference(T, dtype, rotate):
             assert (a != b).float().mean() <= 1e-3
 
 
+@needs_interpreter
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotate"])
+@pytest.mark.parametrize("T,block_m", [(47, 8), (100, 16)])
+def test_quantize_kernel_several_q_tiles_per_program(T, block_m, rotate):
+    # Small (GQA-packed) query tiles: each program quantizes up to 64 // block_m tiles of one head, one scale per
+    # tile; the last program's tiles past the end are not stored (T=100, 16-row tiles: 7 tiles, programs of 4).
+    q, k, v = _qkv(T, 3, 1, 32, torch.bfloat16, seed=T)
+    q[:, :, 5] *= 40
+    q[block_m : 2 * block_m, 1] = 0  # a zero tile inside a program
+    x = tf.quantize_qkv_fp8(q, k, v, block_m, 16, rotate=rotate)
+    ref8, ref_s = fr.quantize_reference(q, block_m, rotate)
+    assert x.qs.shape == ref_s.shape == (3, -(-T // block_m))
+    if not rotate:
+        assert torch.equal(x.qs, ref_s) and torch.equal(x.q8.float(), ref8.float())
+    else:  # as test_quantize_kernel_matches_reference
+        torch.testing.assert_close(x.qs, ref_s, rtol=32 * F32_EPS, atol=0)
+        a, b = x.q8.float(), ref8.float()
+        assert ((a - b).abs() <= torch.maximum(b.abs() * 2.0**-3, torch.full_like(b, 2.0**-9))).all()
+        assert (a != b).float().mean() <= 1e-3
+    if not rotate:  # the key programs after the q programs are unchanged
+        k8, ks = fr.quantize_reference(k, 16)
+        assert torch.equal(x.ks, ks) and torch.equal(x.k8.float(), k8.float())
+
+
 def _check_attention(layout, hq, hkv, d, dtype, seed, rotate=False, config=None, scale=None):
     T = layout.total_tokens
     q, k, v = _qkv(T, hq, hkv, d, dtype, seed)
@@ -313,3 +337,39 @@ def test_supported():
 def test_config_list_roundtrip():
     cfg = tf.FP8AttentionConfig(64, 128, 4, 4, tma=False, merged=True, doc_order=True, quant_warps=4)
     assert tf.FP8AttentionConfig.from_list(cfg.as_list()) == cfg
+
+
+# ------------------------------------------------------------------------------------------- GQA packing (pack_gqa)
+
+# (hq, hkv, config): group sizes 1, 3 (padded to 4 rows per token), 4 and 8; block_m counts TOKENS (the MMA has
+# block_m x next_pow2(group) rows); merged loop and eight loops, TMA and plain loads, both launch orders.
+PACKED = {
+    "g4_merged_tma": (4, 1, tf.FP8AttentionConfig(8, 16, 4, 1, tma=True, merged=True, pack_gqa=True)),
+    "g3_walk8": (6, 2, tf.FP8AttentionConfig(8, 32, 4, 1, tma=False, pack_gqa=True)),
+    "g3_merged_doc": (3, 1, tf.FP8AttentionConfig(8, 32, 4, 1, tma=True, merged=True, doc_order=True, pack_gqa=True)),
+    "g1": (2, 2, tf.FP8AttentionConfig(32, 16, 4, 1, tma=True, merged=True, pack_gqa=True)),
+    "g8_walk8_tma": (8, 1, tf.FP8AttentionConfig(8, 32, 4, 1, tma=True, doc_order=True, pack_gqa=True)),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", list(PACKED), ids=list(PACKED))
+def test_attention_packed(variant):
+    """Derived tolerance vs float64 (poisoned output) AND bit-equality with the unpacked kernel at the same tiles:
+    the packed kernel must quantize and compute every row exactly as the unpacked one (per-(tile, head) q scales)."""
+    from dataclasses import replace
+
+    hq, hkv, cfg = PACKED[variant]
+    layout = PrefixLayout.from_lengths(*AWKWARD[1][1:])  # tile_pm1: many branch ends inside tiles
+    got = _check_attention(layout, hq, hkv, 32, torch.bfloat16, seed=11, rotate=variant == "g3_walk8", config=cfg)
+    q, k, v = _qkv(layout.total_tokens, hq, hkv, 32, torch.bfloat16, seed=11)
+    flat = tf.triton_fp8_prefix_attention(q, k, v, layout, rotate=variant == "g3_walk8",
+                                          config=replace(cfg, pack_gqa=False))
+    assert torch.equal(got, flat)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,prefix,branches", [AWKWARD[0], AWKWARD[2]], ids=[AWKWARD[0][0], AWKWARD[2][0]])
+def test_attention_packed_awkward(name, prefix, branches):
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    _check_attention(layout, 6, 2, 32, torch.float16, seed=2, config=PACKED["g3_merged_doc"][2])

@@ -7,12 +7,15 @@ a call whose inputs require grad in grad mode raises.
 Three layers, as in DESIGN.md style 4:
 
 1. ``@triton.jit`` kernels.
-   - ``_quant_qkv_kernel``: ONE launch quantizes q, k and v (one program per (tile, head) of one of them): one read
-     of the 16-bit input, one write of e4m3 values plus one fp32 scale per (tile, head), ``scale = amax / 448``
-     (1.0 for an all-zero tile). Query tiles are the attention kernel's query tiles (``block_m`` rows), key/value
-     tiles its key tiles (``block_n`` rows), so the attention kernel needs one scalar scale per tile pair. V is
-     written transposed, ``vt8 [Hkv, D, T_pad]`` (T contiguous, zero padded to whole key tiles): Hopper's fp8
-     wgmma wants both operands K-major, and for ``P @ V`` the reduction runs over keys. With ``rotate`` the kernel
+   - ``_quant_qkv_kernel``: ONE launch quantizes q, k and v (one program per (tile, head) of one of them; small
+     query tiles, e.g. the GQA-packed kernel's 16 tokens, several per program so that each moves >= 64 rows): one
+     read of the 16-bit input, one write of e4m3 values plus one fp32 scale per (tile, head), ``scale = amax / 448``
+     (1.0 for an all-zero tile). Near its floor: at 16K tokens, 32/8 heads, D=128 it reads 201 MB (q 134, k+v 67)
+     and writes 100 MB, ~0.10 ms at ~3 TB/s (measured ~0.125 ms). Query tiles are the attention kernel's query
+     tiles (``block_m`` rows; tokens when packed), key/value tiles its key tiles (``block_n`` rows), so the
+     attention kernel needs one scale per (row, key tile). V is written transposed, ``vt8 [Hkv, D, T_pad]`` (T
+     contiguous, zero padded to whole key tiles): Hopper's fp8 wgmma wants both operands K-major, and for ``P @ V``
+     the reduction runs over keys. With ``rotate`` the kernel
      first multiplies each q/k tile by the rotation (``rotation_matrix``: a [D, D] ``tl.dot`` with +-1 entries,
      exact in bf16/fp16, fp32 accumulation, then the 1/sqrt(D) in fp32). V is never rotated.
    - ``_fp8_fwd_kernel``: the forward of ``triton_attention._fwd_kernel`` (same schedule, the full key tiles without
@@ -28,6 +31,10 @@ Three layers, as in DESIGN.md style 4:
      the current tile's V scale, ``acc_u = acc / vs_j``; moving to tile j+1 folds ``vs_j / vs_{j+1}`` into the
      online-softmax rescale ``alpha`` that multiplies the accumulator anyway; the output is
      ``acc_u * vs_last / l``.
+   - ``_fp8_fwd_packed_kernel`` (``FP8AttentionConfig.pack_gqa``): the same per row, with one program per (query
+     tile, KV head) computing all Hq/Hkv heads of its BLOCK_M tokens as one [BLOCK_M * next_pow2(G), D] operand
+     (``triton_attention._fwd_packed_kernel``'s layout). q keeps one scale per (BLOCK_M tokens, head) (so the same
+     quantization as unpacked at BLOCK_M-row tiles), applied as a per-row vector in the score FMA.
 2. Launchers: ``quantize_qkv_fp8`` (also timed alone by scripts/bench_attention.py --fp8) and ``_launch_fp8_fwd``
    (the schedule is ``triton_attention.build_schedules``' forward schedule for the fp8 tile sizes, cached on the
    layout; K through a TMA descriptor over ``k8`` viewed [T, Hkv*D], V through one over ``vt8`` viewed
@@ -81,13 +88,14 @@ def _to_e4m3(x, EXACT_CAST: tl.constexpr):
 @triton.jit
 def _quant_tile(
     X, Y, S, R, blk, h, T, T_PAD, stride_xt, stride_xh, stride_yt, stride_yh, n_blocks, rsqrt_d,
-    BLOCK: tl.constexpr,  # rows per tile = rows per scale
+    BLOCK: tl.constexpr,  # rows per scale
     HEAD_DIM: tl.constexpr,
     ROTATE: tl.constexpr,  # multiply by the +-1 rotation R (and rsqrt_d) before quantizing
     TRANSPOSED: tl.constexpr,  # write Y as [H, HEAD_DIM, T_PAD] (V), rows T..T_PAD-1 as zeros; else [T, H, HEAD_DIM]
     EXACT_CAST: tl.constexpr,
+    SUB: tl.constexpr = 1,  # consecutive tiles per program (rows SUB * BLOCK, one scale per BLOCK rows); not V
 ):
-    offs_t = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_t = blk * (BLOCK * SUB) + tl.arange(0, BLOCK * SUB)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_t < T
     x = tl.load(X + h.to(tl.int64) * stride_xh + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :],
@@ -100,11 +108,21 @@ def _quant_tile(
             xf = tl.dot(x, r.to(x.dtype)) * rsqrt_d
     else:
         xf = x.to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(xf), 1), 0)
-    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)  # IEEE division, as torch's
-    inv = tl.math.div_rn(1.0, scale)
-    y = _to_e4m3(xf * inv, EXACT_CAST)
-    tl.store(S + h * n_blocks + blk, scale)
+    if SUB == 1:
+        amax = tl.max(tl.max(tl.abs(xf), 1), 0)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)  # IEEE division, as torch's
+        inv = tl.math.div_rn(1.0, scale)
+        y = _to_e4m3(xf * inv, EXACT_CAST)
+        tl.store(S + h * n_blocks + blk, scale)
+    else:
+        # SUB tiles of BLOCK rows: the same per-tile fp32 operations, on a [SUB] vector of scales.
+        x3 = tl.reshape(xf, [SUB, BLOCK, HEAD_DIM])
+        amax = tl.max(tl.max(tl.abs(x3), 2), 1)  # [SUB]
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)
+        inv = tl.math.div_rn(tl.full([SUB], 1.0, tl.float32), scale)
+        y = tl.reshape(_to_e4m3(x3 * inv[:, None, None], EXACT_CAST), [SUB * BLOCK, HEAD_DIM])
+        sb = blk * SUB + tl.arange(0, SUB)
+        tl.store(S + h * n_blocks + sb, scale, mask=sb < n_blocks)
     if TRANSPOSED:
         yp = Y + h.to(tl.int64) * HEAD_DIM * T_PAD + offs_d[:, None].to(tl.int64) * T_PAD + offs_t[None, :]
         tl.store(yp, tl.trans(y), mask=(offs_t < T_PAD)[None, :])
@@ -128,14 +146,16 @@ def _quant_qkv_kernel(
     BLOCK_KV: tl.constexpr,  # key/value rows per scale (the attention kernel's BLOCK_N)
     ROTATE: tl.constexpr,  # rotate q and k (never v)
     EXACT_CAST: tl.constexpr,
+    Q_TILES: tl.constexpr = 1,  # q tiles per program (small, GQA-packed query tiles: >= 64 rows per program)
 ):
-    """One launch for q, k and v: programs [0, N_QB*H_Q) quantize q, the next N_KB*H_KV k, the rest v."""
+    """One launch for q, k and v: programs [0, ceil(N_QB/Q_TILES)*H_Q) quantize q (Q_TILES tiles of one head
+    each), the next N_KB*H_KV k, the rest v."""
     pid = tl.program_id(0)
-    nq = N_QB * H_Q
+    nq = tl.cdiv(N_QB, Q_TILES) * H_Q
     nk = N_KB * H_KV
     if pid < nq:
         _quant_tile(Q, Q8, QS, R, pid // H_Q, pid % H_Q, T, T_PAD, stride_qt, stride_qh, H_Q * HEAD_DIM, HEAD_DIM,
-                    N_QB, rsqrt_d, BLOCK_Q, HEAD_DIM, ROTATE, False, EXACT_CAST)
+                    N_QB, rsqrt_d, BLOCK_Q, HEAD_DIM, ROTATE, False, EXACT_CAST, Q_TILES)
     elif pid < nq + nk:
         i = pid - nq
         _quant_tile(K, K8, KS, R, i // H_KV, i % H_KV, T, T_PAD, stride_kt, stride_kh, H_KV * HEAD_DIM, HEAD_DIM,
@@ -155,6 +175,7 @@ def _fp8_step(
     #                        2: the runtime flag ``full`` decides (the merged loop: one loop body, so one pipeline)
     USE_TMA: tl.constexpr,
     EXACT_CAST: tl.constexpr,
+    ROW_SCALE: tl.constexpr = False,  # qsc is a [rows] vector (the GQA-packed kernel: one q scale per row's head)
 ):
     """One key tile j: S, the online-softmax update, P (shifted by 2^P_SHIFT) to e4m3, acc += P @ V."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -185,7 +206,10 @@ def _fp8_step(
     # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN. sc > 0.
     m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * sc - (m_new - 8.0)[:, None])  # 2^8 * softmax numerator, in [0, 256]  (P_SHIFT_LOG2 = 8)
+    if ROW_SCALE:  # sc [rows]: the same FMA per element, its factor per row
+        p = tl.math.exp2(s * sc[:, None] - (m_new - 8.0)[:, None])
+    else:
+        p = tl.math.exp2(s * sc - (m_new - 8.0)[:, None])  # 2^8 * softmax numerator, in [0, 256]  (P_SHIFT_LOG2 = 8)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * (alpha * (v_prev / vs))[:, None]  # acc stays in units of the current tile's V scale
     acc = tl.dot(_to_e4m3(p, EXACT_CAST), tl.trans(vt), acc)
@@ -200,11 +224,13 @@ def _fp8_range(
     MASKED: tl.constexpr,  # 0 or 1 (as _fp8_step's)
     USE_TMA: tl.constexpr,
     EXACT_CAST: tl.constexpr,
+    ROW_SCALE: tl.constexpr = False,
 ):
     for j in range(start, end):
         acc, l_i, m_i, v_prev = _fp8_step(
             acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row,
-            stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, False, T, BLOCK_N, MASKED, USE_TMA, EXACT_CAST)
+            stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, False, T, BLOCK_N, MASKED, USE_TMA, EXACT_CAST,
+            ROW_SCALE)
     return acc, l_i, m_i, v_prev
 
 
@@ -300,6 +326,110 @@ def _fp8_fwd_kernel(
              mask=row_ok[:, None])
 
 
+@triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])
+def _fp8_fwd_packed_kernel(
+    Q8, K8, VT8, QS, KS, VS, O,  # as _fp8_fwd_kernel's
+    SCHED, ORDER, TOK,  # the forward schedule for BLOCK_M-TOKEN query tiles
+    K_DESC, VT_DESC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    T, T_PAD, N_QB, N_KB, sm_scale_log2,
+    H_KV: tl.constexpr,  # program id -> (query tile, KV head)
+    GROUPS: tl.constexpr,  # query heads per KV head, all computed by one program
+    GROUPS_P2: tl.constexpr,  # GROUPS rounded up to a power of two (tl.arange); the extra rows are masked off
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's, and q's quantization tile per head); the MMA
+    #                         has BLOCK_M * GROUPS_P2 rows
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MERGED: tl.constexpr,
+    DOC_ORDER: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):
+    """GQA-packed FP8 forward (``FP8AttentionConfig.pack_gqa``), as ``triton_attention._fwd_packed_kernel``: one
+    program computes BLOCK_M query tokens for ALL the query heads of one KV head, stacked token-major as a
+    [BLOCK_M * GROUPS_P2, D] e4m3 operand (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r %
+    GROUPS_P2; rows of a padding head, r % GROUPS_P2 >= GROUPS, are masked off). Each K/V tile and its two scales feed
+    GROUPS x more MMA rows, and the mask granularity is BLOCK_M tokens.
+
+    q's scales stay one per (BLOCK_M tokens, head), exactly the unpacked quantization with BLOCK_M-row tiles: the
+    rows of one program span GROUPS heads, so the q scale is a [rows] vector; it multiplies the score rows in the same
+    FMA that applies the scalar (the k scale and softmax scale fold into it per key tile: one [rows] multiply per
+    tile). A shared scale per (tile, KV group) would save nothing and coarsen every head's grid to the group's amax."""
+    pid = tl.program_id(0)
+    if DOC_ORDER:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV
+    else:
+        tile = tl.load(ORDER + pid // H_KV)
+    hk = pid % H_KV
+    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
+    g = offs_r % GROUPS_P2
+    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2  # token of each row
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_m < T) & (g < GROUPS)
+    h = hk * GROUPS + g
+    q = tl.load(Q8 + (offs_m.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    # padding rows: scale 1 (> 0, so -inf scores stay -inf, never NaN)
+    qsc = tl.load(QS + h * N_QB + tile, mask=row_ok, other=1.0) * sm_scale_log2
+    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
+    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
+    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)  # padding rows: no allowed key in masked tiles
+    k_base = K8 + hk.to(tl.int64) * stride_kh
+    vt_base = VT8 + hk.to(tl.int64) * HEAD_DIM * T_PAD
+    ks_base = KS + hk * N_KB
+    vs_base = VS + hk * N_KB
+    kv_col = hk * HEAD_DIM
+
+    acc = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
+    v_prev = tl.load(vs_base)
+    sp = SCHED + tile * 10
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    if MERGED:
+        n1 = s3 - s0
+        for i in range(0, n1 + (s9 - s4)):
+            j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+            full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+            acc, l_i, m_i, v_prev = _fp8_step(
+                acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
+                stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST, True)
+    else:
+        args = (q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col, stride_kt, T_PAD, offs_m,
+                offs_d, lo1, hi1, lo2)
+        # The eight ranges as _fp8_fwd_kernel's: the full tiles first, then the boundary tiles.
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s1, s2, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s5, s6, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s7, s8, T, BLOCK_N, 0, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s0, s1, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s2, s3, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s4, s5, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s6, s7, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST, True)
+        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s8, s9, T, BLOCK_N, 1, USE_TMA,
+                                           EXACT_CAST, True)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc * (v_prev / l_safe)[:, None]
+    tl.store(O + (offs_m.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh)[:, None] + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
 # =====================================================================================================================
 # 2. Launchers
 # =====================================================================================================================
@@ -313,7 +443,10 @@ class FP8AttentionConfig:
     tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA descriptors
     (Hopper; ignored elsewhere). ``merged``: one key-tile loop per query tile instead of eight. ``doc_order``: launch
     the query tiles back to front in position order (the programs running at once share one document's K/V in L2;
-    measured on the bf16 forward: L2 hit rate 67% -> 94%) instead of longest-first."""
+    measured on the bf16 forward: L2 hit rate 67% -> 94%) instead of longest-first. ``pack_gqa``: one program per
+    (query tile, KV head) computes all Hq/Hkv query heads (``_fp8_fwd_packed_kernel``); ``block_m`` then counts query
+    TOKENS (still q's quantization tile per head) and the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows (16 tokens x 4
+    heads = 64, as the bf16 default)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -323,6 +456,7 @@ class FP8AttentionConfig:
     merged: bool = False
     doc_order: bool = False
     quant_warps: int = 8  # 4 spills registers at 128-row tiles of D=128 (one program holds a [128, D] fp32 tile)
+    pack_gqa: bool = False
 
     def as_list(self) -> list[int]:
         return [int(getattr(self, f.name)) for f in fields(self)]
@@ -415,13 +549,16 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     if T == 0:
         return out
     rot = _rotation_operand(D, q.dtype, dev) if rotate else qs  # any pointer when unused
-    grid = (nqb * Hq + 2 * nkb * Hkv,)
+    # Small query tiles (GQA packing: 16 tokens) are quantized several per program, so that every program moves at
+    # least 64 rows (as the key tiles); one scale per block_m rows all the same.
+    q_tiles = max(1, min(64 // block_m, triton.next_power_of_2(nqb)))
+    grid = (-(-nqb // q_tiles) * Hq + 2 * nkb * Hkv,)
     _quant_qkv_kernel[grid](
         q, k, v, q8, k8, vt8, qs, ks, vs, rot,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         T, t_pad, nqb, nkb, float(torch.tensor(D**-0.5, dtype=torch.float32)),
         H_Q=Hq, H_KV=Hkv, HEAD_DIM=D, BLOCK_Q=block_m, BLOCK_KV=block_n, ROTATE=bool(rotate),
-        EXACT_CAST=_interpret(), num_warps=quant_warps,
+        EXACT_CAST=_interpret(), Q_TILES=q_tiles, num_warps=quant_warps,
     )
     return out
 
@@ -439,6 +576,16 @@ def _launch_fp8_fwd(x: FP8QKV, sched, order, tok, scale: float, cfg: FP8Attentio
 
         kd = TensorDescriptor.from_tensor(x.k8.view(T, Hkv * D), [cfg.block_n, D])
         vd = TensorDescriptor.from_tensor(x.vt8.view(Hkv * D, t_pad), [D, cfg.block_n])
+    if cfg.pack_gqa:
+        _fp8_fwd_packed_kernel[(order.numel() * Hkv,)](
+            x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, order, tok, kd, vd,
+            x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
+            T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
+            H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, MERGED=cfg.merged, DOC_ORDER=cfg.doc_order,
+            EXACT_CAST=_interpret(), num_warps=cfg.warps, num_stages=cfg.stages,
+        )
+        return out
     _fp8_fwd_kernel[(order.numel() * Hq,)](
         x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, order, tok, kd, vd,
         x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),

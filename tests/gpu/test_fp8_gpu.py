@@ -53,10 +53,15 @@ def _qkv(T, hq, hkv, d, dtype, seed, outliers=0):
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotate"])
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
                          ids=["d128-bf16", "d64-bf16", "d128-fp16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["tiles", "pack16"])
 @pytest.mark.parametrize("T", [1, 127, 1000])
-def test_quantize_kernel(T, d, dtype, rotate):
+def test_quantize_kernel(T, d, dtype, rotate, packed):
+    from dataclasses import replace
+
     tf = _tf()
     cfg = tf.fp8_default_config(d, torch.device(DEV))
+    if packed:  # GQA-packed query tiles of 16 tokens: four tiles per quantize program, one scale each
+        cfg = replace(cfg, pack_gqa=True, block_m=16, block_n=64)
     q, k, v = _qkv(T, 8, 2, d, dtype, seed=T, outliers=4)
     if T > 2 * cfg.block_n:
         k[cfg.block_n : 2 * cfg.block_n, 1] = 0  # a zero tile
@@ -158,6 +163,83 @@ def test_config_variants(variant):
     cfg = replace(tf.fp8_default_config(128, torch.device(DEV)), **VARIANTS[variant])
     layout = PrefixLayout.from_lengths(*AWKWARD[2][1:], device=DEV)
     _assert_ok(*_errors(layout, 8, 2, 128, torch.bfloat16, 2, rotate=True, config=cfg), variant)
+
+
+# GQA packing (pack_gqa): group sizes 1, 3 (padded to 4 rows per token), 4, 8. block_m counts TOKENS; as
+# triton_attention.default_config sizes the bf16 packed forward: 64 MMA rows (4 warps), at least 16 tokens (8 warps
+# beyond 64 rows).
+GROUPS = {1: (4, 4), 3: (6, 2), 4: (8, 2), 8: (8, 1)}
+
+
+def _packed_cfg(groups, **kw):
+    from dataclasses import replace
+
+    tf = _tf()
+    gp2 = 1 << (groups - 1).bit_length()
+    bm = max(64 // gp2, 16)
+    base = replace(tf.fp8_default_config(128, torch.device(DEV)), pack_gqa=True, block_m=bm,
+                   warps=4 if bm * gp2 <= 64 else 8)
+    return replace(base, **kw)
+
+
+@pytest.mark.parametrize("pack_gqa", [False, True], ids=["flat", "packed"])
+@pytest.mark.parametrize("groups", list(GROUPS), ids=[f"g{g}" for g in GROUPS])
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+def test_packed_awkward_layouts(name, prefix, branches, groups, pack_gqa):
+    from dataclasses import replace
+
+    hq, hkv = GROUPS[groups]
+    cfg = _packed_cfg(groups)
+    if not pack_gqa:  # the same token tiles unpacked: the reference point of the packed kernel
+        cfg = replace(cfg, pack_gqa=False, warps=4)
+    layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
+    _assert_ok(*_errors(layout, hq, hkv, 128, torch.bfloat16, groups, rotate=groups == 3, config=cfg),
+               f"{name} g{groups}")
+
+
+@pytest.mark.parametrize("groups", list(GROUPS), ids=[f"g{g}" for g in GROUPS])
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("d", [64, 128])
+def test_packed_random_layouts(d, seed, groups):
+    rng = random.Random(100 + seed)
+    layout = _random_layout(rng, tokens=rng.choice([700, 1500, 2600]))
+    hq, hkv = GROUPS[groups]
+    _assert_ok(*_errors(layout, hq, hkv, d, torch.bfloat16, seed, rotate=seed == 1, config=_packed_cfg(groups)),
+               f"seed {seed} g{groups}")
+
+
+PACKED_VARIANTS = {  # as FP8_SWEEP in scripts/bench_attention.py, plus the loops/loads the sweep does not time
+    "pack16_m64": dict(block_m=16, block_n=64, warps=4),
+    "pack16_n128": dict(block_m=16, block_n=128, warps=4),
+    "pack16_s4": dict(block_m=16, block_n=64, warps=4, stages=4),
+    "pack32_w8": dict(block_m=32, block_n=64, warps=8),
+    "pack16_walk8": dict(block_m=16, merged=False),
+    "pack16_no_tma": dict(block_m=16, tma=False),
+    "pack16_longest_first": dict(block_m=16, doc_order=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(PACKED_VARIANTS), ids=list(PACKED_VARIANTS))
+def test_packed_config_variants(variant):
+    layout = PrefixLayout.from_lengths(*AWKWARD[2][1:], device=DEV)
+    cfg = _packed_cfg(4, **PACKED_VARIANTS[variant])
+    _assert_ok(*_errors(layout, 8, 2, 128, torch.bfloat16, 2, rotate=True, config=cfg), variant)
+
+
+def test_packed_large_row_matches_unpacked():
+    """Same quantization (one q scale per (16 tokens, head)) and the same per-row arithmetic as the unpacked kernel
+    at 16-token tiles: the two agree to the fp32 rounding of the MMA (measured bit for bit in the CPU interpreter;
+    here the wgmma shapes differ, so allow 2^-8 relative, one bf16 rounding step, per element)."""
+    from dataclasses import replace
+
+    tf = _tf()
+    layout = PrefixLayout.from_lengths([2047] * 3, [[257, 257]] * 3, device=DEV)
+    cfg = _packed_cfg(4)
+    _assert_ok(*_errors(layout, 32, 8, 128, torch.bfloat16, 3, rotate=True, config=cfg), "large packed")
+    q, k, v = _qkv(layout.total_tokens, 32, 8, 128, torch.bfloat16, 3)
+    a = tf.triton_fp8_prefix_attention(q, k, v, layout, config=cfg)
+    b = tf.triton_fp8_prefix_attention(q, k, v, layout, config=replace(cfg, pack_gqa=False))
+    torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-8, atol=2.0**-8 * b.float().abs().max().item())
 
 
 def test_large_row():
