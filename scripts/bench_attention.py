@@ -124,6 +124,19 @@ SWEEP_VARIANTS = {
                                         fwd_block_n=32),
     "all_pack32_w8": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_warps=8, bwd_merged=True,
                           kv_block_m=32, kv_stages=3, dq_pack_gqa=True, dq_block_m=32),
+    # FA3-style intra-warpgroup overlap (config ``fwd_prefetch_qk``): the next key tile's QK^T wgmma stays in flight
+    # under the current tile's softmax (P@V deferred one iteration, synchronous). ncu on the best forward: tensor
+    # pipe 51% active, issue/latency bound, the softmax never overlapping an MMA. sm_90a compile (16 tok x 4 heads,
+    # 64-key tiles, 4 warps): 217 regs (172 without), no spills, same shared memory (112 KB at 3 stages, 80 at 2)
+    "doc_order_all_pack16_prefetch": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True,
+                                          bwd_merged=True, dq_pack_gqa=True, dq_block_m=32, fwd_prefetch_qk=True),
+    "doc_order_all_pack16_prefetch_s2": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True,
+                                             bwd_merged=True, dq_pack_gqa=True, dq_block_m=32, fwd_prefetch_qk=True,
+                                             fwd_stages=2),
+    # 32 tokens x 4 heads = 128 rows over 2 warpgroups (215 regs, 128 KB: one CTA of 8 warps per SM)
+    "doc_order_all_pack32_w8_prefetch": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=32, fwd_warps=8,
+                                             fwd_merged=True, bwd_merged=True, dq_pack_gqa=True, dq_block_m=32,
+                                             fwd_prefetch_qk=True),
 }
 
 
@@ -214,6 +227,11 @@ FP8_SWEEP = {  # FP8AttentionConfig fields over the default; times the FP8 call 
     "m64_n64_w4": dict(block_m=64, block_n=64, warps=4, merged=True),
     "m128_n128_s2": dict(stages=2, merged=True),
     "m128_n128_longest_first": dict(doc_order=False),
+    # GQA packing (pack_gqa): block_m counts query TOKENS, the MMA has block_m x (Hq/Hkv) rows (16 x 4 = 64)
+    "pack16_m64": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, merged=True),
+    "pack16_n128": dict(pack_gqa=True, block_m=16, block_n=128, warps=4, merged=True),  # 255 regs at D=128
+    "pack16_s4": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, stages=4, merged=True),
+    "pack32_w8": dict(pack_gqa=True, block_m=32, block_n=64, warps=8, merged=True),  # 32 x 4 = 128 rows
 }
 
 

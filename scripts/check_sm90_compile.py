@@ -2,7 +2,10 @@
 
 For each variant: wgmma instructions in the PTX, whether the key/query loop got multi-buffered async copies (TMA
 ``cp.async.bulk.tensor`` or ``cp.async``), shared memory per program (Triton's metadata), and ptxas's registers per
-thread and spill bytes (the bundled ptxas, ``-v``). Run on any machine with Triton (no GPU needed):
+thread and spill bytes (the bundled ptxas, ``-v``). ``ex2@mma``: the most ``ex2`` (softmax exponentials) issued
+between a ``wgmma.commit_group`` and the next ``wgmma.wait_group`` in the PTX text, i.e. softmax work with a wgmma in
+flight (0: the softmax never overlaps an MMA; ``fwd_prefetch_qk`` aims at one tile's worth, 32 + 2 per thread at
+64x64 / 4 warps); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing any such overlap). Run on any machine with Triton (no GPU needed):
 
     python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
     python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"
@@ -65,15 +68,31 @@ def _ptxas(ptx: str):
     spill_st = re.search(r"(\d+) bytes spill stores", out)
     spill_ld = re.search(r"(\d+) bytes spill loads", out)
     return (int(regs.group(1)) if regs else -1, int(spill_st.group(1)) if spill_st else -1,
-            int(spill_ld.group(1)) if spill_ld else -1, out if r.returncode else "")
+            int(spill_ld.group(1)) if spill_ld else -1, out if r.returncode else "", "C7514" in out)
 
 
-def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False):
+def _ex2_in_flight(ptx: str) -> int:
+    """The most ex2 instructions between a wgmma.commit_group and the next wgmma.wait_group (PTX text order)."""
+    best, count = 0, None
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line:
+            count = 0
+        elif "wgmma.wait_group" in line:
+            if count is not None:
+                best = max(best, count)
+            count = None
+        elif count is not None and "ex2.approx" in line:
+            count += 1
+    return best
+
+
+def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False, prefetch=False):
     fn = ta._fwd_packed_kernel if pack else ta._fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", ORDER="*i32",
                  TOK="*i32", qk_scale="fp32")
-    consts = dict(GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32", MERGED=merged)
+    consts = dict(GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32", MERGED=merged,
+                  PREFETCH=prefetch)
     if pack:
         consts.update(H_KV=HKV, GROUPS_P2=G)
     else:
@@ -123,6 +142,12 @@ VARIANTS = [
     _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3, pack=True, merged=True),
     _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2, pack=True, merged=True),
     _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2, pack=True, merged=True),
+    # fwd_prefetch_qk: next tile's QK^T in flight under the softmax (the "overlap" column checks the TTGIR)
+    _fwd("fwd pack 16tok x64 w4 s3 merged prefetch", 16, 64, 4, 3, pack=True, merged=True, prefetch=True),
+    _fwd("fwd pack 16tok x64 w4 s2 merged prefetch", 16, 64, 4, 2, pack=True, merged=True, prefetch=True),
+    _fwd("fwd pack 16tok x64 w4 s3 prefetch no-TMA", 16, 64, 4, 3, tma=False, pack=True, merged=True, prefetch=True),
+    _fwd("fwd pack 32tok x64 w8 s3 merged prefetch", 32, 64, 8, 3, pack=True, merged=True, prefetch=True),
+    _fwd("fwd 128x64 w8 s3 merged prefetch", 128, 64, 8, 3, merged=True, prefetch=True),
     # KV-major backward (default: 64 queries x 128 keys, 8 warps, 2 stages, TMA)
     _kv("kv 64x128 w8 s2 (default)", 64, 128, 8, 2),
     _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2, merged=True),
@@ -145,7 +170,8 @@ def main(argv=None):
     ap.add_argument("--dump", default=None)
     args = ap.parse_args(argv)
     print(f"# triton {triton.__version__}, target sm_90a, G={G} D={D} {DT}")
-    print(f"{'variant':<44}{'wgmma':>6}{'tma ld':>7}{'cp.async':>9}{'smem KB':>8}{'regs':>5}{'spill st/ld B':>15}")
+    print(f"{'variant':<44}{'wgmma':>6}{'tma ld':>7}{'cp.async':>9}{'smem KB':>8}{'regs':>5}{'spill st/ld B':>15}"
+          f"{'ex2@mma':>8}{'ser':>4}")
     for name, fn, types, consts, w, s in VARIANTS:
         if args.only not in name:
             continue
@@ -158,9 +184,10 @@ def main(argv=None):
         wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cpa = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))
-        regs, sst, sld, err = _ptxas(ptx)
+        regs, sst, sld, err, serial = _ptxas(ptx)
         smem = k.metadata.shared / 1024
-        print(f"{name:<44}{wgmma:>6}{tma:>7}{cpa:>9}{smem:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
+        print(f"{name:<44}{wgmma:>6}{tma:>7}{cpa:>9}{smem:>8.1f}{regs:>5}{sst:>8}/{sld:<6}{_ex2_in_flight(ptx):>8}"
+              f"{'yes' if serial else 'no':>4}")
         if err:
             print("   ptxas:", err[:300])
         if args.dump:

@@ -146,6 +146,9 @@ VARIANTS = {
     "doc_order_det": dict(doc_order=True, deterministic=True),
     "doc_order_all": dict(doc_order=True, fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True,
                           dq_pack_gqa=True),
+    # next key tile's QK^T issued before the current tile's softmax (P@V deferred one iteration), packed and not
+    "pack_merged_prefetch_tma": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_prefetch_qk=True, fwd_tma=True),
+    "merged_prefetch": dict(fwd_merged=True, fwd_prefetch_qk=True),
 }
 
 
@@ -158,13 +161,49 @@ def test_speed_variants(variant, hq, hkv):
     _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + 7, config=cfg)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["base", "prefetch_qk"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
-def test_speed_variants_awkward(name, prefix, branches):
+def test_speed_variants_awkward(name, prefix, branches, prefetch):
     """Every new path at once (packed + merged forward and dq, merged KV-major, document order) on the awkward
-    layouts, fp16."""
-    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"], "doc_order": True})
+    layouts, fp16; and the same with the forward's QK^T prefetch (``fwd_prefetch_qk``: one-tile walks, tiles that
+    are all masked, the last tile's P@V after the loop)."""
+    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"], "doc_order": True, "fwd_prefetch_qk": prefetch})
     layout = PrefixLayout.from_lengths(prefix, branches)
     _check_against_float64(layout, hq=4, hkv=1, d=16, dtype=torch.float16, seed=len(name), config=cfg)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+def test_prefetch_empty_and_partial_walks(pack):
+    """``fwd_prefetch_qk`` on hand-made schedules: an empty walk (no key tile: out = 0, no NaN), and
+    walks of one tile or ending at the row's last (partial) tile, equal to the plain merged loop's (fp32; same tiles,
+    same order, so to rounding)."""
+    T, hq, hkv, d, bm, bn = 45, 4, 2, 16, 16, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
+    layout = PrefixLayout.from_lengths([0], [[T]])  # one causal document: lo1 = hi1 = 0, lo2 = 0
+    tok = ta._tok_ranges(layout)
+    nqt = -(-T // bm)
+    # per query tile: range 1 empty; range 2 = [s4, s9) masked only (so every tile takes the masked path)
+    walks = [(0, 0), (0, 1), (0, 3)]  # tile 0 empty (its queries then see nothing), tile 1 one tile, tile 2 all
+    sched = torch.zeros(nqt, 10, dtype=torch.int32)
+    for t, (a, b) in enumerate(walks):
+        sched[t, 4:] = torch.tensor([a, b, b, b, b, b], dtype=torch.int32)
+    order = torch.arange(nqt, dtype=torch.int32)
+    base = dict(fwd_block_m=bm, fwd_block_n=bn, fwd_warps=4, fwd_stages=1, fwd_merged=True, fwd_pack_gqa=pack)
+    if pack:
+        base["fwd_block_m"] = bm // 2  # 8 tokens x 2 heads: schedule tiles of 8 tokens
+        sched = sched.repeat_interleave(2, 0)[: -(-T // 8)]
+        order = torch.arange(sched.shape[0], dtype=torch.int32)
+    outs = []
+    for prefetch in (False, True):
+        cfg = ta.TritonAttentionConfig(**{**base, "fwd_prefetch_qk": prefetch})
+        outs.append(ta._launch_fwd(q, k, v, sched, order, tok, d**-0.5, cfg))
+    (o0, l0), (o1, l1) = outs
+    assert torch.isfinite(o1).all() and torch.isfinite(l1).all()
+    rows0 = slice(0, bm)  # the empty walk's queries
+    assert (o1[rows0] == 0).all()
+    torch.testing.assert_close(o1, o0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
 
 
 def test_config_list_roundtrip():

@@ -139,6 +139,94 @@ def _fwd_merged(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_kv_tile(base, desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA: tl.constexpr):
+    """One [BLOCK_N, D] K or V tile at key n0: a TMA load (rows past T come back as zeros) or a masked load."""
+    if USE_TMA:
+        x = desc.load([n0, kv_col])
+    else:
+        ptr = base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        x = tl.load(ptr, mask=((n0 + offs_n) < T)[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_merged_prefetch(
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp,
+    qk_scale, T,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """``_fwd_merged`` with the QK^T of the next key tile in flight during the softmax of the current one
+    (``fwd_prefetch_qk``; FA3's intra-warpgroup overlap, expressed so that Triton 3.6's Hopper wgmma pipelining and
+    ptxas keep it; scripts/check_sm90_compile.py checks the PTX: ``ex2@mma`` 34, no C7514).
+
+    Iteration i = -1 .. n-1 (key tile j(i) of the merged walk): (1) acc += P_{i-1} V_{i-1}, the previous tile's
+    P@V, deferred (P = 0 for i <= 0); (2) S_{i+1} = q K_{i+1}^T; (3) the softmax of S_i (issued one iteration
+    earlier; S_{-1} = -inf with the mask off, a no-op) and the rescale of acc. Triton makes (1) synchronous (its result
+    is rescaled in the same iteration); its wait retires every wgmma in flight, so S_i is ready, and (2) becomes
+    "properly async": its result is only yielded, then read after that wait, so it runs under the softmax.
+    The last iteration recomputes tile j(n-1) in (2) (discarded; always an in-walk tile, no out-of-bounds load); the
+    last P@V follows the loop. An empty walk (n = 0) runs only iteration -1 (P = 0; it reads tile s4 with rows past T
+    masked / zero-filled). P is carried in fp32 and cast at (1): a 16-bit P carried across the iteration becomes a
+    shared-memory wgmma operand (8 KB more, a store per tile). Cost per program: one P@V with P = 0, one discarded
+    QK^T, one softmax over -inf, and a select on full tiles too. Same tiles, order and rounding as ``_fwd_merged``."""
+    s0 = tl.load(sp + 0)
+    s1 = tl.load(sp + 1)
+    s2 = tl.load(sp + 2)
+    s3 = tl.load(sp + 3)
+    s4 = tl.load(sp + 4)
+    s5 = tl.load(sp + 5)
+    s6 = tl.load(sp + 6)
+    s7 = tl.load(sp + 7)
+    s8 = tl.load(sp + 8)
+    s9 = tl.load(sp + 9)
+    n1 = s3 - s0
+    n = n1 + (s9 - s4)
+    offs_n = tl.arange(0, BLOCK_N)
+    ROWS: tl.constexpr = q.shape[0]
+    # Iteration -1 only issues S_0: its softmax runs on S = -inf with the mask off (m, l, acc unchanged, P = 0).
+    s = tl.full([ROWS, BLOCK_N], float("-inf"), tl.float32)
+    p = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for i in range(-1, n):
+        # (1) P@V of the previous tile (first in the body: synchronous; its wait also completes S_i).
+        ip = tl.maximum(i - 1, 0)
+        jp = tl.where(ip < n1, s0 + ip, s4 + (ip - n1))
+        v = _fwd_kv_tile(v_base, v_desc, jp * BLOCK_N, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+        acc = tl.dot(p.to(q.dtype), v, acc, input_precision=DOT_PREC)
+        # (3a) this tile's mask, applied before (2) is issued: the select is the last read of the S_i registers, so
+        # (2) can write its result into them (no copy of the in-flight accumulator at the loop's back edge, which
+        # would make ptxas serialize the wgmmas). The mask is chosen in the branch and applied outside it: a branch
+        # reading S would be scheduled before (1)'s wait, and Triton would then wait for (2) at once.
+        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8)) | (i < 0)
+        if full:
+            ok = tl.full([ROWS, BLOCK_N], 1, tl.int1)
+        else:
+            kk = (j * BLOCK_N + offs_n)[None, :]
+            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+        s = tl.where(ok, s, float("-inf"))
+        # (2) QK^T of the next tile, left in flight (the last iteration recomputes its own tile, discarded).
+        inx = tl.maximum(tl.minimum(i + 1, n - 1), 0)
+        jn = tl.where(inx < n1, s0 + inx, s4 + (inx - n1))
+        k = _fwd_kv_tile(k_base, k_desc, jn * BLOCK_N, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+        s_next = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        # (3b) the rest of this tile's softmax, under (2).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        s = s_next
+    if n > 0:
+        jl = tl.where(n - 1 < n1, s0 + (n - 1), s4 + (n - 1 - n1))
+        v = _fwd_kv_tile(v_base, v_desc, jl * BLOCK_N, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+        acc = tl.dot(p.to(q.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q [T, Hq, D], k/v [T, Hkv, D], o [T, Hq, D], lse [Hq, T] fp32 (log2 domain)
@@ -155,6 +243,7 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr,
     MERGED: tl.constexpr = False,  # one loop over all key tiles (``_fwd_merged``) instead of eight
     DOC_ORDER: tl.constexpr = False,  # tiles back to front in position order instead of ORDER (``doc_order``)
+    PREFETCH: tl.constexpr = False,  # with MERGED: next tile's QK^T in flight under the softmax (``fwd_prefetch_qk``)
 ):
     pid = tl.program_id(0)
     if DOC_ORDER:
@@ -178,7 +267,11 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
-    if MERGED:
+    if MERGED and PREFETCH:
+        acc, l_i, m_i = _fwd_merged_prefetch(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM,
+                                             stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N,
+                                             USE_TMA, DOT_PREC)
+    elif MERGED:
         acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
                                     offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
     else:
@@ -243,6 +336,7 @@ def _fwd_packed_kernel(
     DOT_PREC: tl.constexpr,
     MERGED: tl.constexpr,
     DOC_ORDER: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """GQA-packed forward (``fwd_pack_gqa``): one program computes BLOCK_M query tokens for ALL the query heads of
     one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] operand (row r: token tile*BLOCK_M + r // G, head
@@ -273,7 +367,11 @@ def _fwd_packed_kernel(
     l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
-    if MERGED:
+    if MERGED and PREFETCH:
+        acc, l_i, m_i = _fwd_merged_prefetch(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM,
+                                             stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N,
+                                             USE_TMA, DOT_PREC)
+    elif MERGED:
         acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
                                     offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
     else:
@@ -700,6 +798,10 @@ class TritonAttentionConfig:
     # on an H100, 16K row of 2048/256+256 documents: forward L2 hit rate 67%, 1.0 GB read from DRAM for 0.19 GB of
     # q/k/v; KV-major backward 36%, 1.7 GB).
     doc_order: bool = False
+    # FA3-style intra-warpgroup overlap in the merged forward loop (``_fwd_merged_prefetch``): the QK^T of key tile
+    # j+1 is issued before the softmax of tile j, whose P@V is deferred to the next iteration, so the wgmma runs
+    # under the softmax. Only with ``fwd_merged`` (packed or not); ignored by the eight-loop walk.
+    fwd_prefetch_qk: bool = False
 
     def as_list(self) -> list[int]:
         return [int(getattr(self, f.name)) for f in fields(self)]
@@ -883,7 +985,8 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
             T, scale * _LOG2E,
             H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
             BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype),
-            MERGED=cfg.fwd_merged, DOC_ORDER=cfg.doc_order, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            MERGED=cfg.fwd_merged, DOC_ORDER=cfg.doc_order, PREFETCH=cfg.fwd_merged and cfg.fwd_prefetch_qk,
+            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         )
         return o, lse
     _fwd_kernel[grid](
@@ -892,7 +995,7 @@ def _launch_fwd(q, k, v, sched, order, tok, scale, cfg: TritonAttentionConfig):
         T, scale * _LOG2E,
         H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         USE_TMA=use_tma, DOT_PREC=_dot_prec(q.dtype), MERGED=cfg.fwd_merged, DOC_ORDER=cfg.doc_order,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        PREFETCH=cfg.fwd_merged and cfg.fwd_prefetch_qk, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
 

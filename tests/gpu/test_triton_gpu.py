@@ -127,6 +127,11 @@ GPU_VARIANTS = {
     "doc_order_pack16_merged": dict(doc_order=True, fwd_pack_gqa=True, fwd_merged=True, fwd_block_m=16,
                                     bwd_merged=True, dq_pack_gqa=True, dq_block_m=32),
     "doc_order_atomic": dict(doc_order=True, deterministic=False),
+    # FA3-style overlap: the next key tile's QK^T in flight under the softmax (on the packed, merged default)
+    "fwd_pack16_prefetch_qk": dict(fwd_prefetch_qk=True),
+    "fwd_pack16_prefetch_qk_s2": dict(fwd_prefetch_qk=True, fwd_stages=2),
+    "fwd_pack16_prefetch_qk_nontma": dict(fwd_prefetch_qk=True, fwd_tma=False),
+    "fwd_prefetch_qk_unpacked_w8": dict(fwd_prefetch_qk=True, fwd_pack_gqa=False, fwd_block_m=128, fwd_warps=8),
 }
 
 
