@@ -221,17 +221,15 @@ def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
 
 FP8_SWEEP = {  # FP8AttentionConfig fields over the default; times the FP8 call (quantize included) per layout
     "default": {},
-    "merged": dict(merged=True),
-    "m64_n128_w4": dict(block_m=64, warps=4, merged=True),
-    "m128_n64_w8": dict(block_n=64, merged=True),
-    "m64_n64_w4": dict(block_m=64, block_n=64, warps=4, merged=True),
-    "m128_n128_s2": dict(stages=2, merged=True),
-    "m128_n128_longest_first": dict(doc_order=False),
+    "unpacked_128x128_8loops": dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3, merged=False),
+    "unpacked_128x128_merged": dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3),
+    "unpacked_64x128_w4": dict(pack_gqa=False, block_m=64, block_n=128, warps=4, stages=3),
+    "unpacked_64x64_w4": dict(pack_gqa=False, block_m=64, block_n=64, warps=4, stages=3),
     # GQA packing (pack_gqa): block_m counts query TOKENS, the MMA has block_m x (Hq/Hkv) rows (16 x 4 = 64)
-    "pack16_m64": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, merged=True),
-    "pack16_n128": dict(pack_gqa=True, block_m=16, block_n=128, warps=4, merged=True),  # 255 regs at D=128
-    "pack16_s4": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, stages=4, merged=True),
-    "pack32_w8": dict(pack_gqa=True, block_m=32, block_n=64, warps=8, merged=True),  # 32 x 4 = 128 rows
+    "pack16_s3": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, stages=3),
+    "pack16_n128_s3": dict(pack_gqa=True, block_m=16, block_n=128, warps=4, stages=3),  # 255 regs at D=128
+    "pack32_w8_s3": dict(pack_gqa=True, block_m=32, block_n=64, warps=8, stages=3),  # 32 x 4 = 128 rows
+    "pack16_longest_first": dict(doc_order=False),
 }
 
 

@@ -54,6 +54,7 @@ grid in fp32 first (``EXACT_CAST``), so the conversion itself is exact. On a GPU
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -467,13 +468,14 @@ class FP8AttentionConfig:
         return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
 
 
-# Keyed on head dim. H100 sweep (scripts/bench_attention.py --fp8-sweep, 2026-11-24, D=128, 32/8 heads, bf16 in,
-# 16K rows; time = quantize + attention vs the bf16 default forward): 128x128 tiles / 8 warps / eight loops 0.72x
-# (p2048_r256x2) and 0.51x (p512_r128x8); one merged loop 0.89x / 0.68x; 64x128 / 4 warps merged 1.04x / 0.79x;
-# 64x64 / 4 warps merged 1.01x / 0.87x (chosen). D=64 takes the same shape (not swept).
+# Keyed on head dim. H100 sweeps (scripts/bench_attention.py --fp8-sweep, 2026-11-24, D=128, 32/8 heads, bf16 in,
+# 16K rows; time = quantize + attention vs the bf16 default forward, p2048_r256x2 / p512_r128x8): 128x128 tiles,
+# 8 warps, eight loops 0.72x / 0.51x; one merged loop 0.89x / 0.68x; 64x64, 4 warps, merged 1.01x / 0.87x; GQA-packed
+# 16 tokens x 4 heads, 64 keys, 4 warps, merged, 3 stages 1.06x / 0.93x, 4 stages 1.09x / 0.91x (chosen; 128 keys
+# 1.11x / 0.81x). ``fp8_default_config`` sizes the packed tile from the GQA group (64 MMA rows). D=64: same shape.
 _FP8_CONFIGS: dict[int, FP8AttentionConfig] = {
-    64: FP8AttentionConfig(64, 64, 4, 3, merged=True, doc_order=True),
-    128: FP8AttentionConfig(64, 64, 4, 3, merged=True, doc_order=True),
+    64: FP8AttentionConfig(16, 64, 4, 4, merged=True, doc_order=True, pack_gqa=True),
+    128: FP8AttentionConfig(16, 64, 4, 4, merged=True, doc_order=True, pack_gqa=True),
 }
 _FP8_OVERRIDE: FP8AttentionConfig | None = None
 
@@ -484,12 +486,24 @@ def set_fp8_default_config(cfg: FP8AttentionConfig | None) -> None:
     _FP8_OVERRIDE = cfg
 
 
-def fp8_default_config(head_dim: int, device: torch.device) -> FP8AttentionConfig:
+def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> FP8AttentionConfig:
+    """The FP8 config for ``head_dim`` and ``groups`` query heads per KV head (``set_fp8_default_config`` overrides
+    it): on a GPU the packed tile holds as many query tokens as make 64 MMA rows (at least 16; 8 warps beyond 64)."""
     if _FP8_OVERRIDE is not None:
         return _FP8_OVERRIDE
     if device.type != "cuda":  # the CPU interpreter: small tiles keep the tests fast and exercise many tiles
         return FP8AttentionConfig(32, 16, 4, 1, tma=False)
-    return _FP8_CONFIGS[64 if head_dim <= 64 else 128]
+    return _fp8_gpu_config(64 if head_dim <= 64 else 128, max(1, groups))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_gpu_config(hd: int, groups: int) -> FP8AttentionConfig:
+    cfg = _FP8_CONFIGS[hd]
+    if not cfg.pack_gqa:
+        return cfg
+    g = triton.next_power_of_2(groups)
+    bm = max(64 // g, 16)
+    return replace(cfg, block_m=bm, warps=4 if bm * g <= 64 else 8)
 
 
 def _interpret() -> bool:
@@ -693,7 +707,7 @@ def triton_fp8_prefix_attention(
     if not ok:
         raise ValueError(f"triton_fp8: {why}")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    cfg = config or fp8_default_config(D, q.device)
+    cfg = config or fp8_default_config(D, q.device, q.shape[1] // max(1, k.shape[1]))
     sched, order, tok = fp8_schedules(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if out is not None:

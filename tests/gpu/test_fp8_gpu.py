@@ -59,7 +59,7 @@ def test_quantize_kernel(T, d, dtype, rotate, packed):
     from dataclasses import replace
 
     tf = _tf()
-    cfg = tf.fp8_default_config(d, torch.device(DEV))
+    cfg = replace(tf.fp8_default_config(d, torch.device(DEV)), pack_gqa=False, block_m=64)
     if packed:  # GQA-packed query tiles of 16 tokens: four tiles per quantize program, one scale each
         cfg = replace(cfg, pack_gqa=True, block_m=16, block_n=64)
     q, k, v = _qkv(T, 8, 2, d, dtype, seed=T, outliers=4)
@@ -147,7 +147,7 @@ def test_awkward_layouts(name, prefix, branches, d):
 # Tile / pipeline variants the lead may sweep (FP8AttentionConfig): each must stay correct.
 VARIANTS = {
     "128x64_s3": dict(block_n=64),
-    "64x128_w4": dict(block_m=64, warps=4),
+    "128x128_w8": dict(block_m=128, block_n=128, warps=8),
     "merged": dict(merged=True),
     "no_tma": dict(tma=False),
     "s4": dict(stages=4),
@@ -160,7 +160,8 @@ def test_config_variants(variant):
     from dataclasses import replace
 
     tf = _tf()
-    cfg = replace(tf.fp8_default_config(128, torch.device(DEV)), **VARIANTS[variant])
+    # on the unpacked 64-row kernel (the packed default is tested in the GQA-packing tests below)
+    cfg = replace(tf.fp8_default_config(128, torch.device(DEV)), pack_gqa=False, block_m=64, **VARIANTS[variant])
     layout = PrefixLayout.from_lengths(*AWKWARD[2][1:], device=DEV)
     _assert_ok(*_errors(layout, 8, 2, 128, torch.bfloat16, 2, rotate=True, config=cfg), variant)
 
@@ -226,20 +227,18 @@ def test_packed_config_variants(variant):
     _assert_ok(*_errors(layout, 8, 2, 128, torch.bfloat16, 2, rotate=True, config=cfg), variant)
 
 
-def test_packed_large_row_matches_unpacked():
-    """Same quantization (one q scale per (16 tokens, head)) and the same per-row arithmetic as the unpacked kernel
-    at 16-token tiles: the two agree to the fp32 rounding of the MMA (measured bit for bit in the CPU interpreter;
-    here the wgmma shapes differ, so allow 2^-8 relative, one bf16 rounding step, per element)."""
+def test_packed_large_row():
+    """The packed kernel on a ~7.7K-token row of 32/8 heads, held to the derived float64 tolerance. (Packed and
+    unpacked agree bit for bit in the CPU interpreter; on the GPU their wgmma shapes differ, and an fp32 rounding
+    difference in a score can move P across an e4m3 rounding boundary, a 6% step: no elementwise bound between the
+    two follows, so each is held to float64 instead. Seen on an H100: an elementwise 2^-8 bound failed.)"""
     from dataclasses import replace
 
-    tf = _tf()
     layout = PrefixLayout.from_lengths([2047] * 3, [[257, 257]] * 3, device=DEV)
     cfg = _packed_cfg(4)
     _assert_ok(*_errors(layout, 32, 8, 128, torch.bfloat16, 3, rotate=True, config=cfg), "large packed")
-    q, k, v = _qkv(layout.total_tokens, 32, 8, 128, torch.bfloat16, 3)
-    a = tf.triton_fp8_prefix_attention(q, k, v, layout, config=cfg)
-    b = tf.triton_fp8_prefix_attention(q, k, v, layout, config=replace(cfg, pack_gqa=False))
-    torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-8, atol=2.0**-8 * b.float().abs().max().item())
+    _assert_ok(*_errors(layout, 32, 8, 128, torch.bfloat16, 3, rotate=True, config=replace(cfg, pack_gqa=False)),
+               "large unpacked")
 
 
 def test_large_row():
