@@ -161,7 +161,8 @@ def test_config_variants(variant):
 
     tf = _tf()
     # on the unpacked 64-row kernel (the packed default is tested in the GQA-packing tests below)
-    cfg = replace(tf.fp8_default_config(128, torch.device(DEV)), pack_gqa=False, block_m=64, **VARIANTS[variant])
+    cfg = replace(tf.fp8_default_config(128, torch.device(DEV)), **{"pack_gqa": False, "block_m": 64,
+                                                                     **VARIANTS[variant]})
     layout = PrefixLayout.from_lengths(*AWKWARD[2][1:], device=DEV)
     _assert_ok(*_errors(layout, 8, 2, 128, torch.bfloat16, 2, rotate=True, config=cfg), variant)
 
