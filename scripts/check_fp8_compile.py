@@ -65,8 +65,9 @@ def variants():
             for rot in (False, True):
                 out.append(_quant(d, dt, rot))
         base = tf._FP8_CONFIGS[d]
-        for kw in ({}, dict(merged=True), dict(block_n=64), dict(block_m=64, warps=4), dict(stages=4),
-                   dict(tma=False), dict(doc_order=False)):
+        flat = dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3, merged=False)  # the unpacked kernel
+        for kw in (flat, {**flat, "merged": True}, {**flat, "block_n": 64}, {**flat, "block_m": 64, "warps": 4},
+                   {**flat, "stages": 4}, {**flat, "tma": False}, {**flat, "doc_order": False}):
             out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **kw})))
         # GQA-packed (pack_gqa): block_m tokens x 4 heads (Llama-3-8B), the FP8_SWEEP entries; then group sizes 3
         # (padded to 4), 8 and 1 at 64-128 MMA rows.
@@ -103,7 +104,7 @@ def main(argv=None):
         e4 = len(re.findall(r"wgmma\.mma_async[^;]*e4m3", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cvt = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx))
-        regs, sst, sld, err = c._ptxas(ptx)
+        regs, sst, sld, err, _serialized = c._ptxas(ptx)
         print(f"{name:<46}{wg:>6}{e4:>5}{tma:>7}{cvt:>9}{k.metadata.shared / 1024:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
         if err:
             print("   ptxas:", err[:300])

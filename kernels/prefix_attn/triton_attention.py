@@ -46,6 +46,24 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile_segments(sp):
+    """The ten key-tile bounds of one query tile's walk (a row of ``forward_schedule``): range 1 masked [s0, s1),
+    full [s1, s2), masked [s2, s3); range 2 masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8),
+    masked [s8, s9)."""
+    return (tl.load(sp + 0), tl.load(sp + 1), tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), tl.load(sp + 5),
+            tl.load(sp + 6), tl.load(sp + 7), tl.load(sp + 8), tl.load(sp + 9))
+
+
+@triton.jit
+def _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8):
+    """Step i of the merged walk (range 1 [s0, s3), then range 2 [s4, s9)): its key tile, and whether it is full."""
+    n1 = s3 - s0
+    j = tl.where(i < n1, s0 + i, s4 + (i - n1))
+    full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+    return j, full
+
+
+@triton.jit
 def _fwd_range(
     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end,
     qk_scale, T,
@@ -99,21 +117,11 @@ def _fwd_merged(
     loops, but one software-pipelined loop: with short branches each of the eight loops runs 0-3 iterations, so the
     pipeline's prologue/epilogue (and the TMA/cp.async wait at each loop's start) is paid up to eight times per tile
     and loads never overlap the previous segment's MMAs. Row order of the tiles differs (rounding only)."""
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     n1 = s3 - s0
     offs_n = tl.arange(0, BLOCK_N)
     for i in range(0, n1 + (s9 - s4)):
-        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
-        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+        j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         n0 = j * BLOCK_N
         if USE_TMA:
             k = k_desc.load([n0, kv_col])
@@ -172,16 +180,7 @@ def _fwd_merged_prefetch(
     masked / zero-filled). P is carried in fp32 and cast at (1): a 16-bit P carried across the iteration becomes a
     shared-memory wgmma operand (8 KB more, a store per tile). Cost per program: one P@V with P = 0, one discarded
     QK^T, one softmax over -inf, and a select on full tiles too. Same tiles, order and rounding as ``_fwd_merged``."""
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     n1 = s3 - s0
     n = n1 + (s9 - s4)
     offs_n = tl.arange(0, BLOCK_N)
@@ -199,8 +198,8 @@ def _fwd_merged_prefetch(
         # (2) can write its result into them (no copy of the in-flight accumulator at the loop's back edge, which
         # would make ptxas serialize the wgmmas). The mask is chosen in the branch and applied outside it: a branch
         # reading S would be scheduled before (1)'s wait, and Triton would then wait for (2) at once.
-        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
-        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8)) | (i < 0)
+        j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
+        full = full | (i < 0)
         if full:
             ok = tl.full([ROWS, BLOCK_N], 1, tl.int1)
         else:
@@ -297,16 +296,7 @@ def _fwd_walk8(
     """The forward's key-tile walk as eight loops: the full tiles first (no mask), then the masked ones."""
     # Range 1 (shared prefix): masked [s0, s1), full [s1, s2), masked [s2, s3).
     # Range 2 (causal part): masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9).
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     args = (q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
@@ -688,16 +678,7 @@ def _bwd_dq_walk8(
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     args = (q, do, lse, delta, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2)
     dq = _bwd_dq_range(dq, *args, s1, s2, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
     dq = _bwd_dq_range(dq, *args, s5, s6, qk_scale, T, BLOCK_N, False, USE_TMA, DOT_PREC)
@@ -719,21 +700,11 @@ def _bwd_dq_merged(
     DOT_PREC: tl.constexpr,
 ):
     """The dq kernel's key-tile walk as one loop, as ``_fwd_merged`` (``bwd_merged``)."""
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     n1 = s3 - s0
     offs_n = tl.arange(0, BLOCK_N)
     for i in range(0, n1 + (s9 - s4)):
-        j = tl.where(i < n1, s0 + i, s4 + (i - n1))
-        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+        j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         n0 = j * BLOCK_N
         if USE_TMA:
             k = k_desc.load([n0, kv_col])
@@ -1015,7 +986,8 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, kv_order, dq_sched, dq
     _bwd_delta_kernel[(triton.cdiv(T, 64), Hq)](o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
                                                  HEAD_DIM=D, BLOCK_T=64, num_warps=4)
     atomic = not cfg.deterministic
-    dq_acc = torch.zeros((T, Hq, D), device=q.device, dtype=torch.float32) if atomic else q.new_empty(0, dtype=torch.float32)
+    dq_acc = (torch.zeros((T, Hq, D), device=q.device, dtype=torch.float32) if atomic
+              else q.new_empty(0, dtype=torch.float32))
     qk_scale = scale * _LOG2E
     prec = _dot_prec(q.dtype)
     use_tma = cfg.bwd_tma and _tma_ok(q)

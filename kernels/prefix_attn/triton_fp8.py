@@ -65,7 +65,7 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
-from .triton_attention import _LOG2E, _tma_ok, build_schedules, default_config
+from .triton_attention import _LOG2E, _tile_segments, _tma_ok, _walk_tile, build_schedules, default_config
 
 # =====================================================================================================================
 # 1. Kernels
@@ -279,21 +279,11 @@ def _fp8_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
     sp = SCHED + tile * 10
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     if MERGED:
         n1 = s3 - s0
         for i in range(0, n1 + (s9 - s4)):
-            j = tl.where(i < n1, s0 + i, s4 + (i - n1))
-            full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+            j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
             acc, l_i, m_i, v_prev = _fp8_step(
                 acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
                 stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST)
@@ -386,21 +376,11 @@ def _fp8_fwd_packed_kernel(
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
     v_prev = tl.load(vs_base)
     sp = SCHED + tile * 10
-    s0 = tl.load(sp + 0)
-    s1 = tl.load(sp + 1)
-    s2 = tl.load(sp + 2)
-    s3 = tl.load(sp + 3)
-    s4 = tl.load(sp + 4)
-    s5 = tl.load(sp + 5)
-    s6 = tl.load(sp + 6)
-    s7 = tl.load(sp + 7)
-    s8 = tl.load(sp + 8)
-    s9 = tl.load(sp + 9)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
     if MERGED:
         n1 = s3 - s0
         for i in range(0, n1 + (s9 - s4)):
-            j = tl.where(i < n1, s0 + i, s4 + (i - n1))
-            full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+            j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
             acc, l_i, m_i, v_prev = _fp8_step(
                 acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
                 stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST, True)
