@@ -123,15 +123,8 @@ def _fwd_merged(
     for i in range(0, n1 + (s9 - s4)):
         j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         n0 = j * BLOCK_N
-        if USE_TMA:
-            k = k_desc.load([n0, kv_col])
-            v = v_desc.load([n0, kv_col])
-        else:
-            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-            inb = (n0 + offs_n) < T
-            k = tl.load(kp, mask=inb[:, None], other=0.0)
-            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        k = _fwd_kv_tile(k_base, k_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+        v = _fwd_kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if not full:
             kk = (n0 + offs_n)[None, :]
@@ -706,15 +699,8 @@ def _bwd_dq_merged(
     for i in range(0, n1 + (s9 - s4)):
         j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         n0 = j * BLOCK_N
-        if USE_TMA:
-            k = k_desc.load([n0, kv_col])
-            v = v_desc.load([n0, kv_col])
-        else:
-            kp = k_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-            vp = v_base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-            inb = (n0 + offs_n) < T
-            k = tl.load(kp, mask=inb[:, None], other=0.0)
-            v = tl.load(vp, mask=inb[:, None], other=0.0)
+        k = _fwd_kv_tile(k_base, k_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+        v = _fwd_kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if not full:
