@@ -97,3 +97,16 @@ def test_policy_evaluation_is_not_a_reference_call(tmp_path, calls):
 def test_unknown_ref_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ref_attn_backend must be None or one of"):
         PrefixDPOConfig(output_dir=str(tmp_path), bf16=False, ref_attn_backend="fp4")
+
+
+def test_command_line_fields(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(PrefixDPOConfig)
+    base = ["--output_dir", str(tmp_path), "--bf16", "false"]
+    (args,) = parser.parse_args_into_dataclasses(base + ["--ref_attn_backend", "triton_fp8", "--fp8_rotation", "false"])
+    assert (args.ref_attn_backend, args.fp8_rotation) == ("triton_fp8", False)
+    (args,) = parser.parse_args_into_dataclasses(base)
+    assert (args.ref_attn_backend, args.fp8_rotation) == (None, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(base + ["--ref_attn_backend", "fp4"])
