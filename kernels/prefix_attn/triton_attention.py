@@ -64,6 +64,26 @@ def _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8):
 
 
 @triton.jit
+def _allowed(kk, lo1, hi1, lo2, offs_m):
+    """The layout's mask for key indices kk [1, BLOCK_N] and queries offs_m: [lo1, hi1) U [lo2, q] (DESIGN.md)."""
+    return ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v, qk_scale, DOT_PREC: tl.constexpr):
+    """One key tile of the forward: fold the unscaled scores s (-inf where masked) and the tile's v into the running
+    row max m_i (log2 domain), row sum l_i and output accumulator acc. m_i starts finite (-1e30), so a row with no
+    allowed key in this tile gets p = 0, never NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_range(
     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end,
     qk_scale, T,
@@ -90,17 +110,8 @@ def _fwd_range(
                 v = tl.load(vp)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled; the scale folds into one FMA below
         if MASKED:
-            kk = (n0 + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
-            s = tl.where(ok, s, float("-inf"))
-        # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+            s = tl.where(_allowed((n0 + offs_n)[None, :], lo1, hi1, lo2, offs_m), s, float("-inf"))
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, qk_scale, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -127,16 +138,8 @@ def _fwd_merged(
         v = _fwd_kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if not full:
-            kk = (n0 + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+            s = tl.where(_allowed((n0 + offs_n)[None, :], lo1, hi1, lo2, offs_m), s, float("-inf"))
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, qk_scale, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -197,7 +200,7 @@ def _fwd_merged_prefetch(
             ok = tl.full([ROWS, BLOCK_N], 1, tl.int1)
         else:
             kk = (j * BLOCK_N + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            ok = _allowed(kk, lo1, hi1, lo2, offs_m)
         s = tl.where(ok, s, float("-inf"))
         # (2) QK^T of the next tile, left in flight (the last iteration recomputes its own tile, discarded).
         inx = tl.maximum(tl.minimum(i + 1, n - 1), 0)
@@ -587,7 +590,7 @@ def _bwd_dq_range(
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             kk = (n0 + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            ok = _allowed(kk, lo1, hi1, lo2, offs_m)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
@@ -705,7 +708,7 @@ def _bwd_dq_merged(
         p = tl.math.exp2(s - lse[:, None])
         if not full:
             kk = (n0 + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            ok = _allowed(kk, lo1, hi1, lo2, offs_m)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = (p * (dp - delta[:, None])).to(k.dtype)

@@ -65,7 +65,8 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
-from .triton_attention import _LOG2E, _tile_segments, _tma_ok, _walk_tile, build_schedules, default_config
+from .triton_attention import (_LOG2E, _allowed, _tile_segments, _tma_ok, _walk_tile, build_schedules,
+                               default_config)
 
 # =====================================================================================================================
 # 1. Kernels
@@ -197,12 +198,12 @@ def _fp8_step(
     s = tl.dot(q, tl.trans(k))  # e4m3 x e4m3 -> fp32
     if MASKED == 1:
         kk = (n0 + offs_n)[None, :]
-        ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+        ok = _allowed(kk, lo1, hi1, lo2, offs_m)
         s = tl.where(ok, s, float("-inf"))
     if MASKED == 2:
         if not full:
             kk = (n0 + offs_n)[None, :]
-            ok = ((kk >= lo1[:, None]) & (kk < hi1[:, None])) | ((kk >= lo2[:, None]) & (kk <= offs_m[:, None]))
+            ok = _allowed(kk, lo1, hi1, lo2, offs_m)
             s = tl.where(ok, s, float("-inf"))
     # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN. sc > 0.
     m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
