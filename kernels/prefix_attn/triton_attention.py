@@ -84,6 +84,36 @@ def _online_softmax_step(acc, l_i, m_i, s, v, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(pid, per_tile, ORDER, T, BLOCK_M: tl.constexpr, DOC_ORDER: tl.constexpr):
+    """The query tile of program ``pid`` (``per_tile`` programs per tile, one per head or KV head): the schedule's
+    longest-first ORDER, or with ``doc_order`` the tiles back to front in position order (a document's longest tiles
+    first, one document's K/V shared by the programs in flight)."""
+    if DOC_ORDER:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // per_tile
+    else:
+        tile = tl.load(ORDER + pid // per_tile)
+    return tile
+
+
+@triton.jit
+def _fwd_walk(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2,
+              sp, qk_scale, T, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+              MERGED: tl.constexpr, PREFETCH: tl.constexpr):
+    """A query tile's whole key walk, in the loop structure the config chose (prefetch / merged / eight loops)."""
+    if MERGED and PREFETCH:
+        acc, l_i, m_i = _fwd_merged_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt,
+                                             offs_m, offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA,
+                                             DOT_PREC)
+    elif MERGED:
+        acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m,
+                                    offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_walk8(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m,
+                                   offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_range(
     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2, start, end,
     qk_scale, T,
@@ -241,10 +271,7 @@ def _fwd_kernel(
     PREFETCH: tl.constexpr = False,  # with MERGED: next tile's QK^T in flight under the softmax (``fwd_prefetch_qk``)
 ):
     pid = tl.program_id(0)
-    if DOC_ORDER:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_Q
-    else:
-        tile = tl.load(ORDER + pid // H_Q)
+    tile = _query_tile(pid, H_Q, ORDER, T, BLOCK_M, DOC_ORDER)
     h = pid % H_Q
     hk = h // GROUPS
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,16 +289,8 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
-    if MERGED and PREFETCH:
-        acc, l_i, m_i = _fwd_merged_prefetch(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM,
-                                             stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N,
-                                             USE_TMA, DOT_PREC)
-    elif MERGED:
-        acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
-                                    offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
-    else:
-        acc, l_i, m_i = _fwd_walk8(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
-                                   offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_walk(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                              offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC, MERGED, PREFETCH)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
     acc = acc / l_safe[:, None]
@@ -330,10 +349,7 @@ def _fwd_packed_kernel(
     into shared memory feeds GROUPS x more MMA rows, and the mask granularity (the schedule's tiles) is BLOCK_M tokens,
     not BLOCK_M rows: 16 tokens x 4 heads give a 64-row wgmma whose tiles straddle branch ends 4x less often."""
     pid = tl.program_id(0)
-    if DOC_ORDER:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV
-    else:
-        tile = tl.load(ORDER + pid // H_KV)
+    tile = _query_tile(pid, H_KV, ORDER, T, BLOCK_M, DOC_ORDER)
     hk = pid % H_KV
     offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
     g = offs_r % GROUPS_P2
@@ -353,16 +369,8 @@ def _fwd_packed_kernel(
     l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
-    if MERGED and PREFETCH:
-        acc, l_i, m_i = _fwd_merged_prefetch(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM,
-                                             stride_kt, offs_m, offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N,
-                                             USE_TMA, DOT_PREC)
-    elif MERGED:
-        acc, l_i, m_i = _fwd_merged(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
-                                    offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
-    else:
-        acc, l_i, m_i = _fwd_walk8(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
-                                   offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+    acc, l_i, m_i = _fwd_walk(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
+                              offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC, MERGED, PREFETCH)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -619,13 +627,9 @@ def _bwd_dq_kernel(
 ):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    n_tiles = (T + BLOCK_M - 1) // BLOCK_M
     if PACK:
         # As in _fwd_packed_kernel: row r = token tile*BLOCK_M + r // G of head hk*G + r % G (token-major).
-        if DOC_ORDER:
-            tile = n_tiles - 1 - pid // (H_Q // GROUPS)
-        else:
-            tile = tl.load(ORDER + pid // (H_Q // GROUPS))
+        tile = _query_tile(pid, H_Q // GROUPS, ORDER, T, BLOCK_M, DOC_ORDER)
         hk = pid % (H_Q // GROUPS)
         offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
         g = offs_r % GROUPS_P2
@@ -637,10 +641,7 @@ def _bwd_dq_kernel(
         delta = tl.load(DELTA + hrow * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
     else:
-        if DOC_ORDER:
-            tile = n_tiles - 1 - pid // H_Q
-        else:
-            tile = tl.load(ORDER + pid // H_Q)
+        tile = _query_tile(pid, H_Q, ORDER, T, BLOCK_M, DOC_ORDER)
         h = pid % H_Q
         hk = h // GROUPS
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)

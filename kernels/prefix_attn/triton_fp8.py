@@ -65,8 +65,8 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
-from .triton_attention import (_LOG2E, _allowed, _tile_segments, _tma_ok, _walk_tile, build_schedules,
-                               default_config)
+from .triton_attention import (_LOG2E, _allowed, _query_tile, _tile_segments, _tma_ok, _walk_tile,
+                               build_schedules, default_config)
 
 # =====================================================================================================================
 # 1. Kernels
@@ -254,10 +254,7 @@ def _fp8_fwd_kernel(
     EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
 ):
     pid = tl.program_id(0)
-    if DOC_ORDER:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_Q
-    else:
-        tile = tl.load(ORDER + pid // H_Q)
+    tile = _query_tile(pid, H_Q, ORDER, T, BLOCK_M, DOC_ORDER)
     h = pid % H_Q
     hk = h // GROUPS
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -348,10 +345,7 @@ def _fp8_fwd_packed_kernel(
     FMA that applies the scalar (the k scale and softmax scale fold into it per key tile: one [rows] multiply per
     tile). A shared scale per (tile, KV group) would save nothing and coarsen every head's grid to the group's amax."""
     pid = tl.program_id(0)
-    if DOC_ORDER:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV
-    else:
-        tile = tl.load(ORDER + pid // H_KV)
+    tile = _query_tile(pid, H_KV, ORDER, T, BLOCK_M, DOC_ORDER)
     hk = pid % H_KV
     offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
     g = offs_r % GROUPS_P2
