@@ -241,8 +241,15 @@ class PrefixDPOTrainer(DPOTrainer):
             ref_backend = "triton_fp8_rotate"  # prefix_attn's name for the FP8 forward with Q/K rotated
         enable_packed_forward(policy, self.args.attn_backend, ref_backend)
         if self.ref_model is not None:
-            enable_packed_forward(self.accelerator.unwrap_model(self.ref_model), ref_backend or self.args.attn_backend,
-                                  reference=True)
+            ref_model = self.accelerator.unwrap_model(self.ref_model)
+            if self.args.use_liger_kernel:
+                # transformers' Trainer applies Liger's kernels to the policy only (when training starts); the frozen
+                # reference runs the same layers forward every step, so it gets them too (same config: TRL has
+                # already switched off the fused linear cross-entropy, which would replace the forward).
+                from transformers.integrations.liger import apply_liger_kernel
+
+                apply_liger_kernel(ref_model, self.args.liger_kernel_config)
+            enable_packed_forward(ref_model, ref_backend or self.args.attn_backend, reference=True)
         self._prefix_installed = True
 
     def _packed_policy(self):
@@ -271,14 +278,16 @@ class PrefixDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         stats = inputs[PACKED_KEY]["stats"]
-        counts = torch.tensor(
-            [stats["packed_tokens"], stats["unshared_tokens"], stats["padded_tokens"], stats["pairs"],
-             stats["shared_pairs"]],
-            dtype=torch.float64,
-            device=self.accelerator.device,
-        )
-        gathered = self.accelerator.gather_for_metrics(counts[None])
-        packed, unshared, padded, pairs, shared = gathered.sum(0).tolist()
+        counts = [stats["packed_tokens"], stats["unshared_tokens"], stats["padded_tokens"], stats["pairs"],
+                  stats["shared_pairs"]]
+        rows = 1
+        if self.accelerator.num_processes > 1:
+            gathered = self.accelerator.gather_for_metrics(
+                torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)[None])
+            counts, rows = gathered.sum(0).tolist(), gathered.shape[0]
+        # One process: the counts are host integers already; a device round trip would add a host-GPU sync to a
+        # step that is host bound on short pairs (scripts/profile_step.py --breakdown lists the syncs).
+        packed, unshared, padded, pairs, shared = counts
         self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(1.0 - packed / unshared)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
         # Padding in the packed row (the collator packs without any), and what TRL's padded batch would have had.
@@ -287,7 +296,6 @@ class PrefixDPOTrainer(DPOTrainer):
         self._metrics[mode]["packing/padding_frac"].append(padding)
         self._metrics[mode]["packing/trl_padding_frac"].append(1.0 - unshared / padded)
         if self.args.batching == "token_budget":
-            rows = gathered.shape[0]
             self._metrics[mode]["batching/pairs_per_micro_batch"].append(pairs / rows)
             self._metrics[mode]["batching/row_fill"].append(packed / (rows * self.args.max_tokens_per_batch))
         if mode == "train":

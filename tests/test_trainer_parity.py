@@ -90,6 +90,11 @@ def test_loss_parity_with_trl(case, tmp_path):
     assert_same_logs(logs_trl, logs_ours)
     assert_same_weights(t_trl.model, t_ours.model)
     assert logs_ours[-1]["logps/chosen"] != logs_ours[0]["logps/chosen"]  # the steps moved the model
+    if case.get("gradient_checkpointing"):
+        # TRL checkpoints non-reentrantly, ours reentrantly by default (PrefixDPOConfig): same training.
+        layer = t_ours.model.model.layers[0]
+        assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is True
+        assert t_trl.model.model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"] is False
 
 
 def test_gradient_accumulation_weights_pairs_as_trl(tmp_path):
@@ -127,13 +132,17 @@ def test_sync_ref_model_parity(tmp_path):
     assert_same_logs(logs_trl, logs_ours)
 
 
-def test_peft_lora_parity(tmp_path):
+@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_peft_lora_parity(tmp_path, gc):
     from peft import LoraConfig
 
+    # With checkpointing: ours is reentrant (PrefixDPOConfig's default), which trains the adapter only because the
+    # layers' input is made to require grad (the embedding is frozen under LoRA); TRL's is non-reentrant.
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, ref=None, peft_config=LoraConfig(**lora))
+    _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, ref=None, peft_config=LoraConfig(**lora),
+                      gradient_checkpointing=gc)
     _, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", DATA, ref=None,
-                       peft_config=LoraConfig(**lora))
+                       peft_config=LoraConfig(**lora), gradient_checkpointing=gc)
     assert_same_logs(logs_trl, logs_ours)
     assert logs_ours[-1]["rewards/margins"] != 0.0  # the adapter trained, and the reference (adapter off) did not move
 
