@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -21,8 +22,9 @@ class PrefixDPOConfig(DPOConfig):
     transformers 5 default to the non-reentrant kind). Both recompute the same forward in the backward and give the
     same gradients; the reentrant kind runs the first forward without autograd, so it records no graph and calls no
     saved-tensor hooks. On short pairs, where a step is bound by host time, that made the HH-RLHF shape 1.15x faster
-    (docs/PERFORMANCE.md). Pass ``gradient_checkpointing_kwargs={"use_reentrant": False}`` to keep TRL's. The fields
-    below are new; each is checked once in ``__post_init__``.
+    (docs/PERFORMANCE.md). Pass ``gradient_checkpointing_kwargs={"use_reentrant": False}`` to keep TRL's. Under FSDP
+    TRL's kind stays: the FSDP2 runs (issue 8) were verified with it, and reentrant recomputation inside FSDP2's
+    hooks was not. The fields below are new; each is checked once in ``__post_init__``.
     """
 
     prefix_sharing: bool = field(
@@ -86,7 +88,8 @@ class PrefixDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+        fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None and not fsdp:
             # The one changed default (class docstring). transformers >= 5.2x names the field
             # activation_checkpointing_kwargs and keeps the old name as a mirror of it: set both.
             self.gradient_checkpointing_kwargs = {"use_reentrant": True}

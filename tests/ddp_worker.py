@@ -1,6 +1,8 @@
 """Worker for tests/test_distributed_cpu.py: a few SGD steps of PrefixDPOTrainer on a tiny model; writes the logs.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_JSON PER_DEVICE_BATCH GRAD_ACCUM [BATCHING [MAX_TOKENS]]
+
+``DDP_WORKER_CHECKPOINTING=1`` turns gradient checkpointing on (PrefixDPOConfig's default kind: reentrant).
 """
 
 import copy
@@ -23,7 +25,8 @@ def main():
     model = tiny_model("llama", seed=0)
     args = PrefixDPOConfig(
         output_dir=os.path.dirname(out), report_to="none", bf16=False, use_cpu=True, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accum, max_steps=3, logging_steps=1, learning_rate=0.5, optim="sgd", gradient_checkpointing=False, seed=0,
+        gradient_accumulation_steps=accum, max_steps=3, logging_steps=1, learning_rate=0.5, optim="sgd",
+        gradient_checkpointing=os.environ.get("DDP_WORKER_CHECKPOINTING") == "1", seed=0,
         save_strategy="no", max_length=40, disable_tqdm=True, batching=batching, **extra,
     )
     trainer = PrefixDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
@@ -33,7 +36,10 @@ def main():
     if trainer.accelerator.is_main_process:
         weights = [p.detach().flatten()[:50].tolist() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
         with open(out, "w") as f:
-            json.dump({"logs": [h for h in trainer.state.log_history if "loss" in h], "weights": weights}, f)
+            layer = trainer.accelerator.unwrap_model(trainer.model).model.layers[0]
+            ckpt = layer._gradient_checkpointing_func.keywords if layer.gradient_checkpointing else None
+            json.dump({"logs": [h for h in trainer.state.log_history if "loss" in h], "weights": weights,
+                       "checkpointing": ckpt}, f)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, name, nproc, *args):
+def launch(tmp_path, name, nproc, *args, env_extra=None):
     out = tmp_path / f"{name}.json"
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     res = subprocess.run(cmd + [WORKER, str(out), *map(str, args)], capture_output=True, text=True, env=env,
                          timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -43,6 +43,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         for k in ("loss", "logps/chosen", "logps/rejected", "num_tokens"):
             assert y[k] == pytest.approx(x[k], rel=1e-5), k
     for p, q in zip(one["weights"], two["weights"]):
+        for u, v in zip(p, q):
+            assert math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_reentrant_checkpointing_under_two_processes_trains_as_without_it(tmp_path):
+    # PrefixDPOConfig checkpoints reentrantly by default; under DDP that needs find_unused_parameters off (transformers
+    # sets it so with checkpointing). Same steps as one process without checkpointing.
+    plain = launch(tmp_path, "plain", 1, 8, 1)
+    two = launch(tmp_path, "two-ckpt", 2, 4, 1, env_extra={"DDP_WORKER_CHECKPOINTING": "1"})
+    assert plain["checkpointing"] is None and two["checkpointing"] == {"use_reentrant": True}
+    assert len(plain["logs"]) == len(two["logs"]) == 3
+    for x, y in zip(plain["logs"], two["logs"]):
+        for k in ("loss", "logps/chosen", "logps/rejected"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5), k
+    for p, q in zip(plain["weights"], two["weights"]):
         for u, v in zip(p, q):
             assert math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-6)
 

@@ -217,3 +217,13 @@ def test_report_to_tensorboard_writes_our_metrics(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/rewards/margins", "train/prefix_sharing/tokens_saved_frac"} <= tags
+
+
+def test_checkpointing_kind_defaults(tmp_path, monkeypatch):
+    kw = dict(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True)
+    assert PrefixDPOConfig(**kw).gradient_checkpointing_kwargs == {"use_reentrant": True}  # ours
+    assert PrefixDPOConfig(**kw, gradient_checkpointing_kwargs={"use_reentrant": False}).gradient_checkpointing_kwargs \
+        == {"use_reentrant": False}  # the user's choice wins
+    assert PrefixDPOConfig(**kw, gradient_checkpointing=False).gradient_checkpointing_kwargs is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # under FSDP: TRL's (non-reentrant) kind, the one verified there
+    assert PrefixDPOConfig(**kw).gradient_checkpointing_kwargs is None
