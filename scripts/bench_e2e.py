@@ -3,7 +3,8 @@
 A random-init model of a real architecture's shapes (default: Llama-3.2-1B), synthetic preference data whose lengths
 follow public datasets' shapes (the prefix-sharing paper's per-dataset median total length and median
 prompt:completion ratio, log-normal spread around the medians), the same precision (bf16), gradient checkpointing
-(TRL's default), live reference model and pairs per step for every trainer. Prints pairs/s, unique tokens/s (prompt
+(TRL's default; each trainer's own default kind: TRL's non-reentrant, ours reentrant), live reference model and pairs
+per step for every trainer. Prints pairs/s, unique tokens/s (prompt
 + both responses, counted once), peak memory and MFU, writes a CSV row per (trainer, dataset) and a PNG bar chart.
 
 MFU counts 8 * N FLOPs per unique token (policy forward + backward 6N, reference forward 2N; N = parameters that
