@@ -250,6 +250,17 @@ class PrefixDPOTrainer(DPOTrainer):
 
                 apply_liger_kernel(ref_model, self.args.liger_kernel_config)
             enable_packed_forward(ref_model, ref_backend or self.args.attn_backend, reference=True)
+            if self.args.ref_cuda_graphs:
+                from accelerate.utils import DistributedType
+
+                if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU):
+                    from .modeling.graphs import enable_reference_graphs
+
+                    enable_reference_graphs(ref_model)
+                else:  # FSDP / DeepSpeed gather the reference's weights in hooks, which a graph cannot replay
+                    logger.warning("ref_cuda_graphs is not used under %s (the reference's weights are gathered on "
+                                   "the fly); the reference runs without CUDA graphs",
+                                   self.accelerator.distributed_type.value)
         self._prefix_installed = True
 
     def _packed_policy(self):

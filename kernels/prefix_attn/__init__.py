@@ -4,7 +4,7 @@ Depends on torch (and triton for the `triton` backend) only; imports nothing fro
 """
 
 from .layout import PrefixLayout
-from .ops import BACKENDS, FP8_BACKENDS, prefix_attention, resolve_backend
+from .ops import BACKENDS, FP8_BACKENDS, attention_tables, prefix_attention, resolve_backend
 
 
 def __getattr__(name):
@@ -21,6 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "FP8_BACKENDS", "FP8AttentionConfig", "PrefixLayout", "fp8_supported", "prefix_attention",
+__all__ = ["BACKENDS", "FP8_BACKENDS", "FP8AttentionConfig", "PrefixLayout", "attention_tables", "fp8_supported", "prefix_attention",
            "quantize_qkv_fp8", "resolve_backend", "rotation_matrix", "set_fp8_default_config",
            "triton_fp8_prefix_attention"]

@@ -144,6 +144,26 @@ class PrefixLayout:
     def to(self, device: torch.device | str) -> "PrefixLayout":
         return PrefixLayout.from_dict(self.to_dict(), device)
 
+    def padded(self, total_tokens: int) -> "PrefixLayout":
+        """This layout with one more document at the end, filling the row up to ``total_tokens``: no prefix, one
+        branch of ``total_tokens - self.total_tokens`` tokens (none added if that is 0). Every token of the original
+        documents sees exactly what it saw before (documents never see each other), so their attention outputs are
+        unchanged; the padding document attends only to itself. Used to give rows of different lengths one shape
+        (CUDA graphs over length buckets)."""
+        pad = total_tokens - self.total_tokens
+        if pad < 0:
+            raise ValueError(f"cannot pad a row of {self.total_tokens} tokens to {total_tokens}")
+        if pad == 0:
+            return PrefixLayout.from_dict(self.to_dict())
+        one = self.prefix_lens.new_ones(1)
+        return PrefixLayout(
+            prefix_lens=torch.cat([self.prefix_lens, one * 0]),
+            branches_per_doc=torch.cat([self.branches_per_doc, one]),
+            branch_lens=torch.cat([self.branch_lens, one * pad]),
+            total_tokens=total_tokens,
+            max_doc_span=max(self.max_doc_span, pad),
+        )
+
     # ------------------------------------------------------------------ basic properties
     @property
     def device(self) -> torch.device:
