@@ -13,6 +13,11 @@ REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
 
 
+def uses_fsdp(args) -> bool:
+    """Whether this run trains under FSDP: launched by accelerate with an FSDP config, or ``fsdp`` set in the args."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(getattr(args, "fsdp", None))
+
+
 @dataclass
 class PrefixDPOConfig(DPOConfig):
     """Configuration for :class:`~prefixdpo.PrefixDPOTrainer`.
@@ -98,8 +103,7 @@ class PrefixDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None and not fsdp:
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None and not uses_fsdp(self):
             # The one changed default (class docstring). transformers >= 5.2x names the field
             # activation_checkpointing_kwargs and keeps the old name as a mirror of it: set both.
             self.gradient_checkpointing_kwargs = {"use_reentrant": True}

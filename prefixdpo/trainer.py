@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.trainer_utils import seed_worker
 from trl import DPOConfig, DPOTrainer
 
-from .config import PrefixDPOConfig
+from .config import PrefixDPOConfig, uses_fsdp
 from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
 from .modeling.attention import check_model_supported
@@ -73,11 +73,8 @@ def _place_models_on_the_process_device(args, quantization_config) -> None:
     says MULTI_GPU while the policy loads but FSDP once the accelerator exists, when the reference loads. The
     reference then got TRL's default, ``device_map="auto"``, and was spread over both GPUs of each process (seen on 2
     H200s: "index is on cuda:0, different from other tensors on cuda:1")."""
-    import os
-
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(getattr(args, "fsdp", None))
     kwargs = args.model_init_kwargs or {}
-    if fsdp and quantization_config is None and "device_map" not in kwargs:
+    if uses_fsdp(args) and quantization_config is None and "device_map" not in kwargs:
         args.model_init_kwargs = {**kwargs, "device_map": None}
 
 

@@ -96,6 +96,21 @@ def _query_tile(pid, per_tile, ORDER, T, BLOCK_M: tl.constexpr, DOC_ORDER: tl.co
 
 
 @triton.jit
+def _packed_rows(pid, H_KV, ORDER, T, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr,
+                 DOC_ORDER: tl.constexpr):
+    """The rows of a GQA-packed program: BLOCK_M tokens of query tile ``tile`` x all GROUPS query heads of KV head
+    ``hk``, token-major (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2). Returns the
+    tile, hk, each row's token and query head (int32), and which rows are real (token < T, head < GROUPS)."""
+    tile = _query_tile(pid, H_KV, ORDER, T, BLOCK_M, DOC_ORDER)
+    hk = pid % H_KV
+    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
+    g = offs_r % GROUPS_P2
+    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2
+    row_ok = (offs_m < T) & (g < GROUPS)
+    return tile, hk, offs_m, hk * GROUPS + g, row_ok
+
+
+@triton.jit
 def _fwd_walk(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_m, offs_d, lo1, hi1, lo2,
               sp, qk_scale, T, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
               MERGED: tl.constexpr, PREFETCH: tl.constexpr):
@@ -348,15 +363,10 @@ def _fwd_packed_kernel(
     hk*G + r % G; q[t, hk*G:(hk+1)*G, :] is contiguous, so the load and store stay coalesced). Every K/V tile brought
     into shared memory feeds GROUPS x more MMA rows, and the mask granularity (the schedule's tiles) is BLOCK_M tokens,
     not BLOCK_M rows: 16 tokens x 4 heads give a 64-row wgmma whose tiles straddle branch ends 4x less often."""
-    pid = tl.program_id(0)
-    tile = _query_tile(pid, H_KV, ORDER, T, BLOCK_M, DOC_ORDER)
-    hk = pid % H_KV
-    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
-    g = offs_r % GROUPS_P2
-    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2  # token of each row
+    tile, hk, offs_m, h, row_ok = _packed_rows(tl.program_id(0), H_KV, ORDER, T, BLOCK_M, GROUPS, GROUPS_P2,
+                                               DOC_ORDER)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = (offs_m < T) & (g < GROUPS)
-    h = (hk * GROUPS + g).to(tl.int64)
+    h = h.to(tl.int64)
     q = tl.load(Q + (offs_m.to(tl.int64) * stride_qt + h * stride_qh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
     lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
@@ -629,13 +639,9 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     if PACK:
         # As in _fwd_packed_kernel: row r = token tile*BLOCK_M + r // G of head hk*G + r % G (token-major).
-        tile = _query_tile(pid, H_Q // GROUPS, ORDER, T, BLOCK_M, DOC_ORDER)
-        hk = pid % (H_Q // GROUPS)
-        offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
-        g = offs_r % GROUPS_P2
-        offs_m = tile * BLOCK_M + offs_r // GROUPS_P2
-        row_ok = (offs_m < T) & (g < GROUPS)
-        hrow = (hk * GROUPS + g).to(tl.int64)
+        tile, hk, offs_m, hrow, row_ok = _packed_rows(pid, H_Q // GROUPS, ORDER, T, BLOCK_M, GROUPS, GROUPS_P2,
+                                                      DOC_ORDER)
+        hrow = hrow.to(tl.int64)
         qoff = (hrow * stride_qh + offs_m.to(tl.int64) * stride_qt)[:, None] + offs_d[None, :]
         lse = tl.load(LSE + hrow * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + hrow * T + offs_m, mask=row_ok, other=0.0)
@@ -722,8 +728,19 @@ def _bwd_dq_merged(
 # =====================================================================================================================
 
 
+class _IntFieldsConfig:
+    """A frozen dataclass of int/bool fields that travels through a ``torch.library.custom_op`` as ``list[int]``."""
+
+    def as_list(self) -> list[int]:
+        return [int(getattr(self, f.name)) for f in fields(self)]
+
+    @classmethod
+    def from_list(cls, xs):
+        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fields(cls), xs)})
+
+
 @dataclass(frozen=True)
-class TritonAttentionConfig:
+class TritonAttentionConfig(_IntFieldsConfig):
     """Tile sizes and launch parameters. ``fwd_*``: forward; ``kv_*``: backward KV-major kernel (``kv_block_n`` keys
     per program, ``kv_block_m`` queries per step); ``dq_*``: the deterministic dq kernel. ``deterministic``: dq from a
     separate query-major kernel instead of fp32 atomics (bitwise reproducible, one more QK^T and dO V^T recompute)."""
@@ -764,13 +781,6 @@ class TritonAttentionConfig:
     # under the softmax. Only with ``fwd_merged`` (packed or not); ignored by the eight-loop walk.
     fwd_prefetch_qk: bool = False
 
-    def as_list(self) -> list[int]:
-        return [int(getattr(self, f.name)) for f in fields(self)]
-
-    @classmethod
-    def from_list(cls, xs) -> "TritonAttentionConfig":
-        fs = fields(cls)
-        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
 
 
 # Configs keyed on (head_dim, 16-bit or not). Picked from the H100 sweep in scripts/bench_attention.py

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -65,7 +65,7 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
-from .triton_attention import (_LOG2E, _allowed, _query_tile, _tile_segments, _tma_ok, _walk_tile,
+from .triton_attention import (_LOG2E, _IntFieldsConfig, _allowed, _packed_rows, _query_tile, _tile_segments, _tma_ok, _walk_tile,
                                build_schedules, default_config)
 
 # =====================================================================================================================
@@ -344,15 +344,9 @@ def _fp8_fwd_packed_kernel(
     rows of one program span GROUPS heads, so the q scale is a [rows] vector; it multiplies the score rows in the same
     FMA that applies the scalar (the k scale and softmax scale fold into it per key tile: one [rows] multiply per
     tile). A shared scale per (tile, KV group) would save nothing and coarsen every head's grid to the group's amax."""
-    pid = tl.program_id(0)
-    tile = _query_tile(pid, H_KV, ORDER, T, BLOCK_M, DOC_ORDER)
-    hk = pid % H_KV
-    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
-    g = offs_r % GROUPS_P2
-    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2  # token of each row
+    tile, hk, offs_m, h, row_ok = _packed_rows(tl.program_id(0), H_KV, ORDER, T, BLOCK_M, GROUPS, GROUPS_P2,
+                                               DOC_ORDER)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = (offs_m < T) & (g < GROUPS)
-    h = hk * GROUPS + g
     q = tl.load(Q8 + (offs_m.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     # padding rows: scale 1 (> 0, so -inf scores stay -inf, never NaN)
@@ -412,7 +406,7 @@ def _fp8_fwd_packed_kernel(
 
 
 @dataclass(frozen=True)
-class FP8AttentionConfig:
+class FP8AttentionConfig(_IntFieldsConfig):
     """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
 
     ``block_m``: query rows per tile (q's quantization tile); ``block_n``: keys per tile (k's and v's quantization
@@ -434,13 +428,6 @@ class FP8AttentionConfig:
     quant_warps: int = 8  # 4 spills registers at 128-row tiles of D=128 (one program holds a [128, D] fp32 tile)
     pack_gqa: bool = False
 
-    def as_list(self) -> list[int]:
-        return [int(getattr(self, f.name)) for f in fields(self)]
-
-    @classmethod
-    def from_list(cls, xs) -> "FP8AttentionConfig":
-        fs = fields(cls)
-        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fs, xs)})
 
 
 # Keyed on head dim. H100 sweeps (scripts/bench_attention.py --fp8-sweep, 2026-11-24, D=128, 32/8 heads, bf16 in,

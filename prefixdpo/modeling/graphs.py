@@ -37,14 +37,12 @@ class _Graph:
     def __init__(self, backbone_forward, layout: PrefixLayout, tables: dict, total: int, backend: str, pool):
         device = layout.device
         self.ids = torch.zeros((1, total), dtype=torch.long, device=device)
-        self.pos = torch.zeros((1, total), dtype=torch.long, device=device)
-        # A layout whose tables are this graph's own tensors (refilled before each replay).
+        # A layout whose tables are this graph's own tensors (refilled before each replay); the position ids are one.
         self.layout = PrefixLayout.from_dict(layout.to_dict())
         self.layout._cache.update(_clone(tables))
         self.tables = {k: self.layout._cache[k] for k in tables}
-        self.pos.copy_(self.tables["position_ids"][None])
-        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=self.pos, prefix_layout=self.layout,
-                                prefix_attn_backend=backend, use_cache=False)
+        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=self.tables["position_ids"][None],
+                                prefix_layout=self.layout, prefix_attn_backend=backend, use_cache=False)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture (lazy inits, Triton compiles)
@@ -60,7 +58,6 @@ class _Graph:
         self.ids[:, :T].copy_(input_ids)
         self.ids[:, T:].zero_()
         _copy(self.tables, tables)
-        self.pos.copy_(self.tables["position_ids"][None])
         self.graph.replay()
         return self.out[:, :T].clone()  # the graph's output is overwritten by the next replay
 
