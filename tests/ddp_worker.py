@@ -40,6 +40,10 @@ def main():
             ckpt = layer._gradient_checkpointing_func.keywords if layer.gradient_checkpointing else None
             json.dump({"logs": [h for h in trainer.state.log_history if "loss" in h], "weights": weights,
                        "checkpointing": ckpt}, f)
+    # Leave as recipes/dpo.py does: a gloo process that exits with its group alive can abort in interpreter teardown
+    # (pytorch/pytorch#190489: "terminate called without an active exception", SIGABRT; seen once in CI).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
