@@ -80,6 +80,17 @@ class PrefixDPOConfig(DPOConfig):
             "(about one reference forward's activations at the largest length seen)."
         },
     )
+    policy_cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "With gradient checkpointing on: run the policy's decoder stack in the forward as CUDA graphs, one "
+            "per row length rounded up to 256 tokens (rows of up to 4096 tokens, triton backend); the backward "
+            "recomputes each layer eagerly under autograd, as reentrant checkpointing does, so gradients are those of "
+            "checkpointing. For short pairs, where a step waits on the host: the policy's forward then costs one launch "
+            "instead of hundreds. Not with dropout or quantized weights (a warning says so, training runs as before). "
+            "Costs GPU memory: one buffer of every layer's input at 4096 tokens and the graphs' pool."
+        },
+    )
     batching: str = field(
         default="pairs",
         metadata={

@@ -237,6 +237,11 @@ class PrefixDPOTrainer(DPOTrainer):
         if ref_backend == "triton_fp8" and self.args.fp8_rotation:
             ref_backend = "triton_fp8_rotate"  # prefix_attn's name for the FP8 forward with Q/K rotated
         enable_packed_forward(policy, self.args.attn_backend, ref_backend)
+        graphs_here = self._cuda_graphs_apply()
+        if self.args.policy_cuda_graphs and graphs_here:
+            from .modeling.graphs import enable_policy_graphs
+
+            enable_policy_graphs(policy)
         if self.ref_model is not None:
             ref_model = self.accelerator.unwrap_model(self.ref_model)
             if self.args.use_liger_kernel:
@@ -247,18 +252,24 @@ class PrefixDPOTrainer(DPOTrainer):
 
                 apply_liger_kernel(ref_model, self.args.liger_kernel_config)
             enable_packed_forward(ref_model, ref_backend or self.args.attn_backend, reference=True)
-            if self.args.ref_cuda_graphs:
-                from accelerate.utils import DistributedType
+            if self.args.ref_cuda_graphs and graphs_here:
+                from .modeling.graphs import enable_reference_graphs
 
-                if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU):
-                    from .modeling.graphs import enable_reference_graphs
-
-                    enable_reference_graphs(ref_model)
-                else:  # FSDP / DeepSpeed gather the reference's weights in hooks, which a graph cannot replay
-                    logger.warning("ref_cuda_graphs is not used under %s (the reference's weights are gathered on "
-                                   "the fly); the reference runs without CUDA graphs",
-                                   self.accelerator.distributed_type.value)
+                enable_reference_graphs(ref_model)
         self._prefix_installed = True
+
+    def _cuda_graphs_apply(self) -> bool:
+        """Whether ``*_cuda_graphs`` can apply here: one process or DDP (FSDP and DeepSpeed gather weights in hooks,
+        which a graph cannot replay)."""
+        from accelerate.utils import DistributedType
+
+        if not (self.args.ref_cuda_graphs or self.args.policy_cuda_graphs):
+            return False
+        if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU):
+            return True
+        logger.warning("ref_cuda_graphs / policy_cuda_graphs are not used under %s (weights are gathered on the fly); "
+                       "the models run without CUDA graphs", self.accelerator.distributed_type.value)
+        return False
 
     def _packed_policy(self):
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model

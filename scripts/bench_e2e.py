@@ -29,7 +29,8 @@ batching), each with options after ``+``: ``fp8ref`` (the reference model's atte
 ``ref_attn_backend="triton_fp8"``), ``nogc`` (no gradient checkpointing; TRL's default has it on), ``reentrant`` /
 ``nonreentrant`` (the kind of checkpointing: ours defaults to reentrant, TRL to non-reentrant), ``liger``
 (``use_liger_kernel=True``: Liger-Kernel's RMSNorm, RoPE and SwiGLU; ours applies them to the reference model too,
-TRL to the policy only), ``refgraph`` (ours: ``ref_cuda_graphs=True``), ``compile``
+TRL to the policy only), ``refgraph`` (ours: ``ref_cuda_graphs=True``), ``polgraph`` (ours:
+``policy_cuda_graphs=True``), ``graphs`` (both), ``compile``
 (``torch_compile=True``), ``rcompile`` (``torch_compile=True`` with accelerate's regional compilation: each decoder
 layer compiled on its own); e.g. ``ours-triton+nogc``, ``trl+nogc``, ``ours-triton+fp8ref@16384``.
 """
@@ -185,8 +186,10 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
         extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
         if "fp8ref" in opts:  # the reference model's attention in FP8 (issue 6)
             extra["ref_attn_backend"] = "triton_fp8"
-        if "refgraph" in opts:  # the reference backbone as CUDA graphs (rows up to 4096 tokens)
+        if "refgraph" in opts or "graphs" in opts:  # the reference backbone as CUDA graphs (rows up to 4096 tokens)
             extra["ref_cuda_graphs"] = True
+        if "polgraph" in opts or "graphs" in opts:  # the policy's checkpointed forward as CUDA graphs
+            extra["policy_cuda_graphs"] = True
         trainer = PrefixDPOTrainer(model=model, ref_model=ref, peft_config=peft_config,
                                    args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
                                    train_dataset=Dataset.from_list(data), processing_class=tok,

@@ -74,6 +74,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         "mistral": {"sliding_window": None},
         "gemma": {"head_dim": 8},
         "phi3": {"sliding_window": None, "pad_token_id": 0},
+        "granite": {},  # not in ARCHS: a backbone that scales its embeddings between the embedding and the layers
     }[arch]
     kw = {**common, **extra, **overrides}
     return AutoConfig.for_model(arch, **kw)
