@@ -115,7 +115,7 @@ def test_policy_stack_graphed_path_gives_the_gradients_of_checkpointing(arch, ca
 
 def test_policy_stack_refuses_a_backbone_that_is_not_a_chain_of_layers(caplog):
     # Granite scales the embeddings between the embedding module and the first layer: the recomputation from the
-    # layers' inputs would miss that step, so the capture is refused (once, with a warning) and the model runs as before.
+    # layers' inputs would miss that step, so the capture is refused (once, with a warning); the model runs as before.
     from prefixdpo.modeling.graphs import enable_policy_graphs
 
     model = tiny_model("granite", vocab_size=VOCAB, seed=1, embedding_multiplier=2.0)

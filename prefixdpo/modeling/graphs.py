@@ -64,27 +64,43 @@ def _capture(run, pool) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
+def _attention_shape(model) -> tuple[int, int]:
+    """(head_dim, query heads per KV head) of ``model``'s attention: what its layout tables are built for."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim, config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
+                                                     or config.num_attention_heads)
+
+
+def _bucketed(layout: PrefixLayout, backend: str, dtype: torch.dtype, shape: tuple[int, int], max_tokens: int,
+              graphed: bool = True):
+    """(bucket length, ``layout`` padded to it, the padded layout's tables) for a row a graph can take; None for a
+    row longer than ``max_tokens`` and, when ``graphed``, for q/k/v not in fp16/bf16 or a backend other than triton
+    (its tables' shapes follow the documents). ``graphed=False`` (the policy stack's eager path) may give no tables."""
+    total = -(-layout.total_tokens // BUCKET) * BUCKET
+    if total > max_tokens or (graphed and dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    padded = layout.padded(total)
+    tables = attention_tables(padded, backend, dtype, *shape)
+    return None if graphed and tables is None else (total, padded, tables)
+
+
 class _Tables:
     """A copy of ``layout`` whose tables are tensors of its own, refilled from another layout of the same length
     before each replay (the position ids are one of them)."""
 
-    def __init__(self, layout: PrefixLayout, tables: dict | None):
-        self.layout = PrefixLayout.from_dict(layout.to_dict()) if tables is not None else layout
-        if tables is not None:
-            self.layout._cache.update(_clone(tables))
-        self.tables = {k: self.layout._cache[k] for k in tables} if tables is not None else None
+    def __init__(self, layout: PrefixLayout, tables: dict):
+        self.layout = PrefixLayout.from_dict(layout.to_dict())
+        self.layout._cache.update(_clone(tables))
+        self.tables = {k: self.layout._cache[k] for k in tables}
 
-    def position_ids(self) -> torch.Tensor:
-        return self.layout.position_ids[None]
-
-    def fill(self, tables: dict | None) -> None:
-        if self.tables is not None:
-            _copy(self.tables, tables)
+    def fill(self, tables: dict) -> None:
+        _copy(self.tables, tables)
 
     def check_captured(self) -> None:
         """After a capture: the graph read only the tables that ``fill`` refreshes. A table the model built during
         the capture (other q/k/v dtype or head size than the tables were made for) would be replayed stale."""
-        if self.tables is not None and set(self.layout._cache) != set(self.tables):
+        if set(self.layout._cache) != set(self.tables):
             raise RuntimeError(f"the captured forward built layout tables of its own "
                                f"({sorted(map(str, set(self.layout._cache) - set(self.tables)))[:2]})")
 
@@ -95,8 +111,9 @@ class _Graph:
     def __init__(self, backbone_forward, layout: PrefixLayout, tables: dict, total: int, backend: str, pool):
         self.ids = torch.zeros((1, total), dtype=torch.long, device=layout.device)
         self.static = _Tables(layout, tables)
-        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=self.static.position_ids(),
-                                prefix_layout=self.static.layout, prefix_attn_backend=backend, use_cache=False)
+        layout = self.static.layout
+        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=layout.position_ids[None],
+                                prefix_layout=layout, prefix_attn_backend=backend, use_cache=False)
         self.graph, out = _capture(run, pool)
         self.static.check_captured()
         self.out = out.last_hidden_state
@@ -135,9 +152,7 @@ def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
     backbone = getattr(model, model.base_model_prefix, None)
     if backbone is None or getattr(backbone, "_prefixdpo_graphs", None) is not None:
         return
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    shape = _attention_shape(model)
     original = backbone.forward
     graphs: dict[int, _Graph] = {}
     pool = [None]
@@ -157,17 +172,13 @@ def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
             or not ids.is_cuda
             or ids.shape[0] != 1
             or torch.cuda.is_current_stream_capturing()
-            or dtype not in (torch.float16, torch.bfloat16)
         ):
             return original(*args, **kwargs)
-        total = -(-layout.total_tokens // BUCKET) * BUCKET
-        if total > max_tokens:
-            return original(*args, **kwargs)
         backend = kwargs.get("prefix_attn_backend", "auto")
-        padded = layout.padded(total)
-        tables = attention_tables(padded, backend, dtype, head_dim, groups)
-        if tables is None:  # not the triton backend: its tables' shapes follow the documents
+        bucket = _bucketed(layout, backend, dtype, shape, max_tokens)
+        if bucket is None:
             return original(*args, **kwargs)
+        total, padded, tables = bucket
         graph = graphs.get(total)
         if graph is None:
             if pool[0] is None:
@@ -192,14 +203,14 @@ def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
 def _unchecked(layers):
     """Run ``layers`` as plain modules: their own gradient checkpointing (transformers' ``GradientCheckpointingLayer``)
     is what the graphed stack replaces, in the capture and in the backward's recomputation alike."""
-    flags = [getattr(m, "gradient_checkpointing", False) for m in layers]
+    layers = [m for m in layers if getattr(m, "gradient_checkpointing", False)]
     for m in layers:
         m.gradient_checkpointing = False
     try:
         yield
     finally:
-        for m, f in zip(layers, flags):
-            m.gradient_checkpointing = f
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 def _detached(x, layout, memo: dict):
@@ -347,7 +358,8 @@ def _policy_graphs_unsupported(model, backbone) -> str | None:
         getattr(config, "attention_dropout", 0.0) or 0.0
     ) > 0:
         return "dropout (the graph's masks would differ from the backward's recomputation)"
-    if getattr(model, "hf_quantizer", None) is not None or any(not p.is_floating_point() for p in backbone.parameters()):
+    quantized = not all(p.is_floating_point() for p in backbone.parameters())
+    if getattr(model, "hf_quantizer", None) is not None or quantized:
         return "quantized weights"
     return None
 
@@ -365,9 +377,7 @@ def enable_policy_graphs(model, max_tokens: int = 4096, capture: bool = True) ->
     if reason is not None:
         logger.warning("policy_cuda_graphs is not used: %s; the policy runs without CUDA graphs", reason)
         return False
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    shape = _attention_shape(model)
     segments = [*backbone.layers, backbone.norm]
     embed = backbone.get_input_embeddings()
     original = backbone.forward
@@ -391,16 +401,13 @@ def enable_policy_graphs(model, max_tokens: int = 4096, capture: bool = True) ->
             or (capture and (not ids.is_cuda or torch.cuda.is_current_stream_capturing()))
         ):
             return original(*args, **kwargs)
-        total = -(-layout.total_tokens // BUCKET) * BUCKET
-        if total > max_tokens:
-            return original(*args, **kwargs)
         backend = kwargs.get("prefix_attn_backend", "auto")
         # q/k/v come out of the projections in autocast's dtype, or else the weights'
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else embed.weight.dtype
-        padded = layout.padded(total)
-        tables = attention_tables(padded, backend, dtype, head_dim, groups)
-        if capture and (tables is None or dtype not in (torch.float16, torch.bfloat16)):
-            return original(*args, **kwargs)  # not the triton backend: its tables' shapes follow the documents
+        bucket = _bucketed(layout, backend, dtype, shape, max_tokens, graphed=capture)
+        if bucket is None:
+            return original(*args, **kwargs)
+        total, padded, tables = bucket
         h0 = embed(ids)
         stack = stacks.get(total)
         if stack is None:
