@@ -1,4 +1,5 @@
-"""Shared test fixtures: an offline word-level tokenizer, random preference data, tiny models of real architectures."""
+"""Shared test fixtures: an offline word-level tokenizer, random preference data, tiny models of real architectures;
+random prefix layouts and the FP8 quantization check that the CPU and GPU kernel tests share."""
 
 from __future__ import annotations
 
@@ -93,3 +94,38 @@ def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def random_layout(rng: random.Random, tokens: int, device):
+    """A row of at least ``tokens`` tokens of documents with awkward lengths: empty and 1-token prefixes, prefixes
+    past one tile, 1..8 branches of 1 token, of one tile +-1, and longer."""
+    from prefix_attn import PrefixLayout
+
+    prefix, branches, total = [], [], 0
+    while total < tokens:
+        p = rng.choice([0, 1, rng.randint(1, 300), rng.randint(100, 1200)])
+        nb = rng.choice([1, 2, 2, 3, 8])
+        bl = [rng.choice([1, rng.randint(1, 64), rng.randint(60, 400), 127, 128, 129]) for _ in range(nb)]
+        prefix.append(p)
+        branches.append(bl)
+        total += p + sum(bl)
+    return PrefixLayout.from_lengths(prefix, branches, device=device)
+
+
+def assert_quantized_as_reference(got8, got_s, src, block: int, rotate: bool):
+    """The fused quantize kernel's e4m3 values ``got8`` and scales ``got_s`` against ``fp8_reference``'s for ``src``:
+    bit for bit (but +-0) without rotation; with it, the fp32 sums of the rotation may be ordered differently, so
+    scales to the fp32 rounding of a d-term sum and values to one e4m3 step (2^-3 of the value, or the subnormal step
+    2^-9) at rounding boundaries, on at most 0.1% of the elements."""
+    from prefix_attn import fp8_reference as fr
+
+    ref8, ref_s = fr.quantize_reference(src, block, rotate)
+    if not rotate:
+        assert torch.equal(got_s, ref_s)
+        assert torch.equal(got8.float(), ref8.float())
+        return
+    torch.testing.assert_close(got_s, ref_s, rtol=32 * torch.finfo(torch.float32).eps, atol=0)
+    a, b = got8.float(), ref8.float()
+    step = torch.maximum(b.abs() * 2.0**-3, torch.full_like(b, 2.0**-9))
+    assert ((a - b).abs() <= step).all()
+    assert (a != b).float().mean() <= 1e-3

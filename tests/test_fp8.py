@@ -27,6 +27,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import assert_quantized_as_reference  # noqa: E402
 from prefix_attn import PrefixLayout, fp8_reference as fr, prefix_attention, resolve_backend  # noqa: E402
 from prefix_attn.reference import attention_math  # noqa: E402
 
@@ -176,18 +177,7 @@ def test_quantize_kernel_matches_reference(T, dtype, rotate):
     vt = x.vt8[:, :, :T].permute(2, 0, 1)
     for got8, got_s, src, block, rot in ((x.q8, x.qs, q, 32, rotate), (x.k8, x.ks, k, 16, rotate),
                                          (vt, x.vs, v, 16, False)):
-        ref8, ref_s = fr.quantize_reference(src, block, rot)
-        if not rot:
-            assert torch.equal(got_s, ref_s)
-            assert torch.equal(got8.float(), ref8.float())  # bit for bit (but +-0)
-        else:
-            # fp32 sums of the rotation may be ordered differently: scales to the fp32 rounding of a d-term sum,
-            # values to one e4m3 step (2^-3 of the value, or the subnormal step 2^-9) at rounding boundaries.
-            torch.testing.assert_close(got_s, ref_s, rtol=32 * F32_EPS, atol=0)
-            a, b = got8.float(), ref8.float()
-            step = torch.maximum(b.abs() * 2.0**-3, torch.full_like(b, 2.0**-9))
-            assert ((a - b).abs() <= step).all()
-            assert (a != b).float().mean() <= 1e-3
+        assert_quantized_as_reference(got8, got_s, src, block, rot)
 
 
 @needs_interpreter

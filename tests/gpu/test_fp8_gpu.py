@@ -19,6 +19,7 @@ import random
 import pytest
 import torch
 
+from conftest import assert_quantized_as_reference, random_layout
 from prefix_attn import PrefixLayout, fp8_reference as fr, prefix_attention
 from prefix_attn.reference import attention_math
 
@@ -71,16 +72,7 @@ def test_quantize_kernel(T, d, dtype, rotate, packed):
     vt = x.vt8[:, :, :T].permute(2, 0, 1)
     for got8, got_s, src, block, rot in ((x.q8, x.qs, q, cfg.block_m, rotate), (x.k8, x.ks, k, cfg.block_n, rotate),
                                          (vt, x.vs, v, cfg.block_n, False)):
-        ref8, ref_s = fr.quantize_reference(src, block, rot)
-        if not rot:
-            assert torch.equal(got_s, ref_s)
-            assert torch.equal(got8.float(), ref8.float())
-        else:
-            torch.testing.assert_close(got_s, ref_s, rtol=32 * F32_EPS, atol=0)
-            a, b = got8.float(), ref8.float()
-            step = torch.maximum(b.abs() * 2.0**-3, torch.full_like(b, 2.0**-9))
-            assert ((a - b).abs() <= step).all()
-            assert (a != b).float().mean() <= 1e-3
+        assert_quantized_as_reference(got8, got_s, src, block, rot)
 
 
 def _errors(layout, hq, hkv, d, dtype, seed, rotate, outliers=0, scale=None, config=None):
@@ -105,25 +97,13 @@ def _assert_ok(err, ref, label):
     assert err <= 2 * ref + 4 * F32_EPS, f"{label}: kernel error {err:.3e} > 2 x fp8 torch reference error {ref:.3e}"
 
 
-def _random_layout(rng, tokens):
-    prefix, branches, total = [], [], 0
-    while total < tokens:
-        p = rng.choice([0, 1, rng.randint(1, 300), rng.randint(100, 1200)])
-        nb = rng.choice([1, 2, 2, 3, 8])
-        bl = [rng.choice([1, rng.randint(1, 64), rng.randint(60, 400), 127, 128, 129]) for _ in range(nb)]
-        prefix.append(p)
-        branches.append(bl)
-        total += p + sum(bl)
-    return PrefixLayout.from_lengths(prefix, branches, device=DEV)
-
-
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotate"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
                          ids=["d128-bf16", "d64-bf16", "d128-fp16"])
 def test_random_layouts(d, dtype, seed, rotate):
     rng = random.Random(seed)
-    layout = _random_layout(rng, tokens=rng.choice([700, 1500, 2600]))
+    layout = random_layout(rng, tokens=rng.choice([700, 1500, 2600]), device=DEV)
     hq, hkv = [(8, 2), (4, 4), (6, 3)][seed % 3]
     _assert_ok(*_errors(layout, hq, hkv, d, dtype, seed, rotate), f"seed {seed}")
 
@@ -204,7 +184,7 @@ def test_packed_awkward_layouts(name, prefix, branches, groups, pack_gqa):
 @pytest.mark.parametrize("d", [64, 128])
 def test_packed_random_layouts(d, seed, groups):
     rng = random.Random(100 + seed)
-    layout = _random_layout(rng, tokens=rng.choice([700, 1500, 2600]))
+    layout = random_layout(rng, tokens=rng.choice([700, 1500, 2600]), device=DEV)
     hq, hkv = GROUPS[groups]
     _assert_ok(*_errors(layout, hq, hkv, d, torch.bfloat16, seed, rotate=seed == 1, config=_packed_cfg(groups)),
                f"seed {seed} g{groups}")

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from conftest import random_layout
 from prefix_attn import PrefixLayout, prefix_attention
 from prefix_attn.reference import attention_math
 
@@ -52,18 +53,6 @@ def _check(fn, layout, hq, hkv, d, dtype, seed, label=""):
         assert err <= 2 * ref + floor, f"{label} {name}: error {err:.3e} > 2 x torch {dtype} error {ref:.3e}"
 
 
-def _random_layout(rng, tokens):
-    prefix, branches, total = [], [], 0
-    while total < tokens:
-        p = rng.choice([0, 1, rng.randint(1, 300), rng.randint(100, 1200)])
-        nb = rng.choice([1, 2, 2, 3, 8])
-        bl = [rng.choice([1, rng.randint(1, 64), rng.randint(60, 400), 127, 128, 129]) for _ in range(nb)]
-        prefix.append(p)
-        branches.append(bl)
-        total += p + sum(bl)
-    return PrefixLayout.from_lengths(prefix, branches, device=DEV)
-
-
 def _triton(layout, **kw):
     from prefix_attn.triton_attention import triton_prefix_attention
 
@@ -74,7 +63,7 @@ def _triton(layout, **kw):
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
                          ids=["d128-bf16", "d64-bf16", "d128-fp16"])
 def test_random_layouts(seed, d, dtype):
-    layout = _random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]))
+    layout = random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]), device=DEV)
     hq, hkv = [(8, 2), (4, 4), (6, 3)][seed % 3]
     _check(_triton(layout), layout, hq, hkv, d, dtype, seed, label=f"seed {seed}")
 
@@ -102,7 +91,7 @@ def test_awkward_layouts(name, prefix, branches, deterministic):
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4)], ids=["mha", "g8", "g3", "g3x4"])
 def test_default_config_per_group_size(hq, hkv):
     """default_config sizes the packed tiles from the GQA group (64 forward rows, 128 dq rows): every group size."""
-    layout = _random_layout(random.Random(hq * 31 + hkv), tokens=1800)
+    layout = random_layout(random.Random(hq * 31 + hkv), tokens=1800, device=DEV)
     _check(_triton(layout), layout, hq, hkv, 128, torch.bfloat16, hq + hkv, label=f"{hq}/{hkv} heads")
 
 
@@ -156,7 +145,7 @@ def test_speed_variants_random_d64(seed):
 
     from prefix_attn.triton_attention import default_config
 
-    layout = _random_layout(random.Random(seed), tokens=1500)
+    layout = random_layout(random.Random(seed), tokens=1500, device=DEV)
     cfg = replace(default_config(64, torch.bfloat16, torch.device(DEV)), fwd_pack_gqa=True, fwd_merged=True,
                   fwd_block_m=16, bwd_merged=True, dq_pack_gqa=True, dq_block_m=32)
     _check(_triton(layout, config=cfg), layout, 8, 2, 64, torch.bfloat16, seed, label=f"all variants seed {seed}")
@@ -169,7 +158,7 @@ def test_large_row():
 
 @pytest.mark.parametrize("seed", range(1))
 def test_flex_agrees_with_float64(seed):
-    layout = _random_layout(random.Random(100 + seed), tokens=1200)
+    layout = random_layout(random.Random(100 + seed), tokens=1200, device=DEV)
 
     def flex(q, k, v):
         return prefix_attention(q, k, v, layout, backend="flex")
