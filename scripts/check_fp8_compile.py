@@ -16,7 +16,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import check_sm90_compile as c  # noqa: E402  (also puts kernels/ on sys.path)
+import check_sm90_compile as c  # noqa: E402
 
 from prefix_attn import triton_fp8 as tf  # noqa: E402
 
