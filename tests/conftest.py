@@ -45,7 +45,8 @@ def random_words(rng: random.Random, n: int) -> str:
 
 
 def make_pairs(n: int, seed: int = 0, prompt=(1, 12), response=(0, 8), identical_every: int = 0):
-    """Random standard-format pairs; prompt/response lengths drawn from the given inclusive ranges (in words).
+    """Random standard-format pairs; prompt/response lengths drawn from the given inclusive ranges (in words); chosen
+    and rejected differ unless ``identical_every`` asks for identical ones.
 
     A response of 0 words still has TRL's appended eos, so each response has >= 1 token."""
     rng = random.Random(seed)
@@ -53,7 +54,12 @@ def make_pairs(n: int, seed: int = 0, prompt=(1, 12), response=(0, 8), identical
     for i in range(n):
         p = random_words(rng, rng.randint(*prompt))
         c = random_words(rng, rng.randint(*response))
-        r = c if identical_every and i % identical_every == 0 else random_words(rng, rng.randint(*response))
+        if identical_every and i % identical_every == 0:
+            r = c
+        else:  # distinct responses unless asked for identical ones (the trainer drops those, TRL would train them)
+            r = random_words(rng, rng.randint(*response))
+            while r == c:
+                r = random_words(rng, rng.randint(*response))
         rows.append({"prompt": p, "chosen": (" " + c) if c else "", "rejected": (" " + r) if r else ""})
     return rows
 
@@ -94,6 +100,28 @@ def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama-shaped model and its tokenizer saved to disk (the quickstart's), as a user's local model."""
+    from prefixdpo.quickstart import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = build_tokenizer()
+    tok.save_pretrained(path)
+    build_model(tok).save_pretrained(path)
+    return str(path)
+
+
+def dir_digest(path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``path`` (to show a directory did not change)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def random_layout(rng: random.Random, tokens: int, device):

@@ -12,9 +12,11 @@ from prefixdpo.data.formats import (
     PreferenceDataError,
     check_chat_template,
     ensure_pad_token,
-    length_statistics,
-    load_preference_dataset,
     normalize_preference_dataset,
+)
+from prefixdpo.data.loading import load_preference_dataset
+from prefixdpo.data.stats import (
+    dataset_statistics,
     report_overlong_pairs,
     tokenize_preference_dataset,
     tokenized_lengths,
@@ -256,16 +258,18 @@ BAD_ROWS = [
 def test_bad_rows_are_dropped_and_counted(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="prefixdpo.data.formats"):
         out, report = normalize_preference_dataset(Dataset.from_list(BAD_ROWS), tokenizer, return_report=True)
-    assert [r["prompt"] for r in out] == ["p0", "p6"]
-    assert report.n_dropped == 5 and report.rows_in == 7 and report.rows_out == 2
-    assert report.dropped == {"null chosen": 1, "empty rejected response": 1, "empty prompt": 1, "null prompt": 1,
-                              "chosen equals rejected (no preference signal)": 1}
-    assert report.examples["null chosen"] == 1 and report.examples["empty prompt"] == 3
+    # Null values and identical responses are dropped; empty ones train as TRL trains them, and are counted.
+    assert [r["prompt"] for r in out] == ["p0", "p2", "", "p6"]
+    assert report.n_dropped == 3 and report.rows_in == 7 and report.rows_out == 4
+    assert report.dropped == {"null chosen": 1, "null prompt": 1, "chosen equals rejected (no preference signal)": 1}
+    assert report.examples["null chosen"] == 1 and report.examples["null prompt"] == 4
+    assert report.empty == {"empty rejected": 1, "empty prompt": 1}
     message = caplog.text
-    assert "dropped 5 of 7 rows" in message and "null chosen (e.g. row 1)" in message
+    assert "dropped 3 of 7 rows" in message and "null chosen (e.g. row 1)" in message
+    assert "2 rows have an empty part (1 x empty rejected; 1 x empty prompt)" in message
 
 
-@pytest.mark.parametrize("index, reason", [(1, "null chosen"), (2, "empty rejected"), (3, "empty prompt")])
+@pytest.mark.parametrize("index, reason", [(1, "null chosen"), (4, "null prompt"), (5, "chosen equals rejected")])
 def test_bad_row_error_mode_names_the_row(index, reason, tokenizer):
     rows = [BAD_ROWS[0], BAD_ROWS[index]]
     with pytest.raises(PreferenceDataError, match=rf"row 1: {reason}"):
@@ -275,25 +279,27 @@ def test_bad_row_error_mode_names_the_row(index, reason, tokenizer):
 def test_conversational_bad_rows(tokenizer, caplog):
     rows = [
         {"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-        {"prompt": [user("q")], "chosen": [assistant("")], "rejected": [assistant("b")]},  # empty response
+        {"prompt": [user("q")], "chosen": [assistant("")], "rejected": [assistant("b")]},  # empty response: kept
         {"prompt": [user("q")], "chosen": [], "rejected": [assistant("b")]},  # no message at all
-        {"prompt": [user("")], "chosen": [assistant("a")], "rejected": [assistant("b")]},  # empty prompt
+        {"prompt": [user("")], "chosen": [assistant("a")], "rejected": [assistant("b")]},  # empty prompt: kept
+        {"prompt": [user("q")], "chosen": [{"role": "assistant"}], "rejected": [assistant("b")]},  # no content
     ]
     with caplog.at_level(logging.WARNING, logger="prefixdpo.data.formats"):
         out, report = normalize_preference_dataset(Dataset.from_list(rows), tokenizer, return_report=True)
-    assert len(out) == 1 and report.n_dropped == 3
-    assert "dropped 3 of 4 rows" in caplog.text
+    assert len(out) == 3 and report.n_dropped == 2 and report.empty == {"empty chosen": 1, "empty prompt": 1}
+    assert "dropped 2 of 5 rows" in caplog.text and "no messages in chosen" in caplog.text
 
 
-def test_implicit_prompt_with_nothing_shared_is_dropped(tokenizer):
+def test_implicit_prompt_with_nothing_shared_trains_unshared(tokenizer):
+    # "Yes." / "No." share no beginning: the prompt is empty, as TRL's extract_prompt makes it.
     rows = [{"chosen": "Yes.", "rejected": "No."}, HH_ROWS[0]]
     out, report = normalize_preference_dataset(Dataset.from_list(rows), tokenizer, return_report=True)
-    assert len(out) == 1 and "share no beginning" in next(iter(report.dropped))
+    assert len(out) == 2 and out[0]["prompt"] == "" and report.empty == {"empty prompt": 1}
 
 
 def test_all_rows_bad_is_an_error(tokenizer):
     with pytest.raises(PreferenceDataError, match="no usable rows"):
-        normalize_preference_dataset(Dataset.from_list([BAD_ROWS[1], BAD_ROWS[2]]), tokenizer)
+        normalize_preference_dataset(Dataset.from_list([BAD_ROWS[1], BAD_ROWS[5]]), tokenizer)
 
 
 def test_conversational_data_without_chat_template():
@@ -333,7 +339,7 @@ def test_missing_paths_and_hub_errors(tmp_path):
 
 def test_overlong_pairs_are_reported(caplog):
     prompts, chosen, rejected = [5, 20, 9, 3], [2, 2, 4, 1], [2, 3, 1, 1]
-    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.formats"):
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.stats"):
         report = report_overlong_pairs(prompts, chosen, rejected, max_length=10)
     assert report.dropped == 1 and report.first_dropped == 1  # prompt of 20 >= 10: dropped by TRL's rule
     assert report.truncated == 1 and report.first_truncated == 2 and report.tokens_cut == 3  # 9+4 > 10
@@ -342,11 +348,45 @@ def test_overlong_pairs_are_reported(caplog):
     assert report_overlong_pairs(prompts, chosen, rejected, max_length=None).dropped == 0
 
 
-def test_length_statistics_counts():
-    stats = length_statistics([10, 4], [2, 3], [5, 1], batch_size=2)
-    assert stats["tokens_unshared_unpadded"] == (20 + 7) + (8 + 4)
-    assert stats["tokens_prefix_shared_packed"] == (10 + 7 + 1) + (4 + 4 + 1)
+def _pairs(lengths, start=10):
+    """Tokenized pairs of the given (prompt, chosen, rejected) lengths; responses differ from each other."""
+    out = []
+    for p, c, r in lengths:
+        out.append({"prompt_ids": list(range(start, start + p)), "chosen_ids": [1] * c, "rejected_ids": [2] * r})
+    return out
+
+
+def test_dataset_statistics_counts():
+    pairs = _pairs([(10, 2, 5), (4, 3, 1)])
+    stats = dataset_statistics(pairs, batch_size=2)
+    assert stats["tokens_trl"] == (20 + 7) + (8 + 4)
+    assert stats["tokens_packed"] == (10 + 7 + 1) + (4 + 4 + 1)
     assert stats["tokens_trl_padded"] == 2 * 2 * 15
     assert stats["saved_by_prefix_sharing"] == 9 + 3
+    assert stats["tokens_saved_frac"] == pytest.approx(1 - 27 / 39)
     assert stats["micro_batch_row_tokens"]["max"] == 18 + 9
     assert stats["suggested_token_budget"] == 256
+
+
+def test_dataset_statistics_count_what_trains_after_truncation():
+    # max_length=12: pair 0's rejected sequence (10 + 5) is cut to 12 tokens, as TRL's collator cuts it; pair 2's
+    # prompt alone fills max_length, so TRL drops it.
+    pairs = _pairs([(10, 2, 5), (4, 3, 1), (30, 1, 1)])
+    stats = dataset_statistics(pairs, batch_size=2, max_length=12)
+    assert (stats["pairs_in"], stats["pairs"], stats["pairs_dropped"], stats["pairs_truncated"]) == (3, 2, 1, 1)
+    assert stats["tokens_trl"] == (12 + 12) + (7 + 5)
+    assert stats["tokens_packed"] == (10 + 1 + 2 + 2) + (4 + 1 + 3 + 1)
+    assert stats["tokens_trl_padded"] == 2 * 2 * 12
+    assert 0 < stats["saved_by_prefix_sharing"] and 0 <= stats["saved_by_packing"]
+    # The budget holds the longest pair and max_length at least (the trainer refuses a budget below either).
+    assert stats["suggested_token_budget"] >= max(stats["longest_packed_pair"], 12)
+    with pytest.raises(PreferenceDataError, match="no pair would train: all 1 pairs"):
+        dataset_statistics(_pairs([(30, 1, 1)]), max_length=12)
+
+
+def test_dataset_statistics_budget_covers_a_long_pair():
+    stats = dataset_statistics(_pairs([(300, 200, 100)]), batch_size=1, max_length=1024)
+    assert stats["longest_packed_pair"] == 601 and stats["suggested_token_budget"] == 1024
+    stats = dataset_statistics(_pairs([(900, 600, 600)]), batch_size=1, max_length=1024)
+    assert stats["longest_packed_pair"] == 900 + 1 + 124 + 124
+    assert stats["suggested_token_budget"] == 1280 and stats["tokens_saved_frac"] > 0

@@ -1,4 +1,4 @@
-"""Loading preference datasets and turning the common layouts into TRL's preference format, with checks.
+"""Turning the common preference layouts into TRL's preference format, with checks.
 
 TRL's preference format is one row per pair with the columns ``prompt``, ``chosen`` and ``rejected``, either all
 strings ("standard") or all lists of ``{"role", "content"}`` messages ("conversational", rendered by the tokenizer's
@@ -12,172 +12,34 @@ chat template). :func:`normalize_preference_dataset` brings these layouts to it:
   (TRL's ``maybe_extract_prompt``);
 * a conversational prompt whose turns are repeated at the start of ``chosen``/``rejected``;
 * multi-turn conversations (the prompt is every turn before the first one where the two differ);
-* ``from``/``value`` messages (ShareGPT style), converted to ``role``/``content``.
+* ``from``/``value`` messages (ShareGPT style), converted to ``role``/``content``;
+* messages whose content is a list of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``), as
+  vision-language datasets have them; other columns (``images``) are kept.
 
 Bad input never reaches the trainer silently. Problems of a whole column (missing, wrong type, a conversational
 dataset for a tokenizer without a chat template) raise :class:`PreferenceDataError` naming the column and the fix.
-Problems of single rows (null or empty response or prompt, chosen equal to rejected, malformed messages) drop the
-row, and a WARNING says how many rows were dropped for which reason with an example row index; with
-``on_bad_rows="error"`` the first such row raises instead.
-
-The module also holds the length accounting used by ``prefixdpo data-stats`` and the quickstart: tokenized lengths
-(through TRL's own dataset preparation), pairs that cannot fit ``max_length``, and the tokens that prefix sharing and
-packing save.
+Rows that cannot train (a null value, a value of the wrong type, malformed messages, a conversation with no response
+turn) or carry no preference (chosen equal to rejected) are dropped, and a WARNING says how many for which reason with
+an example row index; with ``on_bad_rows="error"`` the first such row raises instead. Rows with an empty prompt or
+response train as TRL trains them (an empty text response is the eos token alone); a WARNING counts them. The trainer applies :func:`normalize_for_training` to every
+dataset it is given, so the Python API and the command line read data the same way.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-LOCAL_BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 class PreferenceDataError(ValueError):
     """A preference dataset that cannot be used as given; the message names the column or row and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json"))
-    )
-
-
-def load_preference_dataset(
-    dataset_name: str,
-    dataset_config: str | None = None,
-    split: str | None = "train",
-    revision: str | None = None,
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None,
-    streaming: bool = False,
-):
-    """Load a dataset from the Hub, from local data files, or from a directory written by ``save_to_disk``.
-
-    Args:
-        dataset_name: a Hub id (``"Anthropic/hh-rlhf"``), a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``),
-            a local directory of such files (the split of each file comes from its name: ``train.jsonl``,
-            ``test.jsonl``, ...), or a directory written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``.
-        dataset_config: the Hub dataset's configuration name (``name=`` of ``datasets.load_dataset``).
-        split: the split to return (slices such as ``"train[:1000]"`` work for the Hub and data files); ``None``
-            returns the whole ``DatasetDict``. A single local file is the ``"train"`` split.
-        revision: a Hub branch, tag or commit.
-        data_files: data files inside a Hub repository or local directory, passed to ``datasets.load_dataset``.
-        streaming: return an ``IterableDataset`` (Hub and data files only).
-
-    Raises:
-        PreferenceDataError: when the path, Hub id or split does not exist or the files cannot be read, with the
-            reason and what to check.
-    """
-    import datasets
-
-    if not dataset_name:
-        raise PreferenceDataError("dataset_name is empty: set it to a Hub dataset id or a local file or directory")
-    path = os.path.expanduser(dataset_name)
-
-    if _is_saved_dataset(path):
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split is None:
-                return loaded
-            base = split.split("[")[0]
-            if base not in loaded:
-                raise PreferenceDataError(
-                    f"split {split!r} not found in the saved dataset {dataset_name!r}; it has {sorted(loaded)}. "
-                    "Set dataset_train_split / dataset_test_split to one of them."
-                )
-            if "[" in split:
-                return datasets.concatenate_datasets([loaded[base]]).select(_slice_indices(split, len(loaded[base])))
-            return loaded[base]
-        if split not in (None, "train") and "[" not in (split or ""):
-            logger.warning("%s is a single saved Dataset (no splits); ignoring split=%r", dataset_name, split)
-        return loaded
-
-    kwargs: dict[str, Any] = {}
-    if os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in LOCAL_BUILDERS:
-            raise PreferenceDataError(
-                f"cannot tell the format of {dataset_name!r} from its extension {ext!r}; use one of "
-                f"{sorted(LOCAL_BUILDERS)} or a directory written by Dataset.save_to_disk"
-            )
-        builder = LOCAL_BUILDERS[ext]
-        kwargs["data_files"] = {"train": path}
-        where = f"the file {dataset_name!r}"
-    elif os.path.isdir(path):
-        builder = path
-        if data_files is not None:
-            kwargs["data_files"] = data_files
-        where = f"the directory {dataset_name!r}"
-    elif os.path.sep in dataset_name and (dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1):
-        raise PreferenceDataError(f"{dataset_name!r} looks like a local path but does not exist")
-    else:
-        builder = dataset_name
-        if data_files is not None:
-            kwargs["data_files"] = data_files
-        where = f"the Hub dataset {dataset_name!r}"
-    try:
-        return datasets.load_dataset(
-            builder, name=dataset_config, split=split, revision=revision, streaming=streaming, **kwargs
-        )
-    except PreferenceDataError:
-        raise
-    except ValueError as e:
-        if "split" in str(e).lower() or "Unknown split" in str(e):
-            raise PreferenceDataError(
-                f"split {split!r} not found in {where}: {e}. Set dataset_train_split / dataset_test_split to a split "
-                "it has (a single local file is the 'train' split; in a directory the split comes from the file "
-                "names: train.jsonl, test.jsonl, validation.jsonl)."
-            ) from e
-        raise PreferenceDataError(f"could not load {where}: {e}") from e
-    except FileNotFoundError as e:
-        raise PreferenceDataError(
-            f"could not find {where}: {e}. Check the spelling, that the dataset is public or HF_TOKEN is set for a "
-            "gated one, and that the machine can reach the Hub (or set HF_HUB_OFFLINE=1 to use the local cache)."
-        ) from e
-    except Exception as e:  # network errors, Arrow errors while reading local files, ...
-        hint = (
-            "Check that every row has the same type in each column (prompt/chosen/rejected: all strings or all "
-            "lists of {'role', 'content'} messages)."
-            if os.path.exists(path)
-            else "Check the id, the network (or set HF_HUB_OFFLINE=1 to use the local cache) and HF_TOKEN for gated "
-            "datasets."
-        )
-        raise PreferenceDataError(f"could not load {where}: {type(e).__name__}: {e}. {hint}") from e
-
-
-def _slice_indices(split: str, n: int) -> range:
-    spec = split[split.index("[") + 1 : split.rindex("]")]
-    start, _, stop = spec.partition(":")
-
-    def parse(s, default):
-        s = s.strip()
-        if not s:
-            return default
-        if s.endswith("%"):
-            return int(round(float(s[:-1]) / 100 * n))
-        return int(s)
-
-    return range(n)[slice(parse(start, 0), parse(stop, n))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,12 +164,20 @@ def _to_messages(value) -> list | None:
 
 
 def _blank(value) -> bool:
+    """Whether a text, a message list or a message's content list holds nothing to train on (an image part counts
+    as something)."""
     if value is None:
         return True
     if isinstance(value, str):
         return not value.strip()
+    if isinstance(value, dict):
+        if "content" in value:  # a message
+            return _blank(value["content"])
+        if value.get("type", "text") == "text":  # a content part
+            return _blank(value.get("text"))
+        return False  # an image (or other non-text) part
     if isinstance(value, list):
-        return not value or all(_blank(m.get("content")) if isinstance(m, dict) else True for m in value)
+        return not value or all(_blank(m) for m in value)
     return False
 
 
@@ -369,12 +239,9 @@ def _normalize_row(example: dict, conversational: bool) -> tuple[dict, str]:
             prompt_m, chosen_m, rejected_m = extracted["prompt"], extracted["chosen"], extracted["rejected"]
             if not prompt_m and isinstance(prompt, str) and prompt.strip():
                 prompt_m = [{"role": "user", "content": prompt}]
-        if _blank(prompt_m):
-            return bad, "empty prompt (no shared turns before the responses)"
-        if _blank(chosen_m):
-            return bad, "empty chosen response"
-        if _blank(rejected_m):
-            return bad, "empty rejected response"
+        for column, messages in (("chosen", chosen_m), ("rejected", rejected_m)):
+            if not messages:
+                return bad, f"no messages in {column} after the prompt's turns"
         if chosen_m == rejected_m:
             return bad, "chosen equals rejected (no preference signal)"
         return {"prompt": prompt_m, "chosen": chosen_m, "rejected": rejected_m}, ""
@@ -384,25 +251,24 @@ def _normalize_row(example: dict, conversational: bool) -> tuple[dict, str]:
         if not isinstance(value, str):
             return bad, f"wrong type in {column} ({type(value).__name__}, expected text)"
     if has_prompt:
-        if not prompt.strip():
-            return bad, "empty prompt"
         # Responses that repeat the prompt at their start: strip it.
-        if chosen.startswith(prompt) and rejected.startswith(prompt) and len(chosen) > len(prompt):
+        if prompt and chosen.startswith(prompt) and rejected.startswith(prompt) and len(chosen) > len(prompt):
             chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
     else:
         if chosen == rejected:
             return bad, "chosen equals rejected (no preference signal)"
         extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
         prompt, chosen, rejected = _hh_cut(extracted["prompt"], extracted["chosen"], extracted["rejected"])
-        if not prompt.strip():
-            return bad, "empty prompt (chosen and rejected share no beginning)"
-    if not chosen.strip():
-        return bad, "empty chosen response"
-    if not rejected.strip():
-        return bad, "empty rejected response"
     if chosen == rejected:
         return bad, "chosen equals rejected (no preference signal)"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, ""
+
+
+def _empty_parts(row: dict) -> str:
+    """Which parts of a usable row are empty ('' when none): they train as TRL trains them (an empty text response
+    is the eos token alone), and are counted so that they are seen."""
+    empty = [name for name in ("prompt", "chosen", "rejected") if _blank(row[name])]
+    return f"empty {' and '.join(empty)}" if empty else ""
 
 
 @dataclass
@@ -416,6 +282,7 @@ class NormalizationReport:
     rows_out: int
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)  # reason -> first row index
+    empty: dict[str, int] = field(default_factory=dict)  # kept rows with an empty part, by which parts
 
     @property
     def n_dropped(self) -> int:
@@ -488,7 +355,7 @@ def normalize_preference_dataset(
         row, problem = _normalize_row(example, conversational)
         if problem and on_bad_rows == "error":
             raise PreferenceDataError(_row_error(name, idx, problem))
-        return {**row, "_problem": problem}
+        return {**row, "_problem": problem, "_empty": "" if problem else _empty_parts(row)}
 
     map_kwargs: dict[str, Any] = {"with_indices": True}
     if is_map_style:
@@ -496,7 +363,7 @@ def normalize_preference_dataset(
     # Features are re-inferred: a text prompt may become a list of messages.
     out = dataset.map(fn, **map_kwargs)
     if not is_map_style:
-        return out.filter(lambda ex: not ex["_problem"]).remove_columns(["_problem"])
+        return out.filter(lambda ex: not ex["_problem"]).remove_columns(["_problem", "_empty"])
 
     problems = out["_problem"]
     counts: Counter = Counter(p for p in problems if p)
@@ -512,23 +379,67 @@ def normalize_preference_dataset(
             "%s dataset: dropped %d of %d rows that cannot train: %s. Fix the data, or pass on_bad_rows='error' to "
             "stop at the first one.", name, sum(counts.values()), rows_in, detail
         )
-    out = out.remove_columns(["_problem"])
+    empties = Counter(e for e in out["_empty"] if e)
+    if empties:
+        detail = "; ".join(f"{n} x {what}" for what, n in empties.most_common())
+        logger.warning("%s dataset: %d rows have an empty part (%s); they train as TRL trains them (an empty text "
+                       "response is its eos token alone)", name, sum(empties.values()), detail)
+    out = out.remove_columns(["_problem", "_empty"])
+    mark_normalized(out)
     if len(out) == 0:
         raise PreferenceDataError(f"{name} dataset: no usable rows left out of {rows_in} (see the warning above)")
-    report = NormalizationReport(name, layout, conversational, rows_in, len(out), dict(counts), examples)
+    report = NormalizationReport(name, layout, conversational, rows_in, len(out), dict(counts), examples,
+                                 dict(empties))
     return (out, report) if return_report else out
+
+
+# Fingerprints of datasets this module produced (or combined from its outputs): the trainer does not normalize them again.
+_NORMALIZED: set[str] = set()
+
+
+def mark_normalized(dataset) -> None:
+    """Record that ``dataset`` is already in the normalized format (e.g. a concatenation of normalized datasets)."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint:
+        _NORMALIZED.add(fingerprint)
+
+
+def is_normalized(dataset) -> bool:
+    """Whether ``dataset`` came out of ``normalize_preference_dataset`` (or was marked so)."""
+    return getattr(dataset, "_fingerprint", None) in _NORMALIZED
+
+
+def normalize_for_training(dataset, processing_class, name: str, on_bad_rows: str = "drop", num_proc=None):
+    """What the trainer does with every dataset it is given: ``normalize_preference_dataset`` unless it is None,
+    already tokenized (``prompt_ids``...), or already normalized by this module."""
+    if dataset is None:
+        return None
+    columns = getattr(dataset, "column_names", None) or []
+    if all(c in columns for c in TOKENIZED_COLUMNS):
+        return dataset
+    if is_normalized(dataset):
+        return dataset
+    return normalize_preference_dataset(dataset, processing_class, name=name, on_bad_rows=on_bad_rows,
+                                        num_proc=num_proc)
 
 
 def _row_error(name: str, idx: int, problem: str) -> str:
     fixes = {
         "null": "fill or remove the row",
-        "empty": "fill or remove the row",
+        "no messages": "give each conversation its response turn(s) after the prompt's",
         "chosen equals": "remove the row (identical responses carry no preference)",
         "malformed": "every message needs 'role' and 'content' (or 'from' and 'value')",
         "wrong type": "give the column the same type in every row",
     }
     fix = next((v for k, v in fixes.items() if problem.startswith(k)), "fix or remove the row")
     return f"{name} dataset, row {idx}: {problem}; {fix}, or use on_bad_rows='drop' to drop such rows"
+
+
+def rename_columns(dataset, prompt_column=None, chosen_column=None, rejected_column=None):
+    """``dataset`` with the named columns renamed to ``prompt``/``chosen``/``rejected`` (a column already holding
+    that name is dropped for it)."""
+    return _rename_columns(dataset, prompt_column=prompt_column, chosen_column=chosen_column,
+                           rejected_column=rejected_column)
 
 
 def _rename_columns(dataset, **mapping):
@@ -594,174 +505,3 @@ def ensure_pad_token(tokenizer, model=None) -> None:
             gen.pad_token_id = tok.pad_token_id
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Lengths
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def tokenize_preference_dataset(dataset, tokenizer, num_proc: int | None = None):
-    """Tokenize exactly as TRL's DPOTrainer does (``DPOTrainer._prepare_dataset``: prompt extraction, eos on text
-    responses, chat template, the prompt/completion split), without dropping anything for ``max_length``.
-
-    Returns the dataset with ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` columns added.
-    """
-    from trl import DPOTrainer
-
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    ensure_pad_token(tok)
-    host = SimpleNamespace(_tokenizer=tok)
-    args = SimpleNamespace(dataset_num_proc=num_proc, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(host, dataset, tokenizer, args, "preference")
-
-
-def tokenized_lengths(dataset) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) token counts from a dataset with ``prompt_ids``/``chosen_ids``/``rejected_ids``."""
-    lens = dataset.map(
-        lambda ex: {
-            "_p": len(ex["prompt_ids"]),
-            "_c": len(ex["chosen_ids"]),
-            "_r": len(ex["rejected_ids"]),
-        },
-        remove_columns=dataset.column_names,
-    )
-    return lens["_p"], lens["_c"], lens["_r"]
-
-
-@dataclass
-class OverlongReport:
-    """Pairs that do not fit ``max_length`` as TRL 1.16 applies it (each of prompt+chosen and prompt+rejected)."""
-
-    n_pairs: int
-    max_length: int | None
-    truncation_mode: str
-    dropped: int = 0  # the prompt alone fills max_length: TRL drops the pair (keep_start)
-    truncated: int = 0  # prompt + a response is longer than max_length: tokens are cut
-    tokens_cut: int = 0
-    first_dropped: int | None = None
-    first_truncated: int | None = None
-
-
-def report_overlong_pairs(
-    prompt_lens, chosen_lens, rejected_lens, max_length: int | None, truncation_mode: str = "keep_start",
-    name: str = "train",
-) -> OverlongReport:
-    """Count (and log at WARNING) the pairs that cannot fit ``max_length``, given their tokenized lengths.
-
-    TRL's rule, which the trainer applies: with ``truncation_mode="keep_start"`` a pair whose prompt alone has
-    ``max_length`` tokens or more is dropped; any other pair whose prompt+chosen or prompt+rejected is longer than
-    ``max_length`` is truncated to it. This function changes nothing; it makes both visible.
-    """
-    report = OverlongReport(len(prompt_lens), max_length, truncation_mode)
-    if max_length is None:
-        return report
-    for i, (p, c, r) in enumerate(zip(prompt_lens, chosen_lens, rejected_lens, strict=True)):
-        if truncation_mode == "keep_start" and p >= max_length:
-            report.dropped += 1
-            if report.first_dropped is None:
-                report.first_dropped = i
-            continue
-        cut = max(0, p + c - max_length) + max(0, p + r - max_length)
-        if cut:
-            report.truncated += 1
-            report.tokens_cut += cut
-            if report.first_truncated is None:
-                report.first_truncated = i
-    if report.dropped:
-        logger.warning(
-            "%s dataset: %d of %d pairs have a prompt of max_length=%d tokens or more and will be dropped (e.g. row "
-            "%d). Raise max_length, or shorten/filter those prompts.", name, report.dropped, report.n_pairs,
-            max_length, report.first_dropped,
-        )
-    if report.truncated:
-        logger.warning(
-            "%s dataset: %d of %d pairs are longer than max_length=%d and will be truncated (%d tokens cut in all, "
-            "e.g. row %d). Raise max_length to keep them whole; `prefixdpo data-stats` suggests a value.",
-            name, report.truncated, report.n_pairs, max_length, report.tokens_cut, report.first_truncated,
-        )
-    return report
-
-
-def _percentiles(values, qs=(50, 90, 95, 99, 100)) -> dict[str, float]:
-    if not values:
-        return {f"p{q}": 0 for q in qs} | {"mean": 0.0}
-    s = sorted(values)
-    out = {}
-    for q in qs:
-        k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
-        out[f"p{q}" if q < 100 else "max"] = s[k]
-    out["mean"] = sum(s) / len(s)
-    return out
-
-
-def length_statistics(prompt_lens, chosen_lens, rejected_lens, batch_size: int = 8, max_length: int | None = None):
-    """Length percentiles and the tokens that prefix sharing and packing save, for pairs taken ``batch_size`` at a
-    time in dataset order.
-
-    Token counts per pair with prompt P, chosen C and rejected R tokens:
-
-    * TRL (padded): chosen and rejected sequences of a batch are padded to the batch's longest, 2 * B * max(P+C, P+R);
-    * unshared, unpadded: 2P + C + R;
-    * prefix-shared, packed (prefixdpo's layout, see DESIGN.md): (P - 1) + (1 + C) + (1 + R) = P + C + R + 1.
-    """
-    n = len(prompt_lens)
-    pairs = list(zip(prompt_lens, chosen_lens, rejected_lens, strict=True))
-    padded = 0
-    row_tokens = []  # tokens of each packed micro-batch row (batch_size pairs, prefix-shared, no padding)
-    for start in range(0, n, batch_size):
-        batch = pairs[start : start + batch_size]
-        longest = max(max(p + c, p + r) for p, c, r in batch)
-        if max_length is not None:
-            longest = min(longest, max_length)
-        padded += 2 * len(batch) * longest
-        row_tokens.append(sum(p + c + r + 1 for p, c, r in batch))
-    unshared = sum(2 * p + c + r for p, c, r in pairs)
-    shared = sum(p + c + r + 1 for p, c, r in pairs)
-    packed_lens = [p + c + r + 1 for p, c, r in pairs]
-    # The token budget one packed micro-batch row needs: the largest row of `batch_size` pairs, rounded up to a
-    # multiple of 256. Memory per micro-batch scales with it (not with batch_size x the longest pair, as with padding).
-    budget = int(math.ceil(max(row_tokens, default=0) / 256) * 256)
-    return {
-        "pairs": n,
-        "prompt": _percentiles(prompt_lens),
-        "chosen": _percentiles(chosen_lens),
-        "rejected": _percentiles(rejected_lens),
-        "packed_pair": _percentiles(packed_lens),
-        "tokens_trl_padded": padded,
-        "tokens_unshared_unpadded": unshared,
-        "tokens_prefix_shared_packed": shared,
-        "saved_by_prefix_sharing": unshared - shared,
-        "saved_by_packing": padded - unshared,
-        "saved_total_fraction": 1 - shared / padded if padded else 0.0,
-        "prompt_to_response_ratio": (sum(prompt_lens) / max(1, (sum(chosen_lens) + sum(rejected_lens)) / 2)),
-        "micro_batch_row_tokens": _percentiles(row_tokens),
-        "suggested_token_budget": budget,
-        "batch_size": batch_size,
-    }
-
-
-def format_length_statistics(stats: dict) -> str:
-    """A small plain-text table of :func:`length_statistics`."""
-    lines = [f"{stats['pairs']} pairs, batches of {stats['batch_size']} pairs"]
-    lines.append(f"{'tokens':<14}{'mean':>9}{'p50':>8}{'p90':>8}{'p95':>8}{'p99':>8}{'max':>8}")
-    for key in ("prompt", "chosen", "rejected", "packed_pair"):
-        s = stats[key]
-        lines.append(
-            f"{key:<14}{s['mean']:>9.1f}{s['p50']:>8}{s['p90']:>8}{s['p95']:>8}{s['p99']:>8}{s['max']:>8}"
-        )
-    padded = stats["tokens_trl_padded"]
-
-    def pct(x):
-        return f"{100 * x / padded:.1f}%" if padded else "n/a"
-
-    lines += [
-        f"tokens, TRL (prompt twice, padded):    {padded:>12,}",
-        f"tokens, prompt twice, no padding:      {stats['tokens_unshared_unpadded']:>12,}",
-        f"tokens, prefix-shared and packed:      {stats['tokens_prefix_shared_packed']:>12,}",
-        f"saved by prefix sharing:               {stats['saved_by_prefix_sharing']:>12,}  ({pct(stats['saved_by_prefix_sharing'])})",
-        f"saved by packing (no padding):         {stats['saved_by_packing']:>12,}  ({pct(stats['saved_by_packing'])})",
-        f"prompt/response length ratio:          {stats['prompt_to_response_ratio']:>12.2f}",
-        f"packed micro-batch row ({stats['batch_size']} pairs): mean {stats['micro_batch_row_tokens']['mean']:.0f}, "
-        f"max {stats['micro_batch_row_tokens']['max']} tokens; suggested token budget per micro-batch: "
-        f"{stats['suggested_token_budget']}",
-    ]
-    return "\n".join(lines)
