@@ -3,12 +3,16 @@
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_JSON PER_DEVICE_BATCH GRAD_ACCUM [BATCHING [MAX_TOKENS]]
 
 ``DDP_WORKER_CHECKPOINTING=1`` turns gradient checkpointing on (PrefixDPOConfig's default kind: reentrant).
+Preemption runs: ``DDP_WORKER_MAX_STEPS`` (default 3), ``DDP_WORKER_SIGTERM_AT=step`` with ``DDP_WORKER_SIGTERM_RANK=r``
+(process r sends itself SIGTERM at the end of that step), ``DDP_WORKER_RESUME=1`` (resume from the newest checkpoint
+in the output directory); the full weights go to OUT_JSON + ".pt".
 """
 
 import copy
 import datetime
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -18,7 +22,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_pairs, make_tokenizer, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+from transformers import TrainerCallback  # noqa: E402
+
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer  # noqa: E402
+
+
+class SigtermAt(TrainerCallback):
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and args.process_index == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main():
@@ -26,23 +41,29 @@ def main():
     batching = sys.argv[4] if len(sys.argv) > 4 else "pairs"
     extra = {"max_tokens_per_batch": int(sys.argv[5])} if batching == "token_budget" else {}
     model = tiny_model("llama", seed=0)
+    env = os.environ
+    sigterm_at = int(env.get("DDP_WORKER_SIGTERM_AT", "0"))
     args = PrefixDPOConfig(
         output_dir=os.path.dirname(out), report_to="none", bf16=False, use_cpu=True, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accum, max_steps=3, logging_steps=1, learning_rate=0.5, optim="sgd",
-        gradient_checkpointing=os.environ.get("DDP_WORKER_CHECKPOINTING") == "1", seed=0,
-        save_strategy="no", max_length=40, disable_tqdm=True, batching=batching, **extra,
+        gradient_accumulation_steps=accum, max_steps=int(env.get("DDP_WORKER_MAX_STEPS", "3")), logging_steps=1,
+        learning_rate=0.5, optim="sgd", gradient_checkpointing=env.get("DDP_WORKER_CHECKPOINTING") == "1", seed=0,
+        save_strategy="no", max_length=40, disable_tqdm=True, batching=batching,
+        overwrite_output_dir=True, **extra,
     )
+    callbacks = [SigtermAt(sigterm_at, int(env.get("DDP_WORKER_SIGTERM_RANK", "0")))] if sigterm_at else None
     trainer = PrefixDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                                train_dataset=Dataset.from_list(make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))),
-                               processing_class=make_tokenizer())
-    trainer.train()
+                               processing_class=make_tokenizer(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=True if env.get("DDP_WORKER_RESUME") == "1" else None)
     if trainer.accelerator.is_main_process:
         weights = [p.detach().flatten()[:50].tolist() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
         with open(out, "w") as f:
             layer = trainer.accelerator.unwrap_model(trainer.model).model.layers[0]
             ckpt = layer._gradient_checkpointing_func.keywords if layer.gradient_checkpointing else None
             json.dump({"logs": [h for h in trainer.state.log_history if "loss" in h], "weights": weights,
-                       "checkpointing": ckpt}, f)
+                       "checkpointing": ckpt, "global_step": trainer.state.global_step,
+                       "stopped_at": trainer.stop_on_signal.stopped_at}, f)
+        torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), out + ".pt")
     # Leave without the process group's teardown. On 2 CI cores gloo's teardown went wrong twice in ~20 runs, after
     # training had finished on both processes: once a SIGABRT in interpreter finalization with the group alive
     # (pytorch/pytorch#190489, "terminate called without an active exception"), once a hang past 240 s with

@@ -23,6 +23,7 @@ def free_port() -> int:
 
 
 def launch(tmp_path, name, nproc, *args, env_extra=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{name}.json"
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable])
@@ -70,6 +71,24 @@ def test_token_budget_under_two_processes(tmp_path):
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
     assert all(0 < h["batching/row_fill"] <= 1 for h in logs)
     assert logs[-1]["rewards/margins"] != 0.0
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+    # A scheduler may signal one process before the others: both still stop after the same step, save one checkpoint
+    # together, and a resumed run ends with the weights of a run never stopped.
+    import torch
+
+    steps = {"DDP_WORKER_MAX_STEPS": "4"}
+    full = launch(tmp_path / "full", "full", 2, 4, 1, env_extra=steps)
+    stop = launch(tmp_path / "run", "stop", 2, 4, 1,
+                  env_extra={**steps, "DDP_WORKER_SIGTERM_AT": "2", "DDP_WORKER_SIGTERM_RANK": "1"})
+    assert stop["global_step"] == 2 and stop["stopped_at"] == 2  # process 0 was never signalled itself
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").exists()
+    assert (tmp_path / "run" / "checkpoint-2" / "rng_state_1.pth").exists()  # both processes wrote into it
+    resumed = launch(tmp_path / "run", "resumed", 2, 4, 1, env_extra={**steps, "DDP_WORKER_RESUME": "1"})
+    assert resumed["global_step"] == 4 == full["global_step"]
+    a, b = torch.load(tmp_path / "full" / "full.json.pt"), torch.load(tmp_path / "run" / "resumed.json.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fsdp2_policy_keeps_log_probs_in_fp32():

@@ -11,6 +11,9 @@ ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
+BAD_ROWS = ("drop", "error")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0", "", "none", "null")
 
 
 def uses_fsdp(args) -> bool:
@@ -28,7 +31,7 @@ class PrefixDPOConfig(DPOConfig):
     same gradients; the reentrant kind runs the first forward without autograd, so it records no graph and calls no
     saved-tensor hooks. On short pairs, where a step is bound by host time, that made the HH-RLHF shape 1.15x faster
     (docs/PERFORMANCE.md). Pass ``gradient_checkpointing_kwargs={"use_reentrant": False}`` to keep TRL's. Under FSDP
-    TRL's kind stays: the FSDP2 runs (issue 8) were verified with it, and reentrant recomputation inside FSDP2's
+    TRL's kind stays: the FSDP2 runs were verified with it, and reentrant recomputation inside FSDP2's
     hooks was not. The fields below are new; each is checked once in ``__post_init__``.
     """
 
@@ -112,7 +115,31 @@ class PrefixDPOConfig(DPOConfig):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a fresh run write into an output_dir that holds a previous run (a saved model or checkpoint-* "
+            "folders). Without it such a run is refused before anything loads, and nothing in the directory changes; "
+            "to continue the previous run instead, set resume_from_checkpoint."
+        },
+    )
+    on_bad_rows: str = field(
+        default="drop",
+        metadata={
+            "help": "Dataset rows that cannot train (null/empty prompt or response, chosen == rejected, wrong types, "
+            "malformed messages): 'drop' them with a warning that counts them per reason, or 'error' at the first one.",
+            "choices": list(BAD_ROWS),
+        },
+    )
+
     def __post_init__(self):
+        # resume_from_checkpoint is a string field in TrainingArguments; on the command line "true" means "the newest
+        # complete checkpoint in output_dir", as YAML's true does.
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, str) and resume.strip().lower() in _TRUE:
+            self.resume_from_checkpoint = True
+        elif isinstance(resume, str) and resume.strip().lower() in _FALSE or resume is False:
+            self.resume_from_checkpoint = None
         super().__post_init__()
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None and not uses_fsdp(self):
             # The one changed default (class docstring). transformers >= 5.2x names the field
@@ -124,6 +151,8 @@ class PrefixDPOConfig(DPOConfig):
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.ref_attn_backend is not None and self.ref_attn_backend not in REF_ATTN_BACKENDS:
             raise ValueError(f"ref_attn_backend must be None or one of {REF_ATTN_BACKENDS}, got {self.ref_attn_backend!r}")
+        if self.on_bad_rows not in BAD_ROWS:
+            raise ValueError(f"on_bad_rows must be one of {BAD_ROWS}, got {self.on_bad_rows!r}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.batching == "token_budget":

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from functools import partial
 
@@ -31,14 +32,19 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.trainer_utils import seed_worker
 from trl import DPOConfig, DPOTrainer
 
+from . import checkpoints
 from .config import PrefixDPOConfig, uses_fsdp
 from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
-from .modeling.attention import check_model_supported
+from .data.formats import normalize_for_training
+from .data.stats import report_prepared_dataset
+from .modeling.attention import check_config_supported, check_model_supported
 from .modeling.packed import enable_packed_forward, reference_mode
+from .preemption import StopOnSignal
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,10 @@ def _gather_ragged(gather, tensor):
     pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
     out = gather(torch.cat([tensor, pad])).view(len(sizes), longest, *tensor.shape[1:])
     return torch.cat([out[i, :n] for i, n in enumerate(sizes)])
+
+
+def _rows(dataset) -> int | None:
+    return len(dataset) if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__") else None
 
 
 def _as_prefix_config(args: DPOConfig | None, model) -> PrefixDPOConfig:
@@ -82,7 +92,6 @@ def _check_fsdp_reference_loading(model, ref_model, args, peft_config) -> None:
     """FSDP with ``fsdp_cpu_ram_efficient_loading``: only rank 0 reads weights from disk and accelerate broadcasts
     the *policy's*; TRL wraps a reference model it loads from a path without that broadcast, so the other ranks'
     shards of it hold whatever memory they got (seen on 2 H200s: step-1 loss 1.27 instead of ln 2). Refuse it."""
-    import os
 
     from transformers.utils import strtobool
 
@@ -169,7 +178,14 @@ class PrefixDPOTrainer(DPOTrainer):
             raise ValueError(
                 "PrefixDPOTrainer builds its own collator (the packed rows are its whole point); pass data_collator=None"
             )
-        if not isinstance(model, str):
+        # Every refusal comes here, before any weights load or any data is tokenized.
+        if isinstance(model, str):
+            from transformers import AutoConfig
+
+            init_kwargs = args.model_init_kwargs or {}
+            check_config_supported(AutoConfig.from_pretrained(
+                model, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code))
+        else:
             check_model_supported(model)
         _check_fsdp_reference_loading(model, ref_model, args, peft_config)
         if isinstance(model, str) or isinstance(ref_model, str):
@@ -196,6 +212,16 @@ class PrefixDPOTrainer(DPOTrainer):
                 raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
             logger.warning("The tokenizer has no pad token; using its eos token %r (as TRL does)", tokenizer.eos_token)
             tokenizer.pad_token = tokenizer.eos_token
+        # The same layout detection, normalization and bad-row accounting as the command line, for every dataset.
+        train_dataset = normalize_for_training(train_dataset, processing_class, "train", args.on_bad_rows,
+                                               args.dataset_num_proc)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: normalize_for_training(ds, processing_class, name, args.on_bad_rows,
+                                                         args.dataset_num_proc) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = normalize_for_training(eval_dataset, processing_class, "eval", args.on_bad_rows,
+                                                  args.dataset_num_proc)
+        rows_before = {"train": _rows(train_dataset), "eval": _rows(eval_dataset)}
         collator = PrefixPackingCollator(
             pad_token_id=tokenizer.pad_token_id,
             max_length=args.max_length,
@@ -222,6 +248,13 @@ class PrefixDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
         self._install_prefix_packing()
+        # Pairs TRL's max_length rule dropped or will truncate, said now; none left is an error.
+        for name, before in rows_before.items():
+            prepared = self.train_dataset if name == "train" else self.eval_dataset
+            if before is not None and prepared is not None and not isinstance(prepared, dict):
+                report_prepared_dataset(before, prepared, args.max_length, args.truncation_mode, name)
+        self.stop_on_signal = StopOnSignal(self.accelerator)
+        self.add_callback(self.stop_on_signal)
 
     # ------------------------------------------------------------------ setup
     def create_accelerator_and_postprocess(self):
@@ -378,9 +411,78 @@ class PrefixDPOTrainer(DPOTrainer):
             self._throughput.update(pairs=0, tokens=0, time=now)
         super().log(logs, start_time)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, with three guarantees: a fresh run never writes into an ``output_dir`` holding a previous
+        one (unless ``overwrite_output_dir``); ``resume_from_checkpoint=True`` (or ``args.resume_from_checkpoint``)
+        resumes from the newest complete checkpoint; the first SIGTERM/SIGINT saves a checkpoint after the current
+        step and returns (``stop_on_signal.stopped_at`` then holds the step)."""
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "false"):
+            resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"
+        checkpoints.check_start(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
+        resume = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self._throughput.update(pairs=0, tokens=0, time=time.perf_counter())
-        return super().train(*args, **kwargs)
+        self.stop_on_signal.install()
+        try:
+            out = super().train(resume, *args, **kwargs)
+        finally:
+            self.stop_on_signal.uninstall()
+        if self.stop_on_signal.stopped_at is not None:
+            self.accelerator.print(
+                f"Stopped by {self.stop_on_signal.stopped_by} after step {self.stop_on_signal.stopped_at}; checkpoint "
+                f"saved in {os.path.join(self.args.output_dir, f'checkpoint-{self.stop_on_signal.stopped_at}')}. "
+                "To continue, run the same command with resume_from_checkpoint true."
+            )
+        return out
+
+    # ------------------------------------------------------------------ staged saves
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into a hidden staging folder beside ``checkpoint-<step>``, flush it, rename it into
+        place (checkpoints.py); every process writes its part into the same staging folder first."""
+        run_dir = super()._get_output_dir(trial)
+        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        staged_root = checkpoints.staging_dir(final)
+        if self.args.should_save:
+            checkpoints.clear_staging(staged_root)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staged_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        staged = os.path.join(staged_root, os.path.basename(final))
+        if self.args.should_save and self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, checkpoints.TRAINER_STATE))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish_checkpoint(staged, final)
+            os.rmdir(staged_root)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        # Inside _save_checkpoint: the staging folder stands in for the run directory.
+        staged = getattr(self, "_staging_root", None)
+        return staged if staged is not None else super()._get_output_dir(trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """``Trainer.save_model``; a save outside a checkpoint (the final model) is staged in a hidden folder, flushed,
+        and moved into ``output_dir`` with its config last, so a model directory with a config has its weights."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        target = output_dir or self.args.output_dir
+        staged = checkpoints.staging_dir(os.path.join(target, "model"))
+        if self.args.should_save:
+            checkpoints.clear_staging(staged)
+        self.accelerator.wait_for_everyone()
+        super().save_model(staged, _internal_call=False)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and os.path.isdir(staged):
+            checkpoints.publish_files(staged, target)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ token-budget dataloaders
     def get_train_dataloader(self) -> DataLoader:

@@ -95,25 +95,74 @@ def register() -> str:
     return ATTN_NAME
 
 
-def check_model_supported(model) -> None:
-    """Raise UnsupportedModelError, naming the feature, if prefix sharing cannot run this model exactly."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    name = type(model).__name__
-    if not getattr(model, "_supports_attention_backend", False):
+# Model types whose attention needs something the layout does not express, detected from the config alone (so the
+# refusal comes before any weights load): the feature each one needs.
+_REFUSED_MODEL_TYPES = {
+    "gpt_oss": "attention sinks",
+}
+# Hybrid models: some layers are not attention (state-space, recurrent or convolution layers), which carry state from
+# token to token across the whole row and so cannot see the layout.
+_HYBRID_MODEL_TYPES = {
+    "nemotron_h": "Mamba-2 layers", "lfm2": "short convolution layers", "lfm2_moe": "short convolution layers",
+    "qwen3_next": "gated DeltaNet (linear attention) layers", "granitemoehybrid": "Mamba-2 layers",
+    "jamba": "Mamba layers", "bamba": "Mamba-2 layers", "falcon_h1": "Mamba-2 layers", "zamba": "Mamba layers",
+    "zamba2": "Mamba-2 layers", "mamba": "Mamba layers", "mamba2": "Mamba-2 layers", "rwkv": "RWKV layers",
+    "recurrent_gemma": "recurrent layers", "minimax": "lightning (linear) attention layers",
+}
+
+
+def text_config(config):
+    """The language model's config of a (possibly multimodal) model config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_class(config):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
+        try:
+            return mapping[type(config)]
+        except KeyError:
+            continue
+    return None
+
+
+def check_config_supported(config, model_class=None) -> None:
+    """Raise UnsupportedModelError, naming the feature and the layer type, if prefix sharing cannot run a model of
+    ``config`` exactly. Reads the config only, so it runs before any weights load."""
+    text = text_config(config)
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", "")
+    name = (model_class or _model_class(config) or type(config)).__name__
+    if model_class is None:
+        model_class = _model_class(config)
+    if model_type in _HYBRID_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{name} is a hybrid model: its {_HYBRID_MODEL_TYPES[model_type]} carry state along the row, which prefix "
+            "sharing cannot fork at the end of a prompt yet"
+        )
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
         raise UnsupportedModelError(
             f"{name} does not route its attention through transformers' attention interface, so prefix-shared "
             "attention cannot be installed into it"
         )
-    for attr, feature in _REFUSED_CONFIG.items():
-        if getattr(config, attr, None) is not None:
-            raise UnsupportedModelError(f"{name} uses {feature} ({attr}={getattr(config, attr)}), which prefix sharing "
-                                        "cannot honour exactly")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; only causal language models are supported")
-    layer_types = getattr(config, "layer_types", None) or []
+    if model_type in _REFUSED_MODEL_TYPES:
+        raise UnsupportedModelError(f"{name} uses {_REFUSED_MODEL_TYPES[model_type]}, which prefix sharing cannot "
+                                    "honour exactly")
+    for attr, feature in _REFUSED_CONFIG.items():
+        if getattr(text, attr, None) is not None:
+            raise UnsupportedModelError(f"{name} uses {feature} ({attr}={getattr(text, attr)}), which prefix sharing "
+                                        "cannot honour exactly")
+    layer_types = getattr(text, "layer_types", None) or []
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise UnsupportedModelError(f"{name} has layers of type {unknown}, which prefix sharing does not support")
+
+
+def check_model_supported(model) -> None:
+    """``check_config_supported`` for a built model."""
+    check_config_supported(model.config, type(model))
 
 
 def install(model) -> None:
