@@ -8,16 +8,7 @@ import logging
 import pytest
 
 from prefixdpo.cli import main
-from prefixdpo.quickstart import DATA_DIR, build_model, build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(path)
-    build_model(tokenizer).save_pretrained(path)
-    return str(path)
+from prefixdpo.quickstart import DATA_DIR
 
 
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none",
@@ -40,7 +31,7 @@ def test_data_stats(tmp_path, tiny_model_dir, capsys):
     assert "saved by prefix sharing" in out and "suggested token budget per micro-batch" in out
     stats = json.loads(plot.with_suffix(".json").read_text())
     assert stats["pairs"] == 300 and stats["saved_by_prefix_sharing"] > 0
-    assert stats["overlong_truncated"] > 0  # some quickstart pairs are longer than 30 tokens
+    assert stats["pairs_truncated"] > 0  # some quickstart pairs are longer than 30 tokens
     assert plot.stat().st_size > 10_000
 
 
@@ -78,7 +69,7 @@ def test_bad_dataset_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     data.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
     status = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data),
                    "--output_dir", str(tmp_path / "o"), "--eval_strategy", "no", *CPU])
-    assert status == 1
+    assert status == 2
     err = capsys.readouterr().err
     assert "error: the dataset has no 'chosen' and no 'rejected' column" in err
 
@@ -90,7 +81,7 @@ def test_every_pair_dropped_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     status = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--max_length", "16",
                    "--output_dir", str(tmp_path / "o"), "--eval_strategy", "no", *CPU])
-    assert status == 1
+    assert status == 2
     assert "error: no train pairs left to train on: all 3 were dropped" in capsys.readouterr().err
 
 

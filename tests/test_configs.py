@@ -20,7 +20,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_run_config_parses(path):
     from prefixdpo import PrefixDPOConfig
-    from prefixdpo.cli import ScriptArguments, parse_config
+    from prefixdpo.arguments import ScriptArguments, parse_config
 
     # use_cpu: the configs ask for bf16, which TrainingArguments refuses on a machine without a GPU unless use_cpu.
     script_args, training_args, model_args = parse_config(["--config", str(path), "--use_cpu", "true"])
@@ -48,7 +48,7 @@ def test_run_config_header_names_its_launch_command(path):
 
 
 def test_command_line_overrides_yaml():
-    from prefixdpo.cli import parse_config
+    from prefixdpo.arguments import parse_config
 
     path = RUN_CONFIGS[0]
     _, training_args, model_args = parse_config(
@@ -60,7 +60,7 @@ def test_command_line_overrides_yaml():
 
 
 def test_unknown_key_is_rejected(tmp_path):
-    from prefixdpo.cli import parse_config
+    from prefixdpo.arguments import parse_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset_name: x\nmodel_name_or_path: y\nlearning_rte: 1.0e-6\n")
@@ -69,20 +69,20 @@ def test_unknown_key_is_rejected(tmp_path):
 
 
 def test_invalid_prefixdpo_field_is_rejected(tmp_path):
-    from prefixdpo.cli import parse_config
+    from prefixdpo.arguments import parse_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset_name: x\nmodel_name_or_path: y\nattn_backend: cuda\n")
-    with pytest.raises(ValueError, match="attn_backend must be one of"):
+    with pytest.raises(ValueError, match="attn_backend: invalid value 'cuda'; allowed: auto, triton, flex"):
         parse_config(["--config", str(bad), "--use_cpu", "true"])
 
 
 def test_quickstart_config_matches_builtin_defaults():
-    from prefixdpo.quickstart import QUICKSTART_DEFAULTS, QuickstartArguments, make_parser
+    from prefixdpo.quickstart import QUICKSTART_DEFAULTS, QuickstartArguments, parse_args
 
     path = ROOT / "configs" / "quickstart.yaml"
-    qs_args, training_args = make_parser().parse_args_and_config(["--config", str(path)])
-    builtin_qs, builtin_training = make_parser().parse_args_and_config([])
+    qs_args, training_args = parse_args(["--config", str(path)])
+    builtin_qs, builtin_training = parse_args([])
     assert qs_args == builtin_qs
     for key in QUICKSTART_DEFAULTS:
         assert getattr(training_args, key) == getattr(builtin_training, key), key

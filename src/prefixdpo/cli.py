@@ -4,12 +4,9 @@
     prefixdpo data-stats --config configs/llama3.1-8b-hh-rlhf-zero3.yaml [--data_stats_samples 20000]
     prefixdpo quickstart [--config configs/quickstart.yaml] [--any_field value ...]
 
-A YAML file sets any field of the three argument groups below; flags on the command line override it (TRL's
-``TrlParser``). ``prefixdpo train`` runs on one process; for several GPUs use ``accelerate launch recipes/dpo.py`` with
-the same YAML (see docs/USAGE.md).
-
-Argument groups: :class:`ScriptArguments` (the dataset), :class:`prefixdpo.PrefixDPOConfig` (training: TRL's
-DPOConfig plus prefix sharing) and :class:`trl.ModelConfig` (model, dtype, attention, LoRA/quantization).
+A YAML file sets any field of the argument groups (prefixdpo/arguments.py); flags on the command line override it.
+``prefixdpo train`` runs on one process; for several GPUs, ``accelerate launch recipes/dpo.py`` with the same YAML.
+A mistake in the config or the data ends in one ``error:`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
 logger = logging.getLogger("prefixdpo")
 
@@ -26,257 +22,94 @@ USAGE = """usage: prefixdpo <command> [--config FILE.yaml] [--field value ...]
 
 commands:
   train        train with PrefixDPOTrainer (one process; multi-GPU: accelerate launch recipes/dpo.py)
-  data-stats   length statistics of the tokenized dataset, tokens saved, a suggested token budget, a histogram
+  data-stats   what training will run: lengths after truncation, tokens saved, a suggested token budget, a histogram
   quickstart   train a tiny model on shipped data on CPU, no network (about a minute)
 
 `prefixdpo <command> --help` lists every field. docs/USAGE.md has examples.
 """
 
+def data_stats(argv: list[str]) -> dict:
+    """Tokenize the training split as the trainer will and report what will train (``data/stats.py``). A quickstart
+    config measures the quickstart's shipped data with its tokenizer."""
+    from .arguments import argument_groups, parse_config
+    from .data.formats import normalize_preference_dataset
+    from .data.stats import dataset_statistics, format_statistics, tokenize_preference_dataset
+    from .run import load_datasets, load_tokenizer
 
-@dataclass
-class ScriptArguments:
-    """Where the data comes from and how it is checked (the fields TRL's scripts call ScriptArguments, and more)."""
+    quick = "--config" in argv and _is_quickstart_config(argv)
+    if quick:
+        from . import quickstart
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub dataset id (e.g. 'Anthropic/hh-rlhf'), a local .json/.jsonl/.parquet/.csv file, a directory of "
-            "such files (split from the file names: train.jsonl, test.jsonl), or a directory from save_to_disk."
-        },
-    )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "Hub dataset configuration name (the `name` of datasets.load_dataset)."}
-    )
-    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset branch, tag or commit."})
-    dataset_data_files: str | None = field(
-        default=None,
-        metadata={"help": "Data files inside the Hub dataset or directory (a path or glob), for datasets.load_dataset."},
-    )
-    dataset_train_split: str = field(
-        default="train", metadata={"help": "Split to train on; slices work, e.g. 'train[:10000]'."}
-    )
-    dataset_test_split: str | None = field(
-        default="test",
-        metadata={"help": "Split to evaluate on when eval_strategy is not 'no' (e.g. 'test', 'test_prefs')."},
-    )
-    prompt_column: str | None = field(default=None, metadata={"help": "Column holding the prompt, if not 'prompt'."})
-    chosen_column: str | None = field(default=None, metadata={"help": "Column holding the chosen response."})
-    rejected_column: str | None = field(default=None, metadata={"help": "Column holding the rejected response."})
-    on_bad_rows: str = field(
-        default="drop",
-        metadata={
-            "help": "Rows that cannot train (null/empty prompt or response, chosen == rejected, malformed messages): "
-            "'drop' them with a warning that counts them per reason, or 'error' at the first one.",
-            "choices": ["drop", "error"],
-        },
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation pairs."})
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use, if not the model's (model_name_or_path)."}
-    )
-    data_stats_samples: int | None = field(
-        default=None, metadata={"help": "data-stats: measure only the first N training pairs (faster on big sets)."}
-    )
-    data_stats_plot: str | None = field(
-        default=None, metadata={"help": "data-stats: where to write the histogram PNG (default: <output_dir>/data_stats.png)."}
-    )
-
-
-def make_parser(prog: str = "prefixdpo train"):
-    """The parser every entry point uses (``prefixdpo train``/``data-stats``, recipes/dpo.py, the config test)."""
-    from trl import ModelConfig, TrlParser
-
-    from .config import PrefixDPOConfig
-
-    return TrlParser((ScriptArguments, PrefixDPOConfig, ModelConfig), prog=prog)
-
-
-def parse_config(argv: list[str] | None = None, prog: str = "prefixdpo train"):
-    """(ScriptArguments, PrefixDPOConfig, ModelConfig) from ``--config FILE.yaml`` plus command-line overrides."""
-    return make_parser(prog).parse_args_and_config(args=argv)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Shared steps
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(script_args: ScriptArguments, training_args, model_args):
-    from transformers import AutoTokenizer
-
-    from .data.formats import ensure_pad_token
-
-    name = script_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if not name:
-        raise SystemExit("error: set model_name_or_path (or tokenizer_name_or_path) in the YAML or on the command line")
-    tokenizer = AutoTokenizer.from_pretrained(
-        name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-    )
-    ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def load_datasets(script_args: ScriptArguments, training_args, tokenizer, need_eval: bool | None = None):
-    """Load, normalize and check the train (and eval) split. Returns (train_dataset, eval_dataset or None)."""
-    from .data.formats import load_preference_dataset, normalize_preference_dataset
-
-    if not script_args.dataset_name:
-        raise SystemExit("error: set dataset_name (a Hub id or a local path) in the YAML or on the command line")
-    if need_eval is None:
-        need_eval = training_args.eval_strategy != "no"
-
-    def load(split: str, name: str, limit: int | None):
-        ds = load_preference_dataset(
-            script_args.dataset_name,
-            script_args.dataset_config,
-            split=split,
-            revision=script_args.dataset_revision,
-            data_files=script_args.dataset_data_files,
-        )
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        return normalize_preference_dataset(
-            ds,
-            tokenizer,
-            name=name,
-            on_bad_rows=script_args.on_bad_rows,
-            prompt_column=script_args.prompt_column,
-            chosen_column=script_args.chosen_column,
-            rejected_column=script_args.rejected_column,
-            num_proc=training_args.dataset_num_proc,
-        )
-
-    if need_eval and not script_args.dataset_test_split:
-        raise SystemExit("error: eval_strategy is not 'no' but dataset_test_split is empty; set one of them")
-    # Several processes (accelerate launch): the main process downloads and caches first, the others then read the
-    # cache.
-    with training_args.main_process_first(desc="loading and normalizing the dataset"):
-        train = load(script_args.dataset_train_split, "train", script_args.max_train_samples)
-        evaluation = load(script_args.dataset_test_split, "eval", script_args.max_eval_samples) if need_eval else None
-    return train, evaluation
-
-
-def report_prepared_dataset(n_before: int, prepared, training_args, name: str = "train"):
-    """After the trainer tokenized a split: say how many pairs TRL's max_length rule dropped and how many it will
-    truncate. Returns the :class:`~prefixdpo.data.formats.OverlongReport`."""
-    from .data.formats import PreferenceDataError, report_overlong_pairs, tokenized_lengths
-
-    dropped = n_before - len(prepared)
-    if dropped:
-        logger.warning(
-            "%s dataset: %d of %d pairs were dropped because the prompt alone has max_length=%s tokens or more "
-            "(TRL's rule with truncation_mode='keep_start'). Raise max_length or filter long prompts.",
-            name, dropped, n_before, training_args.max_length,
-        )
-    if len(prepared) == 0:
-        raise PreferenceDataError(
-            f"no {name} pairs left to train on: all {n_before} were dropped because their prompt alone has "
-            f"max_length={training_args.max_length} tokens or more; raise max_length or filter long prompts"
-        )
-    lengths = tokenized_lengths(prepared)
-    report = report_overlong_pairs(*lengths, training_args.max_length, training_args.truncation_mode, name=name)
-    report.dropped += dropped
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Commands
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def train(script_args: ScriptArguments, training_args, model_args):
-    """Setup, train, save: what recipes/dpo.py does, in one process."""
-    from trl import get_peft_config, get_quantization_config
-
-    from .trainer import PrefixDPOTrainer
-
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    tokenizer = load_tokenizer(script_args, training_args, model_args)
-    train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer)
-    trainer = PrefixDPOTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
-    )
-    report_prepared_dataset(len(train_dataset), trainer.train_dataset, training_args, "train")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    return trainer
-
-
-def data_stats(script_args: ScriptArguments, training_args, model_args) -> dict:
-    """Tokenize the training split as the trainer will and report lengths, savings, a token budget and a histogram."""
-    from .data.formats import (
-        format_length_statistics,
-        length_statistics,
-        report_overlong_pairs,
-        tokenize_preference_dataset,
-        tokenized_lengths,
-    )
-
-    tokenizer = load_tokenizer(script_args, training_args, model_args)
-    if script_args.data_stats_samples is not None:
-        script_args.max_train_samples = script_args.data_stats_samples
-    dataset, _ = load_datasets(script_args, training_args, tokenizer, need_eval=False)
+        qs_args, training_args = parse_config(argv, prog="prefixdpo data-stats",
+                                              dataclass_types=(quickstart.QuickstartArguments, argument_groups()[1]),
+                                              defaults=quickstart.QUICKSTART_DEFAULTS)
+        tokenizer = quickstart.build_tokenizer()
+        dataset = quickstart.load_splits(qs_args.data_dir)["train"]
+        name, source, plot = qs_args.data_dir, "the quickstart's tokenizer", None
+    else:
+        script_args, training_args, model_args = parse_config(argv, prog="prefixdpo data-stats")
+        tokenizer = load_tokenizer(script_args, training_args, model_args)
+        if script_args.data_stats_samples is not None:
+            script_args.max_train_samples = script_args.data_stats_samples
+        dataset, _ = load_datasets(script_args, training_args, tokenizer, need_eval=False)
+        name = script_args.dataset_name or f"a mixture of {len(script_args.datasets)} datasets"
+        source = script_args.tokenizer_name_or_path or model_args.model_name_or_path
+        plot = script_args.data_stats_plot
+    dataset = normalize_preference_dataset(dataset, tokenizer, on_bad_rows=training_args.on_bad_rows)
     tokenized = tokenize_preference_dataset(dataset, tokenizer, num_proc=training_args.dataset_num_proc)
-    prompt_lens, chosen_lens, rejected_lens = tokenized_lengths(tokenized)
-    batch = training_args.per_device_train_batch_size
-    stats = length_statistics(prompt_lens, chosen_lens, rejected_lens, batch_size=batch,
-                              max_length=training_args.max_length)
-    overlong = report_overlong_pairs(prompt_lens, chosen_lens, rejected_lens, training_args.max_length,
-                                     training_args.truncation_mode)
-    stats["max_length"] = training_args.max_length
-    stats["overlong_dropped"] = overlong.dropped
-    stats["overlong_truncated"] = overlong.truncated
-    print(f"dataset {script_args.dataset_name} ({script_args.dataset_train_split}), tokenizer "
-          f"{script_args.tokenizer_name_or_path or model_args.model_name_or_path}")
-    print(format_length_statistics(stats))
-    if training_args.max_length is not None:
-        print(f"max_length={training_args.max_length}: {overlong.dropped} pairs dropped (prompt too long), "
-              f"{overlong.truncated} truncated ({overlong.tokens_cut:,} tokens cut)")
-
-    plot = script_args.data_stats_plot or os.path.join(training_args.output_dir, "data_stats.png")
+    stats = dataset_statistics(tokenized, batch_size=training_args.per_device_train_batch_size,
+                               max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
+                               prefix_sharing=training_args.prefix_sharing)
+    print(f"dataset {name}, tokenizer {source}")
+    print(format_statistics(stats))
+    plot = plot or os.path.join(training_args.output_dir, "data_stats.png")
     os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
-    _histogram(prompt_lens, chosen_lens, rejected_lens, training_args.max_length, plot,
-               title=f"{script_args.dataset_name} ({len(prompt_lens)} pairs)")
+    _histogram(tokenized, training_args.max_length, training_args.truncation_mode, plot, title=f"{name} "
+               f"({stats['pairs']} pairs)")
     with open(os.path.splitext(plot)[0] + ".json", "w") as f:
         json.dump(stats, f, indent=2)
     print(f"histogram: {plot}")
     return stats
 
 
-def _histogram(prompt_lens, chosen_lens, rejected_lens, max_length, path, title=""):
+def _is_quickstart_config(argv: list[str]) -> bool:
+    from .arguments import _QUICKSTART_KEYS, read_yaml_config
+
+    path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+    return path is not None and os.path.isfile(path) and bool(set(read_yaml_config(path)) & _QUICKSTART_KEYS)
+
+
+def _histogram(tokenized, max_length, truncation_mode, path, title=""):
+    """Prompt and response lengths, and each pair's length packed against TRL's longer sequence, after truncation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    packed = [p + c + r + 1 for p, c, r in zip(prompt_lens, chosen_lens, rejected_lens, strict=True)]
+    from .data.packing import packed_pair_length, truncate_sequence
+
+    parts = {"prompt": [], "chosen": [], "rejected": []}
+    packed, unshared = [], []
+    for ex in tokenized:
+        if max_length is not None and truncation_mode == "keep_start" and len(ex["prompt_ids"]) >= max_length:
+            continue  # dropped by TRL's rule
+        pc, cc = truncate_sequence(list(ex["prompt_ids"]), list(ex["chosen_ids"]), max_length, truncation_mode)
+        pr, cr = truncate_sequence(list(ex["prompt_ids"]), list(ex["rejected_ids"]), max_length, truncation_mode)
+        parts["prompt"].append(len(pc))
+        parts["chosen"].append(len(cc))
+        parts["rejected"].append(len(cr))
+        packed.append(packed_pair_length(ex, max_length, truncation_mode))
+        unshared.append(max(len(pc) + len(cc), len(pr) + len(cr)))
     fig, (ax_parts, ax_pair) = plt.subplots(1, 2, figsize=(11, 4))
-    top = max([*prompt_lens, *chosen_lens, *rejected_lens, 1])
-    bins = min(60, max(5, top))
-    for values, label in ((prompt_lens, "prompt"), (chosen_lens, "chosen"), (rejected_lens, "rejected")):
-        ax_parts.hist(values, bins=bins, range=(0, top), alpha=0.5, label=label)
-    ax_parts.set(xlabel="tokens", ylabel="pairs", title="prompt and response lengths")
+    top = max([v for vals in parts.values() for v in vals] + [1])
+    for label, values in parts.items():
+        ax_parts.hist(values, bins=min(60, max(5, top)), range=(0, top), alpha=0.5, label=label)
+    ax_parts.set(xlabel="tokens (after truncation)", ylabel="pairs", title="prompt and response lengths")
     ax_parts.legend()
-    unshared = [max(p + c, p + r) for p, c, r in zip(prompt_lens, chosen_lens, rejected_lens, strict=True)]
-    top2 = max([*packed, 1])
-    ax_pair.hist(packed, bins=min(60, max(5, top2)), range=(0, top2), alpha=0.6, label="prefix-shared pair (P+C+R+1)")
-    ax_pair.hist(unshared, bins=min(60, max(5, top2)), range=(0, top2), alpha=0.6, label="longer of P+C, P+R")
+    top2 = max(packed + [1])
+    bins = min(60, max(5, top2))
+    ax_pair.hist(packed, bins=bins, range=(0, top2), alpha=0.6, label="prefix-shared pair (packed)")
+    ax_pair.hist(unshared, bins=bins, range=(0, top2), alpha=0.6, label="TRL's longer sequence")
     if max_length is not None:
         ax_pair.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
     ax_pair.set(xlabel="tokens", ylabel="pairs", title="sequence length per pair")
@@ -287,32 +120,40 @@ def _histogram(prompt_lens, chosen_lens, rejected_lens, max_length, path, title=
     plt.close(fig)
 
 
+def _help(command: str) -> None:
+    from .arguments import make_parser
+
+    make_parser(prog=f"prefixdpo {command}").print_help()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in ("train", "data-stats", "quickstart"):
+        print(f"error: unknown command {command!r}; the commands are train, data-stats, quickstart", file=sys.stderr)
+        return 2
+    if command != "quickstart" and ("-h" in rest or "--help" in rest):
+        _help(command)
+        return 0
     logging.basicConfig(level=logging.INFO if command != "quickstart" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .data.formats import PreferenceDataError
+    from .run import USER_ERRORS, main as run_main, user_error
 
+    if command == "train":
+        return run_main(rest, prog="prefixdpo train")
     try:
         if command == "quickstart":
             from .quickstart import main as quickstart_main
 
             return quickstart_main(rest)
-        if command == "train":
-            train(*parse_config(rest, prog="prefixdpo train"))
-            return 0
-        if command == "data-stats":
-            data_stats(*parse_config(rest, prog="prefixdpo data-stats"))
-            return 0
-    except PreferenceDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+        data_stats(rest)
+        return 0
+    except USER_ERRORS as e:
+        print(user_error(e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -219,17 +219,24 @@ QUICKSTART_DEFAULTS = dict(
     max_length=128,
     bf16=False,  # float32: TRL defaults to bf16, which a CPU without bf16 support refuses
     gradient_checkpointing=False,  # TRL defaults it on; a tiny model has no activations worth recomputing
+    overwrite_output_dir=True,  # the demo's output is rebuilt on every run (set false to keep an earlier one)
 )
 
 
-def make_parser():
-    from trl import TrlParser
-
+def parse_args(argv: list[str] | None = None):
+    """(QuickstartArguments, PrefixDPOConfig) from the quickstart's defaults, a --config YAML and flags."""
+    from .arguments import parse_config
     from .config import PrefixDPOConfig
 
-    parser = TrlParser((QuickstartArguments, PrefixDPOConfig), prog="prefixdpo quickstart")
-    parser.set_defaults_with_config(**QUICKSTART_DEFAULTS)
-    return parser
+    return parse_config(argv, prog="prefixdpo quickstart", dataclass_types=(QuickstartArguments, PrefixDPOConfig),
+                        defaults=QUICKSTART_DEFAULTS)
+
+
+def load_splits(data_dir: str | Path = DATA_DIR):
+    """The quickstart's data: a DatasetDict with "train" and "test" (held out)."""
+    from .data.loading import load_preference_dataset
+
+    return load_preference_dataset(str(data_dir), split=None)
 
 
 def _plot(log_history: list[dict], path: Path) -> None:
@@ -262,13 +269,8 @@ def _plot(log_history: list[dict], path: Path) -> None:
 
 def run(qs_args: QuickstartArguments, training_args) -> dict:
     """Train, evaluate, report, save. Returns the results (also written to ``<output_dir>/quickstart_results.json``)."""
-    from .data.formats import (
-        length_statistics,
-        load_preference_dataset,
-        normalize_preference_dataset,
-        tokenize_preference_dataset,
-        tokenized_lengths,
-    )
+    from .data.formats import normalize_preference_dataset
+    from .data.stats import dataset_statistics, tokenize_preference_dataset
     from .trainer import PrefixDPOTrainer
 
     t_start = time.perf_counter()
@@ -276,7 +278,7 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # Setup: data (held-out split for evaluation), tokenizer, model.
-    splits = load_preference_dataset(qs_args.data_dir, split=None)
+    splits = load_splits(qs_args.data_dir)
     tokenizer = build_tokenizer()
     train_dataset = normalize_preference_dataset(splits["train"], tokenizer, name="train")
     eval_dataset = normalize_preference_dataset(splits["test"], tokenizer, name="test")
@@ -304,11 +306,11 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
     metrics = trainer.evaluate()
     accuracy = float(metrics["eval_rewards/accuracies"])
 
-    # Tokens saved, from the tokenized lengths of the training pairs in the batches the trainer formed.
-    prompt_lens, chosen_lens, rejected_lens = tokenized_lengths(tokenize_preference_dataset(train_dataset, tokenizer))
-    stats = length_statistics(prompt_lens, chosen_lens, rejected_lens,
-                              batch_size=training_args.per_device_train_batch_size,
-                              max_length=training_args.max_length)
+    # Tokens saved over the training set, counted as the logged metric counts them (data/stats.py).
+    stats = dataset_statistics(tokenize_preference_dataset(train_dataset, tokenizer),
+                               batch_size=training_args.per_device_train_batch_size,
+                               max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
+                               prefix_sharing=training_args.prefix_sharing)
 
     # Save: the model (safetensors) and the tokenizer, the plot, the results.
     trainer.save_model(str(output_dir))
@@ -324,12 +326,12 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "steps": trainer.state.global_step,
         "tokens_trl_padded": stats["tokens_trl_padded"],
-        "tokens_prefix_shared_packed": stats["tokens_prefix_shared_packed"],
-        "saved_by_prefix_sharing": stats["saved_by_prefix_sharing"],
-        "saved_by_packing": stats["saved_by_packing"],
-        "saved_total_fraction": stats["saved_total_fraction"],
-        "trainer_logged_prefix_sharing_saved_frac": (
-            logged[-1]["prefix_sharing/tokens_saved_frac"] if logged else None
+        "tokens_trl": stats["tokens_trl"],
+        "tokens_packed": stats["tokens_packed"],
+        "tokens_saved_frac": stats["tokens_saved_frac"],
+        "trl_padding_frac": stats["trl_padding_frac"],
+        "logged_tokens_saved_frac_mean": (
+            sum(h["prefix_sharing/tokens_saved_frac"] for h in logged) / len(logged) if logged else None
         ),
         "output_dir": str(output_dir),
         "plot": str(plot_path) if qs_args.plot else None,
@@ -337,14 +339,13 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
     with open(output_dir / "quickstart_results.json", "w") as f:
         json.dump(results, f, indent=2)
 
-    padded = stats["tokens_trl_padded"]
     print()
     print(f"[quickstart] eval reward accuracy (held out): {accuracy:.3f}   eval loss {results['eval_loss']:.4f}")
-    print(f"[quickstart] tokens per epoch: TRL layout (prompt twice, padded) {padded:,}; prefix-shared and packed "
-          f"{stats['tokens_prefix_shared_packed']:,}")
-    print(f"[quickstart]   saved by prefix sharing {stats['saved_by_prefix_sharing']:,} "
-          f"({100 * stats['saved_by_prefix_sharing'] / padded:.1f}%), by packing {stats['saved_by_packing']:,} "
-          f"({100 * stats['saved_by_packing'] / padded:.1f}%), total {100 * stats['saved_total_fraction']:.1f}%")
+    print(f"[quickstart] tokens per epoch: TRL {stats['tokens_trl']:,} without padding ({stats['tokens_trl_padded']:,} "
+          f"padded); prefix-shared and packed {stats['tokens_packed']:,}")
+    print(f"[quickstart]   prefix sharing saved {100 * stats['tokens_saved_frac']:.1f}% of TRL's unpadded tokens "
+          f"(logged per step as prefix_sharing/tokens_saved_frac), and packing removes TRL's padding, "
+          f"{100 * stats['trl_padding_frac']:.1f}% of its padded batches (packing/trl_padding_frac)")
     print(f"[quickstart] trained {results['steps']} steps in {train_seconds:.1f}s; model saved to {output_dir}"
           + (f"; plot {plot_path}" if qs_args.plot else ""))
     return results
@@ -353,8 +354,7 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = make_parser()
-    qs_args, training_args = parser.parse_args_and_config(args=argv)
+    qs_args, training_args = parse_args(argv)
     if qs_args.regenerate_data:
         train_file, test_file = generate_data(qs_args.data_dir)
         print(f"[quickstart] wrote {train_file} and {test_file}")
