@@ -132,6 +132,23 @@ class PrefixDPOConfig(DPOConfig):
         },
     )
 
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A chat template for the tokenizer, instead of (or for a tokenizer without) its own: the path of a "
+            "Jinja file (.jinja, .j2) or the template itself as a string. Applied before the data is tokenized, and "
+            "saved with the model. (TRL's SFT name; axolotl's `chat_template`, LLaMA-Factory's `template`.)"
+        },
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of a LoRA (PEFT) run, also save the base model with the trained adapters merged into "
+            "it (safetensors, config, tokenizer) in <output_dir>/merged. Done by the main process alone, on the CPU, "
+            "from the saved adapter and the base model it names (a quantized base is loaded unquantized for this)."
+        },
+    )
+
     def __post_init__(self):
         # resume_from_checkpoint is a string field in TrainingArguments; on the command line "true" means "the newest
         # complete checkpoint in output_dir", as YAML's true does.

@@ -122,7 +122,7 @@ def build_trainer(script_args: ScriptArguments, training_args, model_args):
     }
     tokenizer = load_tokenizer(script_args, training_args, model_args)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer)
-    return PrefixDPOTrainer(
+    trainer = PrefixDPOTrainer(
         model=check_model_path(model_args.model_name_or_path),
         args=training_args,
         train_dataset=train_dataset,
@@ -131,6 +131,13 @@ def build_trainer(script_args: ScriptArguments, training_args, model_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
+    if script_args.ignore_bias_buffers:  # TRL's dpo script does the same: DDP skips the boolean buffers
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    return trainer
 
 
 def train_and_save(trainer, script_args: ScriptArguments, training_args):
@@ -140,6 +147,8 @@ def train_and_save(trainer, script_args: ScriptArguments, training_args):
         return trainer
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if training_args.merge_adapters:
+        trainer.accelerator.print(f"Merged model saved to {trainer.save_merged_model()}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

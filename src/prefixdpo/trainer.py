@@ -40,7 +40,7 @@ from . import checkpoints
 from .config import PrefixDPOConfig, uses_fsdp
 from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
-from .data.formats import normalize_for_training
+from .data.formats import normalize_for_training, set_chat_template
 from .data.stats import report_prepared_dataset
 from .modeling.attention import check_config_supported, check_model_supported
 from .modeling.packed import enable_packed_forward, reference_mode
@@ -212,6 +212,8 @@ class PrefixDPOTrainer(DPOTrainer):
                 raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
             logger.warning("The tokenizer has no pad token; using its eos token %r (as TRL does)", tokenizer.eos_token)
             tokenizer.pad_token = tokenizer.eos_token
+        if args.chat_template_path is not None:
+            set_chat_template(processing_class, args.chat_template_path)
         # The same layout detection, normalization and bad-row accounting as the command line, for every dataset.
         train_dataset = normalize_for_training(train_dataset, processing_class, "train", args.on_bad_rows,
                                                args.dataset_num_proc)
@@ -255,6 +257,9 @@ class PrefixDPOTrainer(DPOTrainer):
                 report_prepared_dataset(before, prepared, args.max_length, args.truncation_mode, name)
         self.stop_on_signal = StopOnSignal(self.accelerator)
         self.add_callback(self.stop_on_signal)
+        if args.merge_adapters and not is_peft_model(self.accelerator.unwrap_model(self.model)):
+            raise ValueError("merge_adapters: true needs a LoRA/PEFT run (use_peft: true, or a peft_config); a full "
+                             "fine-tune saves the whole model already")
 
     # ------------------------------------------------------------------ setup
     def create_accelerator_and_postprocess(self):
@@ -435,6 +440,33 @@ class PrefixDPOTrainer(DPOTrainer):
                 "To continue, run the same command with resume_from_checkpoint true."
             )
         return out
+
+    def save_merged_model(self, output_dir: str | None = None) -> str:
+        """Save the base model with the trained adapters merged in (safetensors, config, tokenizer), by default to
+        ``<output_dir>/merged``; returns the directory. Call it on every process after ``save_model``: the main process
+        merges on the CPU from the adapter just saved in ``args.output_dir`` and the base model its config names (so
+        it works alike under DDP, FSDP and ZeRO-3, whose shards need no gathering, and for a quantized base, which is
+        loaded unquantized); a base built in memory, with no path, is merged from a CPU copy of the model instead."""
+        from peft import AutoPeftModelForCausalLM
+
+        target = output_dir or os.path.join(self.args.output_dir, "merged")
+        model = self.accelerator.unwrap_model(self.model)
+        base_path = getattr(model.peft_config[model.active_adapter], "base_model_name_or_path", None)
+        if self.args.should_save:
+            staged = checkpoints.staging_dir(target)
+            checkpoints.clear_staging(staged)
+            if base_path and os.path.exists(os.path.join(self.args.output_dir, "adapter_config.json")):
+                peft_model = AutoPeftModelForCausalLM.from_pretrained(self.args.output_dir, dtype="auto",
+                                                                      device_map={"": "cpu"})
+            else:
+                peft_model = copy.deepcopy(model).to("cpu")
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(staged, safe_serialization=True)
+            self.processing_class.save_pretrained(staged)
+            checkpoints.publish_files(staged, target)
+            logger.info("merged model saved to %s", target)
+        self.accelerator.wait_for_everyone()
+        return target
 
     # ------------------------------------------------------------------ staged saves
     def _save_checkpoint(self, model, trial):

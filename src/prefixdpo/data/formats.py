@@ -472,10 +472,31 @@ def check_chat_template(tokenizer, name: str = "train") -> None:
         return
     raise PreferenceDataError(
         f"the {name} dataset is conversational (lists of role/content messages) but the tokenizer "
-        f"({type(tok).__name__}, {getattr(tok, 'name_or_path', '')!r}) has no chat template to render it. Use the "
-        "tokenizer of an instruct/chat model, set tokenizer.chat_template to a Jinja template (or copy one with "
-        "trl.clone_chat_template), or convert the dataset to text prompt/chosen/rejected strings."
+        f"({type(tok).__name__}, {getattr(tok, 'name_or_path', '')!r}) has no chat template to render it; set "
+        "chat_template_path to a Jinja file or template, use a chat model's tokenizer (trl.clone_chat_template copies "
+        "one), or convert the dataset to text prompt/chosen/rejected strings"
     )
+
+
+def set_chat_template(processing_class, template: str) -> None:
+    """Give the tokenizer (and a processor holding one) the chat template ``template``: the path of a Jinja file
+    (``.jinja``/``.j2``) or the template text itself."""
+    import os
+
+    if template.endswith((".jinja", ".j2")) or (os.path.sep in template and "{" not in template):
+        if not os.path.isfile(template):
+            raise FileNotFoundError(f"chat_template_path {template!r} does not exist")
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" not in template and "{%" not in template:
+        raise PreferenceDataError(
+            f"chat_template_path {template[:60]!r} is neither a .jinja/.j2 file nor a Jinja template (no {{{{ or {{% in "
+            "it)"
+        )
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    tok.chat_template = template
+    if tok is not processing_class:
+        processing_class.chat_template = template
 
 
 def ensure_pad_token(tokenizer, model=None) -> None:
