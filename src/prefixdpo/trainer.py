@@ -7,8 +7,9 @@ preparation (prompt extraction, chat templates, tokenization, the max_length fil
 
 1. the collator (``PrefixPackingCollator``) returns TRL's padded batch *and* one packed row of the same pairs;
 2. the policy's and reference's forward (``enable_packed_forward``) run the packed row with prefix-shared attention
-   and scatter the per-token log-probs back into the padded batch's shape, so TRL's ``_compute_loss`` reads the same
-   numbers it would have computed itself, only computed once per prompt and without padding.
+   and gather the per-token log-probs into the padded batch's shape, so TRL's ``_compute_loss`` reads the same
+   numbers it would have computed itself, only computed once per prompt (and once per response that several pairs
+   of the micro-batch share) and without padding.
 
 The padded batch is never run through the model; it costs a few small integer tensors per step.
 
@@ -37,6 +38,7 @@ from trl import DPOConfig, DPOTrainer
 from .config import PrefixDPOConfig, uses_fsdp
 from .data.batching import TokenBudgetBatchSampler, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
+from .data.sharing import sharing_fractions
 from .modeling.attention import check_model_supported
 from .modeling.packed import enable_packed_forward, reference_mode
 
@@ -298,7 +300,7 @@ class PrefixDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         stats = inputs[PACKED_KEY]["stats"]
         counts = [stats["packed_tokens"], stats["unshared_tokens"], stats["padded_tokens"], stats["pairs"],
-                  stats["shared_pairs"]]
+                  stats["shared_pairs"], stats["sequences"], stats["branches"]]
         rows = 1
         if self.accelerator.num_processes > 1:
             gathered = self.accelerator.gather_for_metrics(
@@ -306,8 +308,10 @@ class PrefixDPOTrainer(DPOTrainer):
             counts, rows = gathered.sum(0).tolist(), gathered.shape[0]
         # One process: the counts are host integers already; a device round trip would add a host-GPU sync to a
         # step that is host bound on short pairs (scripts/profile_step.py --breakdown lists the syncs).
-        packed, unshared, padded, pairs, shared = counts
-        self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(1.0 - packed / unshared)
+        packed, unshared, padded, pairs, shared, sequences, branches = counts
+        saved, deduplicated = sharing_fractions(packed, unshared, sequences, branches)
+        self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(saved)
+        self._metrics[mode]["prefix_sharing/responses_deduplicated_frac"].append(deduplicated)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
         # Padding in the packed row (the collator packs without any), and what TRL's padded batch would have had.
         packed_row = inputs[PACKED_KEY]
