@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_JSON PER_DEVICE_BATCH GRAD_ACCUM [BATCHING [MAX_TOKENS]]
 
 ``DDP_WORKER_CHECKPOINTING=1`` turns gradient checkpointing on (PrefixDPOConfig's default kind: reentrant).
+``DDP_WORKER_DATA=all_pairs`` trains on every pair of 4 responses per prompt (grouped by prompt) instead of one pair
+per prompt.
 """
 
 import copy
@@ -15,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import make_pairs, make_tokenizer, tiny_model  # noqa: E402
+from conftest import make_all_pairs, make_pairs, make_tokenizer, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer  # noqa: E402
@@ -32,9 +34,12 @@ def main():
         gradient_checkpointing=os.environ.get("DDP_WORKER_CHECKPOINTING") == "1", seed=0,
         save_strategy="no", max_length=40, disable_tqdm=True, batching=batching, **extra,
     )
+    if os.environ.get("DDP_WORKER_DATA") == "all_pairs":
+        data = make_all_pairs(prompts=6, responses=4, seed=3, prompt=(4, 20), response=(1, 8))
+    else:
+        data = make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))
     trainer = PrefixDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
-                               train_dataset=Dataset.from_list(make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))),
-                               processing_class=make_tokenizer())
+                               train_dataset=Dataset.from_list(data), processing_class=make_tokenizer())
     trainer.train()
     if trainer.accelerator.is_main_process:
         weights = [p.detach().flatten()[:50].tolist() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]

@@ -11,6 +11,7 @@ ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
+GROUP_BY_PROMPT = ("auto", "always", "never")
 
 
 def uses_fsdp(args) -> bool:
@@ -112,6 +113,21 @@ class PrefixDPOConfig(DPOConfig):
         },
     )
 
+    group_by_prompt: str = field(
+        default="auto",
+        metadata={
+            "help": "Keep the pairs of one prompt (equal tokenized prompt) together in a micro-batch, so the packed row "
+            "runs the prompt once for all of them and each response they share once; with batching='pairs' the "
+            "pairs per micro-batch and per step stay TRL's, a prompt with more pairs than a micro-batch holds is "
+            "split. The order is reshuffled every epoch from the seed (resume-safe, the same on every process). "
+            "'auto' (default): group when some prompt of the dataset has several pairs and train_sampling_strategy "
+            "is 'random', so a dataset without repeated prompts keeps exactly TRL's order; 'always'; 'never': TRL's "
+            "order (pairs of one prompt then share only when they land in one micro-batch by chance). Exact either "
+            "way: the loss is per pair (aot and sft excepted, which depend on a micro-batch's makeup).",
+            "choices": list(GROUP_BY_PROMPT),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None and not uses_fsdp(self):
@@ -126,6 +142,13 @@ class PrefixDPOConfig(DPOConfig):
             raise ValueError(f"ref_attn_backend must be None or one of {REF_ATTN_BACKENDS}, got {self.ref_attn_backend!r}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.group_by_prompt not in GROUP_BY_PROMPT:
+            raise ValueError(f"group_by_prompt must be one of {GROUP_BY_PROMPT}, got {self.group_by_prompt!r}")
+        if self.group_by_prompt == "always" and self.train_sampling_strategy != "random":
+            raise ValueError(
+                f"group_by_prompt='always' orders the pairs itself; it cannot also follow train_sampling_strategy="
+                f"{self.train_sampling_strategy!r}. Use one of them ('auto' keeps the sampling strategy)."
+            )
         if self.batching == "token_budget":
             if self.max_tokens_per_batch is None or self.max_tokens_per_batch < 2:
                 raise ValueError(
