@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .data.ranked import RULES as PAIRS_FROM_RANKS
+
 ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
@@ -127,6 +129,18 @@ class PrefixDPOConfig(DPOConfig):
             "choices": list(GROUP_BY_PROMPT),
         },
     )
+    pairs_from_ranks: str = field(
+        default="best_vs_rest",
+        metadata={
+            "help": "How a dataset of ranked or scored completions per prompt (openbmb/UltraFeedback's "
+            "instruction + completions[].overall_score, Nectar's prompt + answers[].rank) becomes pairs: "
+            "'best_vs_rest' (the best completion against each other one), 'all' (every two completions, the better "
+            "one chosen), 'best_vs_worst' (one pair per prompt). Two completions of equal score or rank make no pair; "
+            "they are counted and reported. Not used for datasets that already have chosen/rejected "
+            "(prefixdpo.data.ranked).",
+            "choices": list(PAIRS_FROM_RANKS),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -149,6 +163,8 @@ class PrefixDPOConfig(DPOConfig):
                 f"group_by_prompt='always' orders the pairs itself; it cannot also follow train_sampling_strategy="
                 f"{self.train_sampling_strategy!r}. Use one of them ('auto' keeps the sampling strategy)."
             )
+        if self.pairs_from_ranks not in PAIRS_FROM_RANKS:
+            raise ValueError(f"pairs_from_ranks must be one of {PAIRS_FROM_RANKS}, got {self.pairs_from_ranks!r}")
         if self.batching == "token_budget":
             if self.max_tokens_per_batch is None or self.max_tokens_per_batch < 2:
                 raise ValueError(
