@@ -79,3 +79,20 @@ def test_responses_deduplicated_frac_by_definition():
     assert predict_sharing([[ex]]).tokens_saved_frac == pytest.approx((p - 1) / (2 * p + c + r))
     with pytest.raises(ValueError, match="non-empty"):
         predict_sharing([[]])
+
+
+def test_bench_all_pairs_shape_builds_on_cpu(capsys):
+    # scripts/bench_e2e.py's ultrafeedback-allpairs shape (run on a GPU elsewhere): its data and forecast, no GPU.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = bench.make_data("ultrafeedback-allpairs", 10, seed=0)
+    assert len(data) == 12 and len({d["prompt"] for d in data}) == 2  # whole prompts: 4 completions, all 6 pairs
+    bench.main(["--dry-run", "--datasets", "ultrafeedback", "ultrafeedback-allpairs", "--steps", "1", "--warmup", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    saved = {line.split()[0]: float(line.split("tokens_saved_frac ")[1].split(",")[0]) for line in lines}
+    assert saved["ultrafeedback-allpairs"] > saved["ultrafeedback"] + 0.3
