@@ -3,8 +3,8 @@ for every loss type TRL has: the packed row runs each prompt and each distinct r
 TRL's loss, metrics and gradients follow, float32 on the CPU.
 
 Both trainers are fed the same micro-batches: ``train_sampling_strategy="sequential"`` (TRL's own order, which
-``group_by_prompt="auto"`` leaves alone) over data laid out prompt by prompt, so each micro-batch of 4 holds pairs of one
-or two prompts that share responses; and, in the last test, our grouped order given to TRL's trainer too.
+``group_by_prompt="auto"`` leaves alone) over data laid out prompt by prompt, so each micro-batch of 4 holds pairs of
+one or two prompts that share responses; and, in the last test, our grouped order given to TRL's trainer too.
 
 The runs use plain SGD, as tests/test_trainer_parity.py does. Pairs that share responses pull on them in opposite
 directions (pair (r0, r1) pushes r1 down, pair (r1, r2) pushes it up), so many gradient components end up near zero;

@@ -118,8 +118,8 @@ class PrefixDPOConfig(DPOConfig):
     group_by_prompt: str = field(
         default="auto",
         metadata={
-            "help": "Keep the pairs of one prompt (equal tokenized prompt) together in a micro-batch, so the packed row "
-            "runs the prompt once for all of them and each response they share once; with batching='pairs' the "
+            "help": "Keep the pairs of one prompt (equal tokenized prompt) together in a micro-batch, so the packed "
+            "row runs the prompt once for all of them and each response they share once; with batching='pairs' the "
             "pairs per micro-batch and per step stay TRL's, a prompt with more pairs than a micro-batch holds is "
             "split. The order is reshuffled every epoch from the seed (resume-safe, the same on every process). "
             "'auto' (default): group when some prompt of the dataset has several pairs and train_sampling_strategy "

@@ -196,7 +196,9 @@ class RowTally:
         return self._count(shapes, commit=False)
 
     def _count(self, shapes: Iterable[SequenceShape], commit: bool) -> int:
-        documents, branches = (self._documents, self._branches) if commit else (set(self._documents), set(self._branches))
+        documents, branches = self._documents, self._branches
+        if not commit:
+            documents, branches = set(documents), set(branches)
         tokens = new_branches = sequences = unshared = 0
         for s in shapes:
             sequences += 1

@@ -7,8 +7,8 @@ row into pairs in TRL's preference format (``prompt``/``chosen``/``rejected``):
 * openbmb/UltraFeedback (raw): ``instruction`` and ``completions``, a list of {``response``, ``overall_score``, ...};
   a higher score is better. The pairs are conversational: the prompt is the instruction as a user turn, chosen and
   rejected are the responses as assistant turns (the format of HuggingFaceH4/ultrafeedback_binarized).
-* berkeley-nest/Nectar: ``prompt`` (text in HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant:" form) and ``answers``, a list of
-  {``answer``, ``rank``, ...}; rank 1 is the best. The pairs are text: the prompt as given, the answers as the
+* berkeley-nest/Nectar: ``prompt`` (text in HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant:" form) and ``answers``, a list
+  of {``answer``, ``rank``, ...}; rank 1 is the best. The pairs are text: the prompt as given, the answers as the
   responses (with a space in front when neither the prompt ends nor the answer starts with whitespace).
 
 The rule, for a prompt's completions ordered from best to worst (equal ones in list order); "the best" is the first of

@@ -4,8 +4,9 @@
 no class is patched). A call that carries ``prefix_packed`` (from ``PrefixPackingCollator``) runs the backbone once
 on the packed row with the layout passed down to attention, scores only the response positions through TRL's
 chunked log-prob head (``shift_labels``), and gathers the per-token results into the [2B, L-1] shape of TRL's padded
-batch (a branch that several sequences share feeds each of them; in the backward their gradients add up in it). Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to
-the original forward with the model's original attention implementation (so ``generate`` works during and after
+batch (a branch that several sequences share feeds each of them; in the backward their gradients add up in it).
+Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to the
+original forward with the model's original attention implementation (so ``generate`` works during and after
 training); a packed call switches the implementation to ``prefix_attn`` and leaves it there, so that gradient
 checkpointing's recomputation in the backward runs the same attention.
 """
