@@ -121,21 +121,19 @@ def unique_tokens_per_pair(data, tok) -> float:
 def dry_run(args, tok):
     """What can be checked without a GPU: each shape's data, its tokens, and the sharing the packed rows will log (with
     the micro-batches the trainer draws: grouped by prompt where prompts repeat, else TRL's random order)."""
-    from prefixdpo.data.grouping import PromptGroupedSampler, prompt_groups, use_prompt_groups
+    from prefixdpo import PrefixDPOConfig
+    from prefixdpo.data.grouping import prompt_groups, training_micro_batches
     from prefixdpo.data.sharing import predict_sharing
 
+    config = PrefixDPOConfig(output_dir="/tmp/bench_e2e", report_to="none", bf16=False, use_cpu=True,
+                             per_device_train_batch_size=args.pairs, max_length=None)
     ids = lambda text: tok(text)["input_ids"]  # noqa: E731  (word-level: TRL's tokenization of these texts)
     for shape in args.datasets:
         data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
         tokenized = [{"prompt_ids": ids(d["prompt"]), "chosen_ids": ids(d["chosen"]) + [tok.eos_token_id],
                       "rejected_ids": ids(d["rejected"]) + [tok.eos_token_id]} for d in data]
         groups = prompt_groups(tokenized)
-        if use_prompt_groups("auto", groups):
-            batches = PromptGroupedSampler(groups, args.pairs).batches(0)
-        else:
-            order = list(range(len(data)))
-            random.Random(0).shuffle(order)
-            batches = [order[i : i + args.pairs] for i in range(0, len(order), args.pairs)]
+        batches = training_micro_batches(tokenized, config)
         f = predict_sharing([[tokenized[i] for i in b] for b in batches])
         print(f"{shape:24s} {len(data)} pairs, {len(groups)} prompts, {unique_tokens_per_pair(data, tok):.0f} unique "
               f"tokens/pair; {args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, "

@@ -18,7 +18,7 @@ from conftest import make_all_pairs, make_pairs, make_tokenizer, tiny_model
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 from prefixdpo.data.batching import TokenBudgetBatchSampler, packed_lengths
 from prefixdpo.data.collator import PACKED_KEY, PrefixPackingCollator
-from prefixdpo.data.grouping import PromptGroupedSampler, prompt_groups, use_prompt_groups
+from prefixdpo.data.grouping import PromptGroupedSampler, prompt_groups, training_micro_batches, use_prompt_groups
 from prefixdpo.data.packing import pair_shapes
 from prefixdpo.data.sharing import predict_sharing
 
@@ -146,6 +146,19 @@ def test_grouped_training_saves_what_the_forecast_says(tmp_path):
     assert 0.38 < per_pair.tokens_saved_frac < 0.42  # each pair's prompt once: what sharing within a pair gives
     assert sum(saved) / 3 >= 0.55, saved
     assert min(deduplicated) > 0.2 and per_pair.responses_deduplicated_frac == 0.0
+
+
+@pytest.mark.parametrize("batching", ["pairs", "token_budget"])
+def test_the_forecasts_micro_batches_are_the_trainers(batching, tmp_path):
+    kw = dict(batching="token_budget", max_tokens_per_batch=90) if batching == "token_budget" else {}
+    trainer = _trainer(tmp_path, ALL_PAIRS, **kw)
+    sampler = trainer.get_train_dataloader().batch_sampler
+    sampler = sampler if batching == "token_budget" else sampler.sampler
+    assert training_micro_batches(trainer.train_dataset, trainer.args) == sampler.batches(0)
+    if batching == "pairs":  # TRL's sequential order, which auto does not regroup
+        sequential = PrefixDPOConfig(**{**trainer.args.to_dict(), "train_sampling_strategy": "sequential"})
+        assert training_micro_batches(trainer.train_dataset, sequential) == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                             [8, 9, 10, 11]]
 
 
 def test_auto_keeps_trls_order_without_repeated_prompts(tmp_path):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
-from .batching import epoch_rng, read_columns
+from .batching import TokenBudgetBatchSampler, dataset_pair_shapes, epoch_rng, packed_lengths, read_columns
 
 
 def prompt_groups(dataset) -> list[list[int]]:
@@ -101,3 +101,26 @@ class PromptGroupedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self._num_pairs
+
+
+def training_micro_batches(dataset, args, epoch: int = 0) -> list[list[int]]:
+    """The micro-batches of ``epoch`` as ``PrefixDPOTrainer`` draws them on one process from a tokenized ``dataset``
+    with ``args`` (a ``PrefixDPOConfig``), for forecasts (``sharing.predict_sharing``): grouped by prompt where
+    ``group_by_prompt`` applies, filled to the budget with ``batching="token_budget"``. Without grouping in the
+    "pairs" mode TRL's sampler decides the order: a seeded shuffle stands in for its random order (another
+    permutation, the same statistics), the dataset's order for ``train_sampling_strategy="sequential"``. A token-budget
+    run of several epochs may split a few micro-batches in two to keep its count fixed (``TokenBudgetBatchSampler``).
+    """
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    groups = prompt_groups(dataset)
+    grouping = use_prompt_groups(args.group_by_prompt, groups, args.train_sampling_strategy)
+    if args.batching == "token_budget":
+        shapes = dataset_pair_shapes(dataset, args.max_length, args.truncation_mode, args.prefix_sharing)
+        return TokenBudgetBatchSampler(packed_lengths(shapes), args.max_tokens_per_batch, seed=seed,
+                                       groups=groups if grouping else None,
+                                       shapes=shapes if grouping else None).batches(epoch)
+    if grouping:
+        return PromptGroupedSampler(groups, args.per_device_train_batch_size, seed=seed).batches(epoch)
+    singles = [[i] for i in range(len(dataset))]
+    shuffle = args.train_sampling_strategy != "sequential"
+    return PromptGroupedSampler(singles, args.per_device_train_batch_size, shuffle=shuffle, seed=seed).batches(epoch)
