@@ -17,6 +17,14 @@ computes input gradients only).
 
     python scripts/bench_e2e.py --out $OUT            # all six shapes, trl + ours(triton) + ours(flex)
 
+``ultrafeedback-allpairs`` (not in the default set): UltraFeedback's lengths with 4 completions per prompt and all 6
+pairs of them, laid out prompt by prompt, as openbmb/UltraFeedback becomes with ``pairs_from_ranks: all``. TRL runs
+every pair on its own; ours groups the pairs of a prompt into micro-batches (``group_by_prompt: auto``) and runs the
+prompt and each completion once per micro-batch. Unique tokens count each prompt and each completion once.
+
+    python scripts/bench_e2e.py --datasets ultrafeedback ultrafeedback-allpairs --trainers trl ours-triton
+    python scripts/bench_e2e.py --dry-run --datasets ultrafeedback-allpairs   # CPU: data, tokens, sharing forecast
+
 Each shape runs the trainers ``--repeat`` times (default 2) in this order and reports the last round only. The first
 round fills Triton's caches: TRL's log-prob head and our kernels compile a variant for each new shape class on first
 use (seconds each). Measured on an H100: with one round, TRL's HH-RLHF speed was 5-6 pairs/s on a fresh machine and
@@ -42,6 +50,7 @@ import copy
 import csv
 import datetime
 import gc
+import itertools
 import math
 import os
 import random
@@ -58,6 +67,8 @@ SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
     "tulu-helpsteer": (775, 6.34),
     "ultrafeedback": (409, 0.42),
 }
+# Shapes with several completions per prompt and every pair of them: name -> (lengths of, completions per prompt).
+ALL_PAIRS_SHAPES = {"ultrafeedback-allpairs": ("ultrafeedback", 4)}
 MODELS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
@@ -82,13 +93,51 @@ def make_tokenizer():
 
 
 def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
-    total, ratio = SHAPES[shape]
+    """``n`` pairs of the shape (an all-pairs shape: whole prompts, so up to a prompt's pairs more)."""
+    lengths_of, completions = ALL_PAIRS_SHAPES.get(shape, (shape, 2))
+    total, ratio = SHAPES[lengths_of]
     p_med, c_med = total * ratio / (1 + ratio), total / (1 + ratio)
     rng = random.Random(seed)
     words = lambda k: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(k))  # noqa: E731
     draw = lambda med: max(1, int(round(med * math.exp(rng.gauss(0, sigma)))))  # noqa: E731
-    return [{"prompt": words(draw(p_med)), "chosen": " " + words(draw(c_med)), "rejected": " " + words(draw(c_med))}
-            for _ in range(n)]
+    data = []
+    while len(data) < n:
+        prompt = words(draw(p_med))
+        responses = [" " + words(draw(c_med)) for _ in range(completions)]  # ranked best first
+        data += [{"prompt": prompt, "chosen": responses[a], "rejected": responses[b]}
+                 for a, b in itertools.combinations(range(completions), 2)]
+    return data
+
+
+def unique_tokens_per_pair(data, tok) -> float:
+    """Tokens of the data counted once each (every prompt, every distinct response to it, +1 eos per response), per
+    pair: what a pair costs when nothing is run twice."""
+    prompts = {d["prompt"] for d in data}
+    responses = {(d["prompt"], d[k]) for d in data for k in ("chosen", "rejected")}
+    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
+    return (sum(map(count, prompts)) + sum(count(r) + 1 for _, r in responses)) / len(data)
+
+
+def dry_run(args, tok):
+    """What can be checked without a GPU: each shape's data, its tokens, and the sharing the packed rows will log (with
+    the micro-batches the trainer draws: grouped by prompt where prompts repeat, else TRL's random order)."""
+    from prefixdpo import PrefixDPOConfig
+    from prefixdpo.data.grouping import prompt_groups, training_micro_batches
+    from prefixdpo.data.sharing import predict_sharing
+
+    config = PrefixDPOConfig(output_dir="/tmp/bench_e2e", report_to="none", bf16=False, use_cpu=True,
+                             per_device_train_batch_size=args.pairs, max_length=None)
+    ids = lambda text: tok(text)["input_ids"]  # noqa: E731  (word-level: TRL's tokenization of these texts)
+    for shape in args.datasets:
+        data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
+        tokenized = [{"prompt_ids": ids(d["prompt"]), "chosen_ids": ids(d["chosen"]) + [tok.eos_token_id],
+                      "rejected_ids": ids(d["rejected"]) + [tok.eos_token_id]} for d in data]
+        groups = prompt_groups(tokenized)
+        batches = training_micro_batches(tokenized, config)
+        f = predict_sharing([[tokenized[i] for i in b] for b in batches])
+        print(f"{shape:24s} {len(data)} pairs, {len(groups)} prompts, {unique_tokens_per_pair(data, tok):.0f} unique "
+              f"tokens/pair; {args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, "
+              f"responses_deduplicated_frac {f.responses_deduplicated_frac:.3f}", flush=True)
 
 
 def matmul_tflops():
@@ -135,8 +184,7 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     budget = int(trainer_name.split("@")[1]) if "@" in trainer_name else None
     n_data = args.pairs * (args.steps + args.warmup) * (16 if budget else 1)
     data = make_data(shape, n_data, seed=0)
-    unique = sum(len(tok(d["prompt"])["input_ids"]) + len(tok(d["chosen"])["input_ids"]) +
-                 len(tok(d["rejected"])["input_ids"]) + 2 for d in data) / len(data)  # +2: the eos of each response
+    unique = unique_tokens_per_pair(data, tok)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
@@ -221,7 +269,7 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
-    ap.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(ALL_PAIRS_SHAPES))
     ap.add_argument("--trainers", nargs="+", default=["trl", "ours-triton", "ours-flex"])
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (per_device_train_batch_size)")
     ap.add_argument("--steps", type=int, default=4)
@@ -231,10 +279,14 @@ def main(argv=None):
     ap.add_argument("--lora", type=int, default=0, metavar="R",
                     help="LoRA of rank R on every linear layer (both trainers); 0: full fine-tune")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: build each shape's data and print its tokens and the sharing forecast")
     args = ap.parse_args(argv)
+    tok = make_tokenizer()
+    if args.dry_run:
+        return dry_run(args, tok)
     os.makedirs(args.out, exist_ok=True)
     args.tmp = "/tmp/bench_e2e"  # trainer output dirs (nothing is saved)
-    tok = make_tokenizer()
     peak = matmul_tflops()
     print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

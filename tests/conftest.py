@@ -1,5 +1,6 @@
-"""Shared test fixtures: an offline word-level tokenizer, random preference data, tiny models of real architectures;
-random prefix layouts and the FP8 quantization check that the CPU and GPU kernel tests share."""
+"""Shared test fixtures: an offline word-level tokenizer, random preference data (one pair per prompt, or every pair of
+a few responses per prompt), tiny models of real architectures; random prefix layouts and the FP8 quantization check
+that the CPU and GPU kernel tests share."""
 
 from __future__ import annotations
 
@@ -61,6 +62,25 @@ def make_pairs(n: int, seed: int = 0, prompt=(1, 12), response=(0, 8), identical
             while r == c:
                 r = random_words(rng, rng.randint(*response))
         rows.append({"prompt": p, "chosen": (" " + c) if c else "", "rejected": (" " + r) if r else ""})
+    return rows
+
+
+def make_all_pairs(prompts: int = 2, responses: int = 4, seed: int = 0, prompt=(20, 20), response=(3, 8),
+                   shared_start: int = 0):
+    """Standard-format pairs with several per prompt, as UltraFeedback's completions turned into every pair: each
+    prompt has ``responses`` responses (ranked in list order) and all ``responses * (responses - 1) / 2`` pairs, the
+    better one chosen, grouped by prompt. ``shared_start``: words every response of a prompt begins with (so a
+    truncation that cuts after them makes the responses equal)."""
+    import itertools
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(prompts):
+        p = random_words(rng, rng.randint(*prompt))
+        start = random_words(rng, shared_start) + " " if shared_start else ""
+        rs = [" " + start + random_words(rng, rng.randint(*response)) for _ in range(responses)]
+        rows += [{"prompt": p, "chosen": rs[a], "rejected": rs[b]}
+                 for a, b in itertools.combinations(range(responses), 2)]
     return rows
 
 

@@ -6,6 +6,8 @@
 Preemption runs: ``DDP_WORKER_MAX_STEPS`` (default 3), ``DDP_WORKER_SIGTERM_AT=step`` with ``DDP_WORKER_SIGTERM_RANK=r``
 (process r sends itself SIGTERM at the end of that step), ``DDP_WORKER_RESUME=1`` (resume from the newest checkpoint
 in the output directory); the full weights go to OUT_JSON + ".pt".
+``DDP_WORKER_DATA=all_pairs`` trains on every pair of 4 responses per prompt (grouped by prompt) instead of one pair
+per prompt.
 """
 
 import copy
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import make_pairs, make_tokenizer, tiny_model  # noqa: E402
+from conftest import make_all_pairs, make_pairs, make_tokenizer, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from transformers import TrainerCallback  # noqa: E402
@@ -51,9 +53,13 @@ def main():
         overwrite_output_dir=True, **extra,
     )
     callbacks = [SigtermAt(sigterm_at, int(env.get("DDP_WORKER_SIGTERM_RANK", "0")))] if sigterm_at else None
+    if env.get("DDP_WORKER_DATA") == "all_pairs":
+        data = make_all_pairs(prompts=6, responses=4, seed=3, prompt=(4, 20), response=(1, 8))
+    else:
+        data = make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))
     trainer = PrefixDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
-                               train_dataset=Dataset.from_list(make_pairs(32, seed=3, prompt=(1, 14), response=(0, 8))),
-                               processing_class=make_tokenizer(), callbacks=callbacks)
+                               train_dataset=Dataset.from_list(data), processing_class=make_tokenizer(),
+                               callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if env.get("DDP_WORKER_RESUME") == "1" else None)
     if trainer.accelerator.is_main_process:
         weights = [p.detach().flatten()[:50].tolist() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]

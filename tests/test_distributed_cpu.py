@@ -91,6 +91,22 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prompt_grouping_under_two_processes_deals_whole_micro_batches(tmp_path):
+    # Grouped micro-batches of 4 pairs: two processes take micro-batches 0 and 1 of the epoch's order in a step, as
+    # one process accumulating two micro-batches does; the same order on both processes, so the same training.
+    env = {"DDP_WORKER_DATA": "all_pairs"}
+    one = launch(tmp_path, "grouped-one", 1, 4, 2, env_extra=env)
+    two = launch(tmp_path, "grouped-two", 2, 4, 1, env_extra=env)
+    assert len(one["logs"]) == len(two["logs"]) == 3
+    for x, y in zip(one["logs"], two["logs"]):
+        for k in ("loss", "logps/chosen", "logps/rejected", "num_tokens"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5), k
+        assert y["prefix_sharing/responses_deduplicated_frac"] > 0.2
+    for p, q in zip(one["weights"], two["weights"]):
+        for u, v in zip(p, q):
+            assert math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-6)
+
+
 def test_fsdp2_policy_keeps_log_probs_in_fp32():
     # accelerate's FSDP2 bf16 policy casts every module output to bf16; on two H200s that rounded the summed
     # log-probs to 8 bits (rewards 0 or noise). The trainer drops output_dtype and keeps the rest of the policy.

@@ -1,7 +1,9 @@
 """The exactness contract (DESIGN.md): packed, prefix-shared log-probs and gradients equal those of running each
-prompt + response alone, in float32 on the CPU, for tiny random-init models of real architectures."""
+prompt + response alone, in float32 on the CPU, for tiny random-init models of real architectures; also for rows where
+several pairs share a prompt and responses (each run once)."""
 
 import copy
+import itertools
 import random
 
 import pytest
@@ -11,6 +13,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from conftest import ARCHS, tiny_model
 from prefixdpo.data.collator import PACKED_KEY, PrefixPackingCollator
+from prefixdpo.data.packing import truncate_sequence
 from prefixdpo.modeling.attention import UnsupportedModelError, check_model_supported
 from prefixdpo.modeling.packed import enable_packed_forward
 
@@ -47,8 +50,6 @@ def packed_logps(model, batch):
 
 def unshared_logps(model, examples, max_length=None, mode="keep_start"):
     """Each prompt + response alone through the unpatched model (its own SDPA), log-softmax over full logits."""
-    from prefixdpo.data.packing import truncate_sequence
-
     res = []
     for key in ("chosen_ids", "rejected_ids"):
         for ex in examples:
@@ -76,13 +77,8 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_packed_logps_and_grads_equal_unshared(arch):
-    torch.manual_seed(0)
-    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
-    examples = random_examples(9, seed=hash(arch) % 1000)
-    batch = PrefixPackingCollator(pad_token_id=0)(examples)
-    assert batch[PACKED_KEY]["stats"]["shared_pairs"] == len(examples)
+def assert_packed_equals_alone(model, batch, examples):
+    """The packed row's log-probs, and the gradients of a DPO loss over them, equal each sequence run alone."""
     pm = packed_model(model)
     got = packed_logps(pm, batch)
     want = unshared_logps(model, examples)
@@ -93,6 +89,72 @@ def test_packed_logps_and_grads_equal_unshared(arch):
     g_plain = grads(model, dpo_loss(unshared_logps(model, examples), ref))
     for a, b in zip(g_packed, g_plain):
         assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_logps_and_grads_equal_unshared(arch):
+    torch.manual_seed(0)
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    examples = random_examples(9, seed=hash(arch) % 1000)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert batch[PACKED_KEY]["stats"]["shared_pairs"] == len(examples)
+    assert_packed_equals_alone(model, batch, examples)
+
+
+def examples_sharing_responses(seed, prompts=3, responses=4, max_prompt=10, max_resp=8):
+    """Every pair of ``responses`` responses for each of ``prompts`` prompts (the first prompt of one token), in a
+    shuffled order, so documents and branches are shared by pairs that are not adjacent. Responses of one prompt begin
+    with the same 3 tokens (a keep_start cut can make them equal), and prompt 1 reuses a response of prompt 0."""
+    rng = random.Random(seed)
+    tok = lambda k: [rng.randrange(4, VOCAB) for _ in range(k)]  # noqa: E731
+    out = []
+    for p in range(prompts):
+        prompt = tok(1 if p == 0 else rng.randint(2, max_prompt))
+        start = tok(3)
+        resp = [start + tok(rng.randint(1, max_resp)) for _ in range(responses)]
+        if p == 1:
+            resp[0] = list(out[0]["chosen_ids"])
+        out += [{"prompt_ids": prompt, "chosen_ids": resp[a], "rejected_ids": resp[b]}
+                for a, b in itertools.combinations(range(responses), 2)]
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deduplicated_row_logps_and_grads_equal_each_pair_alone(arch):
+    # Each prompt once and each distinct response once in the row; every pair's log-probs and the gradients of a loss
+    # over all pairs equal those of running every prompt + response alone.
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    examples = examples_sharing_responses(seed=len(arch))
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    layout = batch[PACKED_KEY]["layout"]
+    distinct = {(tuple(e["prompt_ids"]), tuple(e[k])) for e in examples for k in ("chosen_ids", "rejected_ids")}
+    assert len(layout["prefix_lens"]) == len({tuple(e["prompt_ids"]) for e in examples}) == 3
+    assert len(layout["branch_lens"]) == len(distinct) == 12 < 2 * len(examples)
+    assert_packed_equals_alone(model, batch, examples)
+
+
+@pytest.mark.parametrize("mode,max_length", [("keep_start", 7), ("keep_end", 10)])
+def test_deduplication_follows_trl_truncation(mode, max_length):
+    # keep_start at 7 cuts responses within their common beginning for the longer prompts: responses that differ only
+    # after the cut become one branch. keep_end at 10 cuts prompts by amounts that depend on the response: sequences
+    # of one prompt then share a document only where their cut prompts are equal, and a sequence whose prompt is cut
+    # away entirely is a document of its own.
+    model = tiny_model("llama", vocab_size=VOCAB, seed=2)
+    examples = [e for e in examples_sharing_responses(seed=5) if len(e["prompt_ids"]) < max_length]
+    batch = PrefixPackingCollator(pad_token_id=0, max_length=max_length, truncation_mode=mode)(examples)
+    cut = [truncate_sequence(e["prompt_ids"], e[k], max_length, mode) for e in examples
+           for k in ("chosen_ids", "rejected_ids")]
+    shared = {(tuple(p), tuple(c)) for p, c in cut if p}
+    layout = batch[PACKED_KEY]["layout"]
+    assert len(layout["branch_lens"]) == len(shared) + sum(not p for p, _ in cut) < len(cut)
+    assert len(layout["prefix_lens"]) == len({tuple(p) for p, _ in cut if p}) + sum(not p for p, _ in cut)
+    if mode == "keep_start":
+        assert len(shared) < len({(tuple(e["prompt_ids"]), tuple(e[k])) for e in examples for k in ("chosen_ids",
+                                                                                                   "rejected_ids")})
+    else:
+        assert len(layout["prefix_lens"]) > len({tuple(e["prompt_ids"]) for e in examples})
+    assert rel(packed_logps(packed_model(model), batch), unshared_logps(model, examples, max_length, mode)) < 1e-5
 
 
 @pytest.mark.parametrize("mode,max_length", [("keep_start", 9), ("keep_end", 9), ("keep_end", 4)])
@@ -114,7 +176,11 @@ def test_unshared_switch_gives_the_same_logps_with_more_tokens():
     assert rel(packed_logps(pm, shared), packed_logps(pm, unshared)) < 1e-5
     s, u = shared[PACKED_KEY]["stats"], unshared[PACKED_KEY]["stats"]
     assert u["packed_tokens"] == u["unshared_tokens"] > s["packed_tokens"]
-    assert s["unshared_tokens"] - s["packed_tokens"] == sum(len(e["prompt_ids"]) - 1 for e in examples)
+    # Sharing saves each pair's second prompt (less the token that opens a branch), and a pair whose chosen equals its
+    # rejected runs that response once.
+    repeated = sum(1 + len(e["chosen_ids"]) for e in examples if e["chosen_ids"] == e["rejected_ids"])
+    assert repeated > 0
+    assert s["unshared_tokens"] - s["packed_tokens"] == sum(len(e["prompt_ids"]) - 1 for e in examples) + repeated
 
 
 def test_sliding_window_that_bites_is_refused_and_one_that_does_not_runs():
@@ -151,7 +217,9 @@ def test_only_response_positions_reach_the_lm_head(monkeypatch):
     original = tu._ChunkedLogProbFunction.apply
     monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(h.shape[0]) or original(h, *a))
     packed_logps(pm, batch)
-    n_targets = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    # Every distinct response once (pair 1 has chosen == rejected: one branch).
+    n_targets = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) * (e["rejected_ids"] != e["chosen_ids"])
+                    for e in examples)
     assert rows == [n_targets] and n_targets < batch[PACKED_KEY]["stats"]["packed_tokens"]
 
 

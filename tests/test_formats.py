@@ -17,6 +17,7 @@ from prefixdpo.data.formats import (
 from prefixdpo.data.loading import load_preference_dataset
 from prefixdpo.data.stats import (
     dataset_statistics,
+    kept_by_max_length,
     report_overlong_pairs,
     tokenize_preference_dataset,
     tokenized_lengths,
@@ -372,7 +373,9 @@ def test_dataset_statistics_count_what_trains_after_truncation():
     # max_length=12: pair 0's rejected sequence (10 + 5) is cut to 12 tokens, as TRL's collator cuts it; pair 2's
     # prompt alone fills max_length, so TRL drops it.
     pairs = _pairs([(10, 2, 5), (4, 3, 1), (30, 1, 1)])
-    stats = dataset_statistics(pairs, batch_size=2, max_length=12)
+    kept = kept_by_max_length(pairs, 12, "keep_start")
+    assert kept == [0, 1]
+    stats = dataset_statistics([pairs[i] for i in kept], batch_size=2, max_length=12, pairs_in=3)
     assert (stats["pairs_in"], stats["pairs"], stats["pairs_dropped"], stats["pairs_truncated"]) == (3, 2, 1, 1)
     assert stats["tokens_trl"] == (12 + 12) + (7 + 5)
     assert stats["tokens_packed"] == (10 + 1 + 2 + 2) + (4 + 1 + 3 + 1)
@@ -381,7 +384,7 @@ def test_dataset_statistics_count_what_trains_after_truncation():
     # The budget holds the longest pair and max_length at least (the trainer refuses a budget below either).
     assert stats["suggested_token_budget"] >= max(stats["longest_packed_pair"], 12)
     with pytest.raises(PreferenceDataError, match="no pair would train: all 1 pairs"):
-        dataset_statistics(_pairs([(30, 1, 1)]), max_length=12)
+        dataset_statistics([], max_length=12, pairs_in=1)
 
 
 def test_dataset_statistics_budget_covers_a_long_pair():

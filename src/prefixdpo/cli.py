@@ -33,7 +33,7 @@ def data_stats(argv: list[str]) -> dict:
     config measures the quickstart's shipped data with its tokenizer."""
     from .arguments import argument_groups, parse_config
     from .data.formats import normalize_preference_dataset
-    from .data.stats import dataset_statistics, format_statistics, tokenize_preference_dataset
+    from .data.stats import format_statistics, tokenize_preference_dataset, training_statistics
     from .run import load_datasets, load_tokenizer
 
     quick = "--config" in argv and _is_quickstart_config(argv)
@@ -55,11 +55,10 @@ def data_stats(argv: list[str]) -> dict:
         name = script_args.dataset_name or f"a mixture of {len(script_args.datasets)} datasets"
         source = script_args.tokenizer_name_or_path or model_args.model_name_or_path
         plot = script_args.data_stats_plot
-    dataset = normalize_preference_dataset(dataset, tokenizer, on_bad_rows=training_args.on_bad_rows)
+    dataset = normalize_preference_dataset(dataset, tokenizer, on_bad_rows=training_args.on_bad_rows,
+                                           pairs_from_ranks=training_args.pairs_from_ranks)
     tokenized = tokenize_preference_dataset(dataset, tokenizer, num_proc=training_args.dataset_num_proc)
-    stats = dataset_statistics(tokenized, batch_size=training_args.per_device_train_batch_size,
-                               max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
-                               prefix_sharing=training_args.prefix_sharing)
+    stats = training_statistics(tokenized, training_args)
     print(f"dataset {name}, tokenizer {source}")
     print(format_statistics(stats))
     plot = plot or os.path.join(training_args.output_dir, "data_stats.png")

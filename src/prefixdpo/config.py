@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .data.ranked import RULES as PAIRS_FROM_RANKS
+
 ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
@@ -14,6 +16,7 @@ BATCHING_MODES = ("pairs", "token_budget")
 BAD_ROWS = ("drop", "error")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "", "none", "null")
+GROUP_BY_PROMPT = ("auto", "always", "never")
 
 
 def uses_fsdp(args) -> bool:
@@ -126,8 +129,9 @@ class PrefixDPOConfig(DPOConfig):
     on_bad_rows: str = field(
         default="drop",
         metadata={
-            "help": "Dataset rows that cannot train (null/empty prompt or response, chosen == rejected, wrong types, "
-            "malformed messages): 'drop' them with a warning that counts them per reason, or 'error' at the first one.",
+            "help": "Dataset rows that cannot train (a null value, wrong types, malformed messages) or carry no "
+            "preference (chosen == rejected): 'drop' them with a warning that counts them per reason, or 'error' at "
+            "the first one. Rows with an empty prompt or response train as TRL trains them.",
             "choices": list(BAD_ROWS),
         },
     )
@@ -146,6 +150,32 @@ class PrefixDPOConfig(DPOConfig):
             "help": "At the end of a LoRA (PEFT) run, also save the base model with the trained adapters merged into "
             "it (safetensors, config, tokenizer) in <output_dir>/merged. Done by the main process alone, on the CPU, "
             "from the saved adapter and the base model it names (a quantized base is loaded unquantized for this)."
+        },
+    )
+    group_by_prompt: str = field(
+        default="auto",
+        metadata={
+            "help": "Keep the pairs of one prompt (equal tokenized prompt) together in a micro-batch, so the packed "
+            "row runs the prompt once for all of them and each response they share once; with batching='pairs' the "
+            "pairs per micro-batch and per step stay TRL's, a prompt with more pairs than a micro-batch holds is "
+            "split. The order is reshuffled every epoch from the seed (resume-safe, the same on every process). "
+            "'auto' (default): group when some prompt of the dataset has several pairs and train_sampling_strategy "
+            "is 'random', so a dataset without repeated prompts keeps exactly TRL's order; 'always'; 'never': TRL's "
+            "order (pairs of one prompt then share only when they land in one micro-batch by chance). Exact either "
+            "way: the loss is per pair (aot and sft excepted, which depend on a micro-batch's makeup).",
+            "choices": list(GROUP_BY_PROMPT),
+        },
+    )
+    pairs_from_ranks: str = field(
+        default="best_vs_rest",
+        metadata={
+            "help": "How a dataset of ranked or scored completions per prompt (openbmb/UltraFeedback's "
+            "instruction + completions[].overall_score, Nectar's prompt + answers[].rank) becomes pairs: "
+            "'best_vs_rest' (the best completion against each other one), 'all' (every two completions, the better "
+            "one chosen), 'best_vs_worst' (one pair per prompt). Two completions of equal score or rank make no pair; "
+            "they are counted and reported. Not used for datasets that already have chosen/rejected "
+            "(prefixdpo.data.ranked).",
+            "choices": list(PAIRS_FROM_RANKS),
         },
     )
 
@@ -172,6 +202,15 @@ class PrefixDPOConfig(DPOConfig):
             raise ValueError(f"on_bad_rows must be one of {BAD_ROWS}, got {self.on_bad_rows!r}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.group_by_prompt not in GROUP_BY_PROMPT:
+            raise ValueError(f"group_by_prompt must be one of {GROUP_BY_PROMPT}, got {self.group_by_prompt!r}")
+        if self.group_by_prompt == "always" and self.train_sampling_strategy != "random":
+            raise ValueError(
+                f"group_by_prompt='always' orders the pairs itself; it cannot also follow train_sampling_strategy="
+                f"{self.train_sampling_strategy!r}. Use one of them ('auto' keeps the sampling strategy)."
+            )
+        if self.pairs_from_ranks not in PAIRS_FROM_RANKS:
+            raise ValueError(f"pairs_from_ranks must be one of {PAIRS_FROM_RANKS}, got {self.pairs_from_ranks!r}")
         if self.batching == "token_budget":
             if self.max_tokens_per_batch is None or self.max_tokens_per_batch < 2:
                 raise ValueError(

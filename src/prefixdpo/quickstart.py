@@ -270,7 +270,7 @@ def _plot(log_history: list[dict], path: Path) -> None:
 def run(qs_args: QuickstartArguments, training_args) -> dict:
     """Train, evaluate, report, save. Returns the results (also written to ``<output_dir>/quickstart_results.json``)."""
     from .data.formats import normalize_preference_dataset
-    from .data.stats import dataset_statistics, tokenize_preference_dataset
+    from .data.stats import tokenize_preference_dataset, training_statistics
     from .trainer import PrefixDPOTrainer
 
     t_start = time.perf_counter()
@@ -307,10 +307,7 @@ def run(qs_args: QuickstartArguments, training_args) -> dict:
     accuracy = float(metrics["eval_rewards/accuracies"])
 
     # Tokens saved over the training set, counted as the logged metric counts them (data/stats.py).
-    stats = dataset_statistics(tokenize_preference_dataset(train_dataset, tokenizer),
-                               batch_size=training_args.per_device_train_batch_size,
-                               max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
-                               prefix_sharing=training_args.prefix_sharing)
+    stats = training_statistics(tokenize_preference_dataset(train_dataset, tokenizer), training_args)
 
     # Save: the model (safetensors) and the tokenizer, the plot, the results.
     trainer.save_model(str(output_dir))

@@ -75,7 +75,8 @@ def load_datasets(script_args: ScriptArguments, training_args, tokenizer, need_e
     with training_args.main_process_first(desc="loading the dataset"):
         if script_args.datasets:
             train = load_dataset_mixture(script_args.datasets, tokenizer, streaming=streaming, renames=renames,
-                                         on_bad_rows=training_args.on_bad_rows, num_proc=training_args.dataset_num_proc)
+                                         on_bad_rows=training_args.on_bad_rows, num_proc=training_args.dataset_num_proc,
+                                         pairs_from_ranks=training_args.pairs_from_ranks)
             evaluation = None
         else:
             if not script_args.dataset_name:

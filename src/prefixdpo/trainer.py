@@ -7,13 +7,15 @@ preparation (prompt extraction, chat templates, tokenization, the max_length fil
 
 1. the collator (``PrefixPackingCollator``) returns TRL's padded batch *and* one packed row of the same pairs;
 2. the policy's and reference's forward (``enable_packed_forward``) run the packed row with prefix-shared attention
-   and scatter the per-token log-probs back into the padded batch's shape, so TRL's ``_compute_loss`` reads the same
-   numbers it would have computed itself, only computed once per prompt and without padding.
+   and gather the per-token log-probs into the padded batch's shape, so TRL's ``_compute_loss`` reads the same
+   numbers it would have computed itself, only computed once per prompt (and once per response that several pairs
+   of the micro-batch share) and without padding.
 
 The padded batch is never run through the model; it costs a few small integer tensors per step.
 
 ``batching="token_budget"`` (off by default) changes only which pairs form a micro-batch and how micro-batch losses
-are weighted; see :class:`PrefixDPOTrainer`.
+are weighted; ``group_by_prompt`` (on for datasets that repeat prompts) only which pairs form a micro-batch; see
+:class:`PrefixDPOTrainer`.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
-from transformers.trainer_utils import rotate_checkpoints
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import has_length, rotate_checkpoints, seed_worker
 from trl import DPOConfig, DPOTrainer
 
 from . import checkpoints
 from .config import PrefixDPOConfig, uses_fsdp
-from .data.batching import TokenBudgetBatchSampler, packed_lengths
+from .data.batching import TokenBudgetBatchSampler, dataset_pair_shapes, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
 from .data.formats import normalize_for_training, set_chat_template
+from .data.grouping import PromptGroupedSampler, prompt_groups, use_prompt_groups
+from .data.sharing import sharing_fractions
 from .data.stats import report_prepared_dataset
 from .modeling.attention import check_config_supported, check_model_supported
 from .modeling.packed import enable_packed_forward, reference_mode
@@ -149,6 +152,13 @@ class PrefixDPOTrainer(DPOTrainer):
     for the same pairs, as they already do between different ``per_device_train_batch_size`` settings. TRL's logged
     metrics (``rewards/*``, ``logps/*``, ...) remain means of per-micro-batch means. Extra metrics in this mode:
     ``batching/pairs_per_micro_batch`` (pairs per packed row) and ``batching/row_fill`` (packed tokens / budget).
+
+    ``group_by_prompt`` (``auto``: when the dataset has several pairs for some prompt): the train and eval samplers
+    keep the pairs of one prompt together in micro-batches (:mod:`prefixdpo.data.grouping`), so the packed row runs
+    the prompt once for all of them and every response they share once. In ``pairs`` mode the pairs per micro-batch
+    stay ``per_device_*_batch_size``. Which pairs share a micro-batch does not change any per-pair loss term, so the
+    training is TRL's for the same micro-batches. Metrics: ``prefix_sharing/tokens_saved_frac`` and
+    ``prefix_sharing/responses_deduplicated_frac`` (:mod:`prefixdpo.data.sharing` defines both).
     """
 
     _tag_names = ["trl", "dpo", "prefixdpo"]
@@ -215,14 +225,14 @@ class PrefixDPOTrainer(DPOTrainer):
         if args.chat_template_path is not None:
             set_chat_template(processing_class, args.chat_template_path)
         # The same layout detection, normalization and bad-row accounting as the command line, for every dataset.
-        train_dataset = normalize_for_training(train_dataset, processing_class, "train", args.on_bad_rows,
-                                               args.dataset_num_proc)
+        normalize = functools.partial(normalize_for_training, processing_class=processing_class,
+                                      on_bad_rows=args.on_bad_rows, num_proc=args.dataset_num_proc,
+                                      pairs_from_ranks=args.pairs_from_ranks)
+        train_dataset = normalize(train_dataset, name="train")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {name: normalize_for_training(ds, processing_class, name, args.on_bad_rows,
-                                                         args.dataset_num_proc) for name, ds in eval_dataset.items()}
+            eval_dataset = {name: normalize(ds, name=name) for name, ds in eval_dataset.items()}
         else:
-            eval_dataset = normalize_for_training(eval_dataset, processing_class, "eval", args.on_bad_rows,
-                                                  args.dataset_num_proc)
+            eval_dataset = normalize(eval_dataset, name="eval")
         rows_before = {"train": _rows(train_dataset), "eval": _rows(eval_dataset)}
         collator = PrefixPackingCollator(
             pad_token_id=tokenizer.pad_token_id,
@@ -234,8 +244,9 @@ class PrefixDPOTrainer(DPOTrainer):
         self._throughput = {"pairs": 0, "tokens": 0, "time": None}
         self._step_pairs = None  # token_budget: pairs of the current optimizer step, summed over processes
         self._train_batch_sampler = None
+        self._train_pair_sampler = None  # group_by_prompt with batching="pairs"
         self._eval_pair_weight = None
-        self._length_cache = {}
+        self._data_cache = {}
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -336,7 +347,7 @@ class PrefixDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         stats = inputs[PACKED_KEY]["stats"]
         counts = [stats["packed_tokens"], stats["unshared_tokens"], stats["padded_tokens"], stats["pairs"],
-                  stats["shared_pairs"]]
+                  stats["shared_pairs"], stats["sequences"], stats["branches"]]
         rows = 1
         if self.accelerator.num_processes > 1:
             gathered = self.accelerator.gather_for_metrics(
@@ -344,8 +355,10 @@ class PrefixDPOTrainer(DPOTrainer):
             counts, rows = gathered.sum(0).tolist(), gathered.shape[0]
         # One process: the counts are host integers already; a device round trip would add a host-GPU sync to a
         # step that is host bound on short pairs (scripts/profile_step.py --breakdown lists the syncs).
-        packed, unshared, padded, pairs, shared = counts
-        self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(1.0 - packed / unshared)
+        packed, unshared, padded, pairs, shared, sequences, branches = counts
+        saved, deduplicated = sharing_fractions(packed, unshared, sequences, branches)
+        self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(saved)
+        self._metrics[mode]["prefix_sharing/responses_deduplicated_frac"].append(deduplicated)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
         # Padding in the packed row (the collator packs without any), and what TRL's padded batch would have had.
         packed_row = inputs[PACKED_KEY]
@@ -516,6 +529,39 @@ class PrefixDPOTrainer(DPOTrainer):
             checkpoints.publish_files(staged, target)
         self.accelerator.wait_for_everyone()
 
+    # ------------------------------------------------------------------ prompt grouping (group_by_prompt)
+    @property
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _dataset_cached(self, what: str, dataset, build):
+        key = (what, getattr(dataset, "_fingerprint", None) or id(dataset))
+        if key not in self._data_cache:
+            self._data_cache[key] = build(dataset)
+        return self._data_cache[key]
+
+    def _prompt_groups_if_grouping(self, dataset) -> list[list[int]] | None:
+        """The dataset's pairs per prompt when micro-batches keep them together (``group_by_prompt``), else None."""
+        if self.args.group_by_prompt == "never":
+            return None
+        groups = self._dataset_cached("groups", dataset, prompt_groups)
+        grouping = use_prompt_groups(self.args.group_by_prompt, groups, self.args.train_sampling_strategy)
+        return groups if grouping else None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        groups = self._prompt_groups_if_grouping(dataset) if has_length(dataset) else None
+        if groups is None:
+            return super()._get_train_sampler(train_dataset)
+        self._train_pair_sampler = PromptGroupedSampler(groups, self._train_batch_size, seed=self._data_seed)
+        return self._train_pair_sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        groups = self._prompt_groups_if_grouping(eval_dataset) if has_length(eval_dataset) else None
+        if groups is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return PromptGroupedSampler(groups, self.args.eval_batch_size, shuffle=False)
+
     # ------------------------------------------------------------------ token-budget dataloaders
     def get_train_dataloader(self) -> DataLoader:
         if self.args.batching != "token_budget":
@@ -538,8 +584,9 @@ class PrefixDPOTrainer(DPOTrainer):
     def _run_epoch(self, *args, **kwargs):
         # Trainer sets the epoch on the dataloader it iterates; after a resume's skip_first_batches under DDP that
         # wrapper chain no longer reaches our batch sampler. Set it here, before the epoch's iterator exists.
-        if self._train_batch_sampler is not None:
-            self._train_batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        for sampler in (self._train_batch_sampler, self._train_pair_sampler):
+            if sampler is not None:
+                sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
         return super()._run_epoch(*args, **kwargs)
 
     def _token_budget_dataloader(self, dataset, description: str, training: bool) -> DataLoader:
@@ -555,24 +602,23 @@ class PrefixDPOTrainer(DPOTrainer):
             dataset = self._remove_unused_columns(dataset, description=description)
         else:
             collator = self._get_collator_with_removed_columns(collator, description=description)
-        key = getattr(dataset, "_fingerprint", None) or id(dataset)
-        if key not in self._length_cache:
-            self._length_cache[key] = packed_lengths(dataset, args.max_length, args.truncation_mode,
-                                                     args.prefix_sharing)
-        lengths = self._length_cache[key]
-        budget = args.max_tokens_per_batch
-        seed = args.data_seed if args.data_seed is not None else args.seed
+        shapes = self._dataset_cached("shapes", dataset, lambda d: dataset_pair_shapes(
+            d, args.max_length, args.truncation_mode, args.prefix_sharing))
+        lengths = self._dataset_cached("lengths", dataset, lambda d: packed_lengths(shapes))
+        groups = self._prompt_groups_if_grouping(dataset)
+        make_sampler = partial(TokenBudgetBatchSampler, lengths, args.max_tokens_per_batch, seed=self._data_seed,
+                               groups=groups, shapes=shapes if groups is not None else None)
         num_epochs = 1
         if training:
             # The sampler's length must hold for every epoch the run iterates (batching.py says why): bound them.
             if args.max_steps > 0:
-                first = len(TokenBudgetBatchSampler(lengths, budget, seed=seed, num_epochs=1))
+                first = len(make_sampler(num_epochs=1))
                 per_process = math.ceil(first / self.accelerator.num_processes)
                 steps_per_epoch = max(1, math.ceil(per_process / args.gradient_accumulation_steps))
                 num_epochs = math.ceil(args.max_steps / steps_per_epoch)  # more micro-batches only mean fewer epochs
             else:
                 num_epochs = math.ceil(args.num_train_epochs)
-        sampler = TokenBudgetBatchSampler(lengths, budget, shuffle=training, seed=seed, num_epochs=num_epochs)
+        sampler = make_sampler(shuffle=training, num_epochs=num_epochs)
         params = {
             "batch_sampler": sampler,
             "collate_fn": collator,

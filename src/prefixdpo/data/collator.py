@@ -2,8 +2,8 @@
 
 The view is exactly what ``trl.DataCollatorForPreference`` returns (input_ids, attention_mask, completion_mask for
 the 2B sequences, chosen first), so TRL's loss code reads the same tensors it reads in TRL. The model never runs on
-the view: it runs on ``prefix_packed`` (one row, no padding, each prompt once), and the per-token results are
-scattered back into the view's shape (``prefixdpo.modeling.packed``).
+the view: it runs on ``prefix_packed`` (one row, no padding, each prompt and each response of the micro-batch once),
+and the per-token results are gathered into the view's shape (``prefixdpo.modeling.packed``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class PrefixPackingCollator:
     ``prefix_packed`` holds: ``input_ids`` [1, T], ``shift_labels`` [1, T] (the response token each position
     predicts, -100 elsewhere), ``layout`` (``PrefixLayout.to_dict()``: lengths only; the device builds the rest),
     ``src`` [N] packed positions that predict response tokens and ``dst`` [N] their flat index in the
-    [2B, view_width - 1] per-token view, and ``stats`` (plain ints: packed and unshared token counts).
+    [2B, view_width - 1] per-token view (a position of a branch that several sequences share appears once per
+    sequence in ``src``; ``dst`` has no repeats), and ``stats`` (plain ints: packed tokens, TRL's tokens without
+    padding and with it, pairs, pairs whose two sequences share a document, sequences, branches).
     """
 
     pad_token_id: int
@@ -46,8 +48,8 @@ class PrefixPackingCollator:
         row = pack_pairs(examples, self.max_length, self.truncation_mode, self.prefix_sharing)
         layout = PrefixLayout.from_lengths(row.prefix_lens, row.branch_lens)
         width = batch["input_ids"].shape[1] - 1
-        src = [t for t, (s, _) in enumerate(row.view_pos) if s >= 0]
-        dst = [row.view_pos[t][0] * width + row.view_pos[t][1] for t in src]
+        src = [t for t, _, _ in row.reads]
+        dst = [seq * width + pos for _, seq, pos in row.reads]
         batch[PACKED_KEY] = {
             "input_ids": torch.tensor([row.input_ids], dtype=torch.long),
             "shift_labels": torch.tensor([row.targets], dtype=torch.long),
@@ -60,6 +62,8 @@ class PrefixPackingCollator:
                 "padded_tokens": int(batch["attention_mask"].numel()),
                 "shared_pairs": row.shared_pairs,
                 "pairs": len(examples),
+                "sequences": row.sequences,
+                "branches": row.num_branches,
             },
         }
         return batch

@@ -312,6 +312,7 @@ def normalize_preference_dataset(
     rejected_column: str | None = None,
     num_proc: int | None = None,
     return_report: bool = False,
+    pairs_from_ranks: str = "best_vs_rest",
 ):
     """Turn a preference dataset of a common layout into TRL's format (``prompt``/``chosen``/``rejected``), checked.
 
@@ -327,6 +328,8 @@ def normalize_preference_dataset(
             the dataset calls them something else.
         num_proc: processes for ``dataset.map``.
         return_report: also return a :class:`NormalizationReport`.
+        pairs_from_ranks: how a dataset of ranked or scored completions per prompt becomes pairs first
+            (``ranked.expand_ranked_completions``; other datasets are not touched).
 
     Returns:
         The normalized dataset (other columns are kept), and the report when ``return_report``.
@@ -340,8 +343,11 @@ def normalize_preference_dataset(
 
     if on_bad_rows not in ("drop", "error"):
         raise ValueError(f"on_bad_rows must be 'drop' or 'error', got {on_bad_rows!r}")
+    from .ranked import expand_ranked_completions
+
     dataset = _rename_columns(dataset, prompt_column=prompt_column, chosen_column=chosen_column,
                               rejected_column=rejected_column)
+    dataset = expand_ranked_completions(dataset, pairs_from_ranks, name=name)
     kinds = _check_columns(dataset)
     conversational = kinds["chosen"] != STRING or kinds.get("prompt", STRING) != STRING
     layout = _detect_layout(kinds)
@@ -409,7 +415,8 @@ def is_normalized(dataset) -> bool:
     return getattr(dataset, "_fingerprint", None) in _NORMALIZED
 
 
-def normalize_for_training(dataset, processing_class, name: str, on_bad_rows: str = "drop", num_proc=None):
+def normalize_for_training(dataset, processing_class, name: str, on_bad_rows: str = "drop", num_proc=None,
+                           pairs_from_ranks: str = "best_vs_rest"):
     """What the trainer does with every dataset it is given: ``normalize_preference_dataset`` unless it is None,
     already tokenized (``prompt_ids``...), or already normalized by this module."""
     if dataset is None:
@@ -420,7 +427,7 @@ def normalize_for_training(dataset, processing_class, name: str, on_bad_rows: st
     if is_normalized(dataset):
         return dataset
     return normalize_preference_dataset(dataset, processing_class, name=name, on_bad_rows=on_bad_rows,
-                                        num_proc=num_proc)
+                                        num_proc=num_proc, pairs_from_ranks=pairs_from_ranks)
 
 
 def _row_error(name: str, idx: int, problem: str) -> str:

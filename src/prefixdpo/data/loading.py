@@ -214,7 +214,7 @@ def _slice_indices(split: str, n: int) -> range:
 
 
 def load_dataset_mixture(entries: list[dict], tokenizer=None, *, streaming: bool = False, renames: dict | None = None,
-                         on_bad_rows: str = "drop", num_proc: int | None = None):
+                         on_bad_rows: str = "drop", num_proc: int | None = None, pairs_from_ranks: str = "best_vs_rest"):
     """TRL's dataset mixture (``datasets:`` in a ``trl dpo`` config), loaded as TRL's ``get_dataset`` loads it (each
     entry's path/name/data_dir/data_files/split, ``columns`` selected, ``fraction`` as the entry's share of the mixture
     without oversampling any entry), except that each entry is checked and normalized on its own first
@@ -234,7 +234,8 @@ def load_dataset_mixture(entries: list[dict], tokenizer=None, *, streaming: bool
             ds = ds.select_columns(list(entry["columns"]))
         ds = rename_columns(ds, **(renames or {}))
         ds, report = normalize_preference_dataset(ds, tokenizer, name=label, on_bad_rows=on_bad_rows,
-                                                  num_proc=num_proc, return_report=True)
+                                                  num_proc=num_proc, return_report=True,
+                                                  pairs_from_ranks=pairs_from_ranks)
         parts.append(ds)
         kinds.append((label, "conversational" if report.conversational else "text"))
     if len({k for _, k in kinds}) > 1:

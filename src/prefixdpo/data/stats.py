@@ -146,80 +146,106 @@ def _percentiles(values, qs=(50, 90, 95, 99, 100)) -> dict[str, float]:
     return out
 
 
-def dataset_statistics(pairs, batch_size: int = 8, max_length: int | None = None, truncation_mode: str = "keep_start",
-                       prefix_sharing: bool = True) -> dict:
-    """What training on ``pairs`` (dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, in dataset order) runs,
-    counted with the trainer's rules (module docstring); micro-batches are ``batch_size`` consecutive pairs.
+def kept_by_max_length(pairs, max_length: int | None, truncation_mode: str) -> list[int]:
+    """Indices of the pairs TRL's ``max_length`` rule keeps (under ``keep_start`` it drops a pair whose prompt alone
+    has ``max_length`` tokens or more)."""
+    if max_length is None or truncation_mode != "keep_start":
+        return list(range(len(pairs)))
+    return [i for i, ex in enumerate(pairs) if len(ex["prompt_ids"]) < max_length]
+
+
+def dataset_statistics(pairs, micro_batches=None, batch_size: int = 8, max_length: int | None = None,
+                       truncation_mode: str = "keep_start", prefix_sharing: bool = True, pairs_in: int | None = None
+                       ) -> dict:
+    """What training on the tokenized ``pairs`` (dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) runs,
+    counted with the trainer's rules (module docstring). ``pairs`` are those TRL's max_length rule keeps
+    (:func:`kept_by_max_length`; ``pairs_in`` is how many there were before, for the report). ``micro_batches``: lists
+    of indices into ``pairs`` as the trainer draws them (``grouping.training_micro_batches``); by default
+    ``batch_size`` consecutive pairs. The packed tokens and both ``prefix_sharing/*`` fractions come from
+    ``sharing.predict_sharing``, the trainer's own definition.
 
     Raises PreferenceDataError when no pair would train."""
-    n_in = dropped = truncated = 0
-    kept_p, kept_c, kept_r, packed, trl = [], [], [], [], []
-    batch_rows, batch_packed = [], []  # the current micro-batch's longest sequence per pair; every pair's packed length
-    padded_total = 0
+    from .sharing import predict_sharing
+
+    pairs = list(pairs)
+    n_in = len(pairs) if pairs_in is None else pairs_in
+    if not pairs:
+        raise PreferenceDataError(
+            f"no pair would train: all {n_in} pairs have a prompt of max_length={max_length} tokens or more "
+            "(TRL drops them); raise max_length or filter long prompts"
+        )
+    if micro_batches is None:
+        micro_batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    prompt_l, chosen_l, rejected_l, packed = [], [], [], []
+    longest_seq = []  # per pair, its longer truncated sequence: what TRL's padded batch pads to
+    truncated = 0
     for ex in pairs:
-        n_in += 1
         prompt = list(ex["prompt_ids"])
-        if max_length is not None and truncation_mode == "keep_start" and len(prompt) >= max_length:
-            dropped += 1
-            continue
         pc, cc = truncate_sequence(prompt, list(ex["chosen_ids"]), max_length, truncation_mode)
         pr, cr = truncate_sequence(prompt, list(ex["rejected_ids"]), max_length, truncation_mode)
         if len(pc) + len(cc) < len(prompt) + len(ex["chosen_ids"]) or len(pr) + len(cr) < len(prompt) + len(
                 ex["rejected_ids"]):
             truncated += 1
-        kept_p.append(max(len(pc), len(pr)))
-        kept_c.append(len(cc))
-        kept_r.append(len(cr))
-        trl.append(len(pc) + len(cc) + len(pr) + len(cr))
+        prompt_l.append(max(len(pc), len(pr)))
+        chosen_l.append(len(cc))
+        rejected_l.append(len(cr))
         packed.append(packed_pair_length(ex, max_length, truncation_mode, prefix_sharing))
-        batch_rows.append(max(len(pc) + len(cc), len(pr) + len(cr)))
-        batch_packed.append(packed[-1])
-        if len(batch_rows) == batch_size:
-            padded_total += 2 * len(batch_rows) * max(batch_rows)
-            batch_rows = []
-    row_tokens = [sum(batch_packed[i : i + batch_size]) for i in range(0, len(batch_packed), batch_size)]
-    if batch_rows:
-        padded_total += 2 * len(batch_rows) * max(batch_rows)
-    if not trl:
-        raise PreferenceDataError(
-            f"no pair would train: all {n_in} pairs have a prompt of max_length={max_length} tokens or more "
-            "(TRL drops them); raise max_length or filter long prompts"
-        )
-    tokens_trl, tokens_packed = sum(trl), sum(packed)
+        longest_seq.append(max(len(pc) + len(cc), len(pr) + len(cr)))
+    forecast = predict_sharing([[pairs[i] for i in b] for b in micro_batches], max_length, truncation_mode,
+                               prefix_sharing)
+    padded = sum(2 * len(b) * max(longest_seq[i] for i in b) for b in micro_batches if b)
+    row_tokens = [predict_sharing([[pairs[i] for i in b]], max_length, truncation_mode, prefix_sharing).packed_tokens
+                  for b in micro_batches if b]
+    tokens_trl, tokens_packed = forecast.unshared_tokens, forecast.packed_tokens
     longest = max(packed)
     floor = max(longest, max_length or 0, max(row_tokens))
-    budget = int(math.ceil(floor / BUDGET_ROUND) * BUDGET_ROUND)
     return {
         "pairs_in": n_in,
-        "pairs": len(trl),
-        "pairs_dropped": dropped,
+        "pairs": len(pairs),
+        "pairs_dropped": n_in - len(pairs),
         "pairs_truncated": truncated,
+        "micro_batches": len(row_tokens),
         "batch_size": batch_size,
         "max_length": max_length,
         "truncation_mode": truncation_mode,
-        "prompt": _percentiles(kept_p),
-        "chosen": _percentiles(kept_c),
-        "rejected": _percentiles(kept_r),
+        "prompt": _percentiles(prompt_l),
+        "chosen": _percentiles(chosen_l),
+        "rejected": _percentiles(rejected_l),
         "packed_pair": _percentiles(packed),
-        "tokens_trl_padded": padded_total,
+        "tokens_trl_padded": padded,
         "tokens_trl": tokens_trl,
         "tokens_packed": tokens_packed,
         "saved_by_prefix_sharing": tokens_trl - tokens_packed,
-        "saved_by_packing": padded_total - tokens_trl,
-        "tokens_saved_frac": 1 - tokens_packed / tokens_trl,
-        "trl_padding_frac": 1 - tokens_trl / padded_total,
-        "prompt_to_response_ratio": sum(kept_p) / max(1, (sum(kept_c) + sum(kept_r)) / 2),
+        "saved_by_packing": padded - tokens_trl,
+        "tokens_saved_frac": forecast.tokens_saved_frac_total,
+        "tokens_saved_frac_mean": forecast.tokens_saved_frac,
+        "responses_deduplicated_frac": forecast.responses_deduplicated_frac_total,
+        "responses_deduplicated_frac_mean": forecast.responses_deduplicated_frac,
+        "trl_padding_frac": 1 - tokens_trl / padded,
+        "prompt_to_response_ratio": sum(prompt_l) / max(1, (sum(chosen_l) + sum(rejected_l)) / 2),
         "micro_batch_row_tokens": _percentiles(row_tokens),
         "longest_packed_pair": longest,
-        "suggested_token_budget": budget,
+        "suggested_token_budget": int(math.ceil(floor / BUDGET_ROUND) * BUDGET_ROUND),
     }
+
+
+def training_statistics(tokenized, args) -> dict:
+    """:func:`dataset_statistics` of a tokenized dataset as ``PrefixDPOTrainer`` with ``args`` trains it: the pairs TRL
+    keeps, in the micro-batches the trainer draws in the first epoch."""
+    from .grouping import training_micro_batches
+
+    kept = tokenized.select(kept_by_max_length(tokenized, args.max_length, args.truncation_mode))
+    micro_batches = training_micro_batches(kept, args) if len(kept) else []
+    return dataset_statistics(list(kept), micro_batches, batch_size=args.per_device_train_batch_size,
+                              max_length=args.max_length, truncation_mode=args.truncation_mode,
+                              prefix_sharing=args.prefix_sharing, pairs_in=len(tokenized))
 
 
 def format_statistics(stats: dict) -> str:
     """A small plain-text table of :func:`dataset_statistics`."""
     lines = [f"{stats['pairs']} pairs train ({stats['pairs_dropped']} of {stats['pairs_in']} dropped by "
-             f"max_length={stats['max_length']}, {stats['pairs_truncated']} truncated); micro-batches of "
-             f"{stats['batch_size']} pairs"]
+             f"max_length={stats['max_length']}, {stats['pairs_truncated']} truncated) in {stats['micro_batches']} "
+             "micro-batches as the trainer draws them"]
     lines.append(f"{'tokens':<14}{'mean':>9}{'p50':>8}{'p90':>8}{'p95':>8}{'p99':>8}{'max':>8}")
     for key in ("prompt", "chosen", "rejected", "packed_pair"):
         s = stats[key]
@@ -235,8 +261,10 @@ def format_statistics(stats: dict) -> str:
         f"({100 * stats['tokens_saved_frac']:.1f}% of TRL's unpadded tokens: prefix_sharing/tokens_saved_frac)",
         f"saved by packing (TRL's padding):        {stats['saved_by_packing']:>12,}  "
         f"({100 * stats['trl_padding_frac']:.1f}% of TRL's padded tokens: packing/trl_padding_frac)",
+        f"responses run once for several pairs:    {100 * stats['responses_deduplicated_frac']:>11.1f}%  "
+        "(prefix_sharing/responses_deduplicated_frac)",
         f"prompt/response length ratio:            {stats['prompt_to_response_ratio']:>12.2f}",
-        f"packed micro-batch row ({stats['batch_size']} pairs): mean {stats['micro_batch_row_tokens']['mean']:.0f}, "
+        f"packed micro-batch row: mean {stats['micro_batch_row_tokens']['mean']:.0f}, "
         f"max {stats['micro_batch_row_tokens']['max']} tokens; longest pair {stats['longest_packed_pair']}; "
         f"suggested token budget per micro-batch: {stats['suggested_token_budget']}",
     ]

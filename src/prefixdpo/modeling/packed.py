@@ -3,9 +3,10 @@
 ``enable_packed_forward(model, backend)`` wraps the instance's forward (the one TRL's ``add_fused_lm_head`` installs;
 no class is patched). A call that carries ``prefix_packed`` (from ``PrefixPackingCollator``) runs the backbone once
 on the packed row with the layout passed down to attention, scores only the response positions through TRL's
-chunked log-prob head (``shift_labels``), and scatters the per-token results into the [2B, L-1] shape of TRL's padded
-batch. Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to
-the original forward with the model's original attention implementation (so ``generate`` works during and after
+chunked log-prob head (``shift_labels``), and gathers the per-token results into the [2B, L-1] shape of TRL's padded
+batch (a branch that several sequences share feeds each of them; in the backward their gradients add up in it).
+Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to the
+original forward with the model's original attention implementation (so ``generate`` works during and after
 training); a packed call switches the implementation to ``prefix_attn`` and leaves it there, so that gradient
 checkpointing's recomputation in the backward runs the same attention.
 """
@@ -30,6 +31,7 @@ def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape
     if x is None:
         return None
     flat = x.new_zeros(shape[0] * shape[1])
+    # ``src`` repeats the positions of shared branches; indexing's backward accumulates over the repeats.
     return flat.index_put((dst,), x[0, src]).view(shape)
 
 
