@@ -4,8 +4,8 @@ For each variant: wgmma instructions in the PTX, whether the key/query loop got 
 ``cp.async.bulk.tensor`` or ``cp.async``), shared memory per program (Triton's metadata), and ptxas's registers per
 thread and spill bytes (the bundled ptxas, ``-v``). ``ex2@mma``: the most ``ex2`` (softmax exponentials) issued
 between a ``wgmma.commit_group`` and the next ``wgmma.wait_group`` in the PTX text, i.e. softmax work with a wgmma in
-flight (0: the softmax never overlaps an MMA; ``fwd_prefetch_qk`` aims at one tile's worth, 32 + 2 per thread at
-64x64 / 4 warps); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing any such overlap). Run on any machine with Triton (no GPU needed):
+flight (0: the softmax never overlaps an MMA); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing
+any such overlap). Run on any machine with Triton (no GPU needed):
 
     python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
     python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"
@@ -84,17 +84,12 @@ def _ex2_in_flight(ptx: str) -> int:
     return best
 
 
-def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False, prefetch=False):
-    fn = ta._fwd_packed_kernel if pack else ta._fwd_kernel
+def _fwd(name, bm, bn, w, s, tma=True):
+    fn = ta._fwd_packed_kernel
     types = {n: "i32" for n in fn.arg_names}
-    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", ORDER="*i32",
-                 TOK="*i32", qk_scale="fp32")
-    consts = dict(GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32", MERGED=merged,
-                  PREFETCH=prefetch)
-    if pack:
-        consts.update(H_KV=HKV, GROUPS_P2=G)
-    else:
-        consts.update(H_Q=HKV * G)
+    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32",
+                 qk_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -102,13 +97,12 @@ def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False, prefetch=False)
     return name, fn, types, consts, w, s
 
 
-def _kv(name, bm, bn, w, s, tma=True, merged=False, atomic=False):
+def _kv(name, bm, bn, w, s, tma=True):
     fn = ta._bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
-                 DV=f"*{DT}", DQ="*fp32", SCHED="*i32", ORDER="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, USE_TMA=tma,
-                  DOT_PREC="tf32", MERGED=merged)
+                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(Q_DESC=_desc(bm), DO_DESC=_desc(bm))
     else:
@@ -116,13 +110,12 @@ def _kv(name, bm, bn, w, s, tma=True, merged=False, atomic=False):
     return name, fn, types, consts, w, s
 
 
-def _dq(name, bm, bn, w, s, tma=True, merged=False, pack=False):
+def _dq(name, bm, bn, w, s, tma=True):
     fn = ta._bwd_dq_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
-                 SCHED="*i32", ORDER="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_Q=HKV * G, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
-                  MERGED=merged, PACK=pack, GROUPS_P2=G if pack else 1)
+                 SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -130,35 +123,21 @@ def _dq(name, bm, bn, w, s, tma=True, merged=False, pack=False):
     return name, fn, types, consts, w, s
 
 
+# Names as before the kernels lost their unpacked, eight-loop and longest-first variants (every kernel below packs the
+# GQA group, walks its tiles in one loop and runs them in position order), so that tables of either side compare.
 VARIANTS = [
-    # forward (default: 64x64, 4 warps, 3 stages, TMA)
-    _fwd("fwd 64x64 w4 s3 (default)", 64, 64, 4, 3),
-    _fwd("fwd 64x64 w4 s3 merged", 64, 64, 4, 3, merged=True),
-    _fwd("fwd pack 16tok(x4=64 rows) x64 w4 s3", 16, 64, 4, 3, pack=True),
-    _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3, pack=True, merged=True),
-    _fwd("fwd pack 32tok(x4=128 rows) x64 w8 s3", 32, 64, 8, 3, pack=True),
-    _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3, pack=True, merged=True),
-    _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2, pack=True, merged=True),
-    _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2, pack=True, merged=True),
-    # fwd_prefetch_qk: next tile's QK^T in flight under the softmax (the "overlap" column checks the TTGIR)
-    _fwd("fwd pack 16tok x64 w4 s3 merged prefetch", 16, 64, 4, 3, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 16tok x64 w4 s2 merged prefetch", 16, 64, 4, 2, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 16tok x64 w4 s3 prefetch no-TMA", 16, 64, 4, 3, tma=False, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 32tok x64 w8 s3 merged prefetch", 32, 64, 8, 3, pack=True, merged=True, prefetch=True),
-    _fwd("fwd 128x64 w8 s3 merged prefetch", 128, 64, 8, 3, merged=True, prefetch=True),
+    # forward (default for a GQA group of 4: 16 tokens x 4 heads, 64 keys, 4 warps, 3 stages, TMA)
+    _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3),
+    _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
+    _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
+    _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
     # KV-major backward (default: 64 queries x 128 keys, 8 warps, 2 stages, TMA)
-    _kv("kv 64x128 w8 s2 (default)", 64, 128, 8, 2),
-    _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2, merged=True),
-    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3, merged=True),
-    _kv("kv 32x128 w8 s3", 32, 128, 8, 3),
-    _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3, merged=True),
-    _kv("kv 64x128 w8 s2 merged atomic-dq", 64, 128, 8, 2, merged=True, atomic=True),
-    # deterministic dq kernel (default: 128 x 64, 8 warps, 2 stages, TMA)
-    _dq("dq 128x64 w8 s2 (default)", 128, 64, 8, 2),
-    _dq("dq 128x64 w8 s2 merged", 128, 64, 8, 2, merged=True),
-    _dq("dq pack 32tok(x4=128 rows) x64 w8 s2", 32, 64, 8, 2, pack=True),
-    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2, pack=True, merged=True),
-    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2, pack=True, merged=True),
+    _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2),
+    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3),
+    _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3),
+    # dq kernel (default for a GQA group of 4: 32 tokens x 4 heads, 64 keys, 8 warps, 2 stages, TMA)
+    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
+    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2),
 ]
 
 

@@ -1,6 +1,6 @@
 """The program Nsight Compute profiles (scripts/ncu_attention.sh): one forward + backward of our Triton attention on a
 16K-token row, after warm-up, inside ``cudaProfilerStart/Stop`` so that ``ncu --profile-from-start off`` sees only
-the timed call: the forward kernel (``_fwd_kernel`` or ``_fwd_packed_kernel``), the KV-major backward
+the timed call: the forward kernel (``_fwd_packed_kernel``), the KV-major backward
 (``_bwd_kv_kernel``) and the deterministic dq kernel (``_bwd_dq_kernel``), one launch each. The schedule build and
 the compiles happen during the warm-up, outside the profiled range.
 

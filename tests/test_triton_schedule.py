@@ -2,7 +2,7 @@
 
 Every tensor ``build_schedules`` returns, and ``position_ids``, must be bit-identical to the torch reference (same
 integers, shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles
-(64/128), deterministic or not. Rows stay at a few hundred tokens: the interpreter runs every op in numpy.
+(64/128). Rows stay at a few hundred tokens: the interpreter runs every op in numpy.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from prefix_attn import triton_schedule as tsch  # noqa: E402
 if type(tsch._token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
     pytest.skip("triton_schedule was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 32x16, kv 32 keys x 16, dq 32x16
-H100_CFG = ta._CONFIGS[(128, True)]  # fwd 64x64, kv 128 keys x 64, deterministic dq 128x64
-H100_ATOMIC = dataclasses.replace(H100_CFG, deterministic=False)
-FP32_GPU_CFG = ta.TritonAttentionConfig(64, 32, 4, 2, 32, 64, 4, 1, 64, 32, 4, 1)
-# query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), deterministic
-SKEWED_CFG = ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 16, 64, 4, 1, deterministic=True)
-CONFIGS = [CPU_CFG, H100_CFG, H100_ATOMIC, FP32_GPU_CFG, SKEWED_CFG]
-CFG_IDS = ["cpu", "h100", "h100_atomic", "fp32_gpu", "skewed"]
+CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 16x16, kv 32 keys x 16, dq 16x16
+H100_CFG = ta._CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
+H100_G1_CFG = dataclasses.replace(H100_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
+FP32_GPU_CFG = ta._CONFIGS["cuda_fp32"]
+# query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
+SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
+                                 dq_block_m=16, dq_block_n=64)
+CONFIGS = [CPU_CFG, H100_CFG, H100_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +136,7 @@ def test_position_ids_first_then_two_configs(monkeypatch):
     """position_ids before any attention (two launches, per-token tables only), then the schedules of two configs
     from the cached segment table (two launches each)."""
     prefix, branches = [20, 0, 33], [[13, 30, 1], [64], [1, 5, 8, 2]]
-    layout = _check(prefix, branches, H100_ATOMIC, monkeypatch, position_ids_first=True)
+    layout = _check(prefix, branches, H100_G1_CFG, monkeypatch, position_ids_first=True)
     segs = layout._cache["fused_segments"]
     got = dict(ta.build_schedules(layout, SKEWED_CFG))
     got["position_ids"] = layout.position_ids
@@ -172,7 +172,7 @@ def test_flag(monkeypatch):
 # ----------------------------------------------------------------------------------------------- through the kernels
 
 
-@pytest.mark.parametrize("cfg", [CPU_CFG, SKEWED_CFG], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, SKEWED_CFG], ids=["cpu", "skewed"])
 def test_attention_is_bitwise_the_same(cfg, monkeypatch):
     """Same schedules, same kernels: output and gradients equal the torch-scheduled run bit for bit."""
     prefix, branches = [31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]]

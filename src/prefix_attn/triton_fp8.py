@@ -18,8 +18,9 @@ Three layers, as in DESIGN.md style 4:
      the reduction runs over keys. With ``rotate`` the kernel
      first multiplies each q/k tile by the rotation (``rotation_matrix``: a [D, D] ``tl.dot`` with +-1 entries,
      exact in bf16/fp16, fp32 accumulation, then the 1/sqrt(D) in fp32). V is never rotated.
-   - ``_fp8_fwd_kernel``: the forward of ``triton_attention._fwd_kernel`` (same schedule, the full key tiles without
-     a mask, boundary tiles masked with the per-query ranges) on e4m3 operands.
+   - ``_fp8_fwd_packed_kernel``: the forward of ``triton_attention``'s forward kernel (same schedule, the same one
+     loop over the key tiles, full tiles without a mask, boundary tiles masked with the per-query ranges; one program
+     computes all query heads of one KV head) on e4m3 operands.
      ``S = (q8 @ k8^T) * (q_scale * k_scale * softmax_scale * log2 e)`` in fp32, online softmax in fp32.
      P is cast to e4m3 for ``P @ V``, SHIFTED: ``p = exp2(s - m + 8)``, i.e. 256 * the usual P, in [0, 256]
      (e4m3's largest finite value is 448). Unscaled P in [0, 1] (FlashAttention-3's choice) would lose every
@@ -30,11 +31,8 @@ Three layers, as in DESIGN.md style 4:
      V's per-tile scale is applied after the dot without any extra multiply: the accumulator is kept in units of
      the current tile's V scale, ``acc_u = acc / vs_j``; moving to tile j+1 folds ``vs_j / vs_{j+1}`` into the
      online-softmax rescale ``alpha`` that multiplies the accumulator anyway; the output is
-     ``acc_u * vs_last / l``.
-   - ``_fp8_fwd_packed_kernel`` (``FP8AttentionConfig.pack_gqa``): the same per row, with one program per (query
-     tile, KV head) computing all Hq/Hkv heads of its BLOCK_M tokens as one [BLOCK_M * next_pow2(G), D] operand
-     (``triton_attention._fwd_packed_kernel``'s layout). q keeps one scale per (BLOCK_M tokens, head) (so the same
-     quantization as unpacked at BLOCK_M-row tiles), applied as a per-row vector in the score FMA.
+     ``acc_u * vs_last / l``. q keeps one scale per (BLOCK_M tokens, head), applied as a per-row vector in the score
+     FMA.
 2. Launchers: ``quantize_qkv_fp8`` (also timed alone by scripts/bench_attention.py --fp8) and ``_launch_fp8_fwd``
    (the schedule is ``triton_attention.build_schedules``' forward schedule for the fp8 tile sizes, cached on the
    layout; K through a TMA descriptor over ``k8`` viewed [T, Hkv*D], V through one over ``vt8`` viewed
@@ -65,8 +63,11 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
-from .triton_attention import (_LOG2E, _IntFieldsConfig, _allowed, _packed_rows, _query_tile, _tile_segments, _tma_ok, _walk_tile,
+from .triton_attention import (_LOG2E, _IntFieldsConfig, _allowed, _packed_rows, _tile_segments, _tma_ok, _walk_tile,
                                build_schedules, default_config)
+
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_P_SHIFT = tl.constexpr(float(P_SHIFT_LOG2))
 
 # =====================================================================================================================
 # 1. Kernels
@@ -112,7 +113,7 @@ def _quant_tile(
         xf = x.to(tl.float32)
     if SUB == 1:
         amax = tl.max(tl.max(tl.abs(xf), 1), 0)
-        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)  # IEEE division, as torch's
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)  # IEEE division, as torch's
         inv = tl.math.div_rn(1.0, scale)
         y = _to_e4m3(xf * inv, EXACT_CAST)
         tl.store(S + h * n_blocks + blk, scale)
@@ -120,7 +121,7 @@ def _quant_tile(
         # SUB tiles of BLOCK rows: the same per-tile fp32 operations, on a [SUB] vector of scales.
         x3 = tl.reshape(xf, [SUB, BLOCK, HEAD_DIM])
         amax = tl.max(tl.max(tl.abs(x3), 2), 1)  # [SUB]
-        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)
         inv = tl.math.div_rn(tl.full([SUB], 1.0, tl.float32), scale)
         y = tl.reshape(_to_e4m3(x3 * inv[:, None, None], EXACT_CAST), [SUB * BLOCK, HEAD_DIM])
         sb = blk * SUB + tl.arange(0, SUB)
@@ -173,13 +174,11 @@ def _fp8_step(
     acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row, stride_kt,
     T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # 0: a full tile (no mask); 1: a boundary tile (per-element mask, bounds on K);
-    #                        2: the runtime flag ``full`` decides (the merged loop: one loop body, so one pipeline)
     USE_TMA: tl.constexpr,
     EXACT_CAST: tl.constexpr,
-    ROW_SCALE: tl.constexpr = False,  # qsc is a [rows] vector (the GQA-packed kernel: one q scale per row's head)
 ):
-    """One key tile j: S, the online-softmax update, P (shifted by 2^P_SHIFT) to e4m3, acc += P @ V."""
+    """One key tile j: S (the per-element mask unless the tile is ``full``), the online-softmax update, P (shifted by
+    2^P_SHIFT_LOG2) to e4m3, acc += P @ V. ``qsc`` [rows]: each row's q scale times the softmax scale."""
     offs_n = tl.arange(0, BLOCK_N)
     n0 = j * BLOCK_N
     if USE_TMA:
@@ -187,139 +186,31 @@ def _fp8_step(
         vt = vt_desc.load([vt_row, n0])
     else:
         kp = k_base + (n0 + offs_n)[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
-        if MASKED != 0:
-            k = tl.load(kp, mask=((n0 + offs_n) < T)[:, None], other=0.0)
-        else:
-            k = tl.load(kp)
+        k = tl.load(kp, mask=((n0 + offs_n) < T)[:, None], other=0.0)
         # vt8 is zero padded to whole key tiles: always in bounds, and padding keys have V = 0 (never NaN * 0)
         vt = tl.load(vt_base + offs_d[:, None].to(tl.int64) * T_PAD + (n0 + offs_n)[None, :])
     sc = qsc * tl.load(ks_base + j)
     vs = tl.load(vs_base + j)
     s = tl.dot(q, tl.trans(k))  # e4m3 x e4m3 -> fp32
-    if MASKED == 1:
+    if not full:
         kk = (n0 + offs_n)[None, :]
         ok = _allowed(kk, lo1, hi1, lo2, offs_m)
         s = tl.where(ok, s, float("-inf"))
-    if MASKED == 2:
-        if not full:
-            kk = (n0 + offs_n)[None, :]
-            ok = _allowed(kk, lo1, hi1, lo2, offs_m)
-            s = tl.where(ok, s, float("-inf"))
     # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN. sc > 0.
     m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
     alpha = tl.math.exp2(m_i - m_new)
-    if ROW_SCALE:  # sc [rows]: the same FMA per element, its factor per row
-        p = tl.math.exp2(s * sc[:, None] - (m_new - 8.0)[:, None])
-    else:
-        p = tl.math.exp2(s * sc - (m_new - 8.0)[:, None])  # 2^8 * softmax numerator, in [0, 256]  (P_SHIFT_LOG2 = 8)
+    p = tl.math.exp2(s * sc[:, None] - (m_new - _P_SHIFT)[:, None])  # 2^P_SHIFT * softmax numerator, <= 2^P_SHIFT
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * (alpha * (v_prev / vs))[:, None]  # acc stays in units of the current tile's V scale
     acc = tl.dot(_to_e4m3(p, EXACT_CAST), tl.trans(vt), acc)
     return acc, l_i, m_new, vs
 
 
-@triton.jit
-def _fp8_range(
-    acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row, stride_kt,
-    T_PAD, offs_m, offs_d, lo1, hi1, lo2, start, end, T,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # 0 or 1 (as _fp8_step's)
-    USE_TMA: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
-    ROW_SCALE: tl.constexpr = False,
-):
-    for j in range(start, end):
-        acc, l_i, m_i, v_prev = _fp8_step(
-            acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, k_desc, vt_desc, kv_col, vt_row,
-            stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, False, T, BLOCK_N, MASKED, USE_TMA, EXACT_CAST,
-            ROW_SCALE)
-    return acc, l_i, m_i, v_prev
-
-
 @triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])  # T varies per row: no recompile per length
-def _fp8_fwd_kernel(
-    Q8, K8, VT8, QS, KS, VS, O,  # q8 [T, Hq, D], k8 [T, Hkv, D], vt8 [Hkv, D, T_PAD] e4m3; scales; o [T, Hq, D]
-    SCHED, ORDER, TOK,  # the forward schedule for (BLOCK_M, BLOCK_N) tiles, as triton_attention._fwd_kernel's
-    K_DESC, VT_DESC,  # TMA descriptors: k8 as [T, Hkv*D] block [BLOCK_N, D]; vt8 as [Hkv*D, T_PAD] block [D, BLOCK_N]
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-    T, T_PAD, N_QB, N_KB, sm_scale_log2,
-    H_Q: tl.constexpr,  # program id -> (tile, head)
-    GROUPS: tl.constexpr,  # query heads per KV head (GQA)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query rows per tile = q's quantization tile (must match the schedule's)
-    BLOCK_N: tl.constexpr,  # keys per tile = k/v's quantization tile (must match the schedule's)
-    USE_TMA: tl.constexpr,
-    MERGED: tl.constexpr,  # one loop over all key tiles with a per-tile mask flag (as triton_attention._fwd_merged)
-    DOC_ORDER: tl.constexpr,  # tiles back to front in position order instead of ORDER (triton_attention's doc_order)
-    EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
-):
-    pid = tl.program_id(0)
-    tile = _query_tile(pid, H_Q, ORDER, T, BLOCK_M, DOC_ORDER)
-    h = pid % H_Q
-    hk = h // GROUPS
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(Q8 + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    qsc = tl.load(QS + h * N_QB + tile) * sm_scale_log2
-    lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
-    hi1 = tl.load(TOK + T + offs_m, mask=row_ok, other=0)
-    lo2 = tl.load(TOK + 2 * T + offs_m, mask=row_ok, other=T + 1)
-    k_base = K8 + hk.to(tl.int64) * stride_kh
-    vt_base = VT8 + hk.to(tl.int64) * HEAD_DIM * T_PAD
-    ks_base = KS + hk * N_KB
-    vs_base = VS + hk * N_KB
-    kv_col = hk * HEAD_DIM
-
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
-    sp = SCHED + tile * 10
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
-    if MERGED:
-        n1 = s3 - s0
-        for i in range(0, n1 + (s9 - s4)):
-            j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
-            acc, l_i, m_i, v_prev = _fp8_step(
-                acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
-                stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST)
-    else:
-        # Range 1 (shared prefix): masked [s0, s1), full [s1, s2), masked [s2, s3).
-        # Range 2 (causal part): masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8), masked [s8, s9).
-        # Full tiles first (no mask), then the boundary tiles.
-        args = (q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col, stride_kt, T_PAD, offs_m,
-                offs_d, lo1, hi1, lo2)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s1, s2, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s5, s6, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s7, s8, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s0, s1, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s2, s3, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s4, s5, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s6, s7, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s8, s9, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST)
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (q >= T) see no key at all
-    acc = acc * (v_prev / l_safe)[:, None]
-    o_base = O + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])
 def _fp8_fwd_packed_kernel(
-    Q8, K8, VT8, QS, KS, VS, O,  # as _fp8_fwd_kernel's
-    SCHED, ORDER, TOK,  # the forward schedule for BLOCK_M-TOKEN query tiles
-    K_DESC, VT_DESC,
+    Q8, K8, VT8, QS, KS, VS, O,  # q8 [T, Hq, D], k8 [T, Hkv, D], vt8 [Hkv, D, T_PAD] e4m3; scales; o [T, Hq, D]
+    SCHED, TOK,  # the forward schedule for BLOCK_M-TOKEN query tiles, as triton_attention's forward kernel's
+    K_DESC, VT_DESC,  # TMA descriptors: k8 as [T, Hkv*D] block [BLOCK_N, D]; vt8 as [Hkv*D, T_PAD] block [D, BLOCK_N]
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     T, T_PAD, N_QB, N_KB, sm_scale_log2,
     H_KV: tl.constexpr,  # program id -> (query tile, KV head)
@@ -328,24 +219,21 @@ def _fp8_fwd_packed_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's, and q's quantization tile per head); the MMA
     #                         has BLOCK_M * GROUPS_P2 rows
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys per tile = k/v's quantization tile (must match the schedule's)
     USE_TMA: tl.constexpr,
-    MERGED: tl.constexpr,
-    DOC_ORDER: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
+    EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
 ):
-    """GQA-packed FP8 forward (``FP8AttentionConfig.pack_gqa``), as ``triton_attention._fwd_packed_kernel``: one
-    program computes BLOCK_M query tokens for ALL the query heads of one KV head, stacked token-major as a
-    [BLOCK_M * GROUPS_P2, D] e4m3 operand (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r %
-    GROUPS_P2; rows of a padding head, r % GROUPS_P2 >= GROUPS, are masked off). Each K/V tile and its two scales feed
-    GROUPS x more MMA rows, and the mask granularity is BLOCK_M tokens.
+    """The FP8 forward, GQA-packed as ``triton_attention``'s forward kernel: one program computes BLOCK_M query
+    tokens for ALL the query heads of one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] e4m3 operand
+    (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2; rows of a padding head,
+    r % GROUPS_P2 >= GROUPS, are masked off). Each K/V tile and its two scales feed GROUPS x more MMA rows, and the
+    mask granularity is BLOCK_M tokens. The key tiles are walked in one loop, as the 16-bit forward's.
 
-    q's scales stay one per (BLOCK_M tokens, head), exactly the unpacked quantization with BLOCK_M-row tiles: the
-    rows of one program span GROUPS heads, so the q scale is a [rows] vector; it multiplies the score rows in the same
-    FMA that applies the scalar (the k scale and softmax scale fold into it per key tile: one [rows] multiply per
-    tile). A shared scale per (tile, KV group) would save nothing and coarsen every head's grid to the group's amax."""
-    tile, hk, offs_m, h, row_ok = _packed_rows(tl.program_id(0), H_KV, ORDER, T, BLOCK_M, GROUPS, GROUPS_P2,
-                                               DOC_ORDER)
+    q's scales are one per (BLOCK_M tokens, head): the rows of one program span GROUPS heads, so the q scale is a
+    [rows] vector; it multiplies the score rows in the same FMA that applies the scalar (the k scale and softmax scale
+    fold into it per key tile: one [rows] multiply per tile). A shared scale per (tile, KV group) would save nothing
+    and coarsen every head's grid to the group's amax."""
+    tile, hk, offs_m, h, row_ok = _packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q8 + (offs_m.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -363,38 +251,17 @@ def _fp8_fwd_packed_kernel(
     acc = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
-    v_prev = tl.load(vs_base)
+    v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
     sp = SCHED + tile * 10
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
-    if MERGED:
-        n1 = s3 - s0
-        for i in range(0, n1 + (s9 - s4)):
-            j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
-            acc, l_i, m_i, v_prev = _fp8_step(
-                acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
-                stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, 2, USE_TMA, EXACT_CAST, True)
-    else:
-        args = (q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col, stride_kt, T_PAD, offs_m,
-                offs_d, lo1, hi1, lo2)
-        # The eight ranges as _fp8_fwd_kernel's: the full tiles first, then the boundary tiles.
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s1, s2, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s5, s6, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s7, s8, T, BLOCK_N, 0, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s0, s1, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s2, s3, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s4, s5, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s6, s7, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST, True)
-        acc, l_i, m_i, v_prev = _fp8_range(acc, l_i, m_i, v_prev, *args, s8, s9, T, BLOCK_N, 1, USE_TMA,
-                                           EXACT_CAST, True)
+    n1 = s3 - s0
+    for i in range(0, n1 + (s9 - s4)):
+        j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
+        acc, l_i, m_i, v_prev = _fp8_step(
+            acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
+            stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, USE_TMA, EXACT_CAST)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows see no key at all
     acc = acc * (v_prev / l_safe)[:, None]
     tl.store(O + (offs_m.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh)[:, None] + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -409,35 +276,27 @@ def _fp8_fwd_packed_kernel(
 class FP8AttentionConfig(_IntFieldsConfig):
     """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
 
-    ``block_m``: query rows per tile (q's quantization tile); ``block_n``: keys per tile (k's and v's quantization
-    tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA descriptors
-    (Hopper; ignored elsewhere). ``merged``: one key-tile loop per query tile instead of eight. ``doc_order``: launch
-    the query tiles back to front in position order (the programs running at once share one document's K/V in L2;
-    measured on the bf16 forward: L2 hit rate 67% -> 94%) instead of longest-first. ``pack_gqa``: one program per
-    (query tile, KV head) computes all Hq/Hkv query heads (``_fp8_fwd_packed_kernel``); ``block_m`` then counts query
-    TOKENS (still q's quantization tile per head) and the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows (16 tokens x 4
-    heads = 64, as the bf16 default)."""
+    ``block_m``: query TOKENS per tile (q's quantization tile per head); one program computes all Hq/Hkv query heads
+    of a KV head, so the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows. ``block_n``: keys per tile (k's and v's
+    quantization tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA
+    descriptors (Hopper; ignored elsewhere). ``quant_warps``: the quantize launch's warps (4 spill registers at 128-row
+    tiles of D=128)."""
 
-    block_m: int = 128
-    block_n: int = 128
-    warps: int = 8
-    stages: int = 3
+    block_m: int = 16
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 4
     tma: bool = True
-    merged: bool = False
-    doc_order: bool = False
-    quant_warps: int = 8  # 4 spills registers at 128-row tiles of D=128 (one program holds a [128, D] fp32 tile)
-    pack_gqa: bool = False
+    quant_warps: int = 8
 
 
-
-# Keyed on head dim. H100 sweeps (scripts/bench_attention.py --fp8-sweep, 2026-11-24, D=128, 32/8 heads, bf16 in,
-# 16K rows; time = quantize + attention vs the bf16 default forward, p2048_r256x2 / p512_r128x8): 128x128 tiles,
-# 8 warps, eight loops 0.72x / 0.51x; one merged loop 0.89x / 0.68x; 64x64, 4 warps, merged 1.01x / 0.87x; GQA-packed
-# 16 tokens x 4 heads, 64 keys, 4 warps, merged, 3 stages 1.06x / 0.93x, 4 stages 1.09x / 0.91x (chosen; 128 keys
-# 1.11x / 0.81x). ``fp8_default_config`` sizes the packed tile from the GQA group (64 MMA rows). D=64: same shape.
-_FP8_CONFIGS: dict[int, FP8AttentionConfig] = {
-    64: FP8AttentionConfig(16, 64, 4, 4, merged=True, doc_order=True, pack_gqa=True),
-    128: FP8AttentionConfig(16, 64, 4, 4, merged=True, doc_order=True, pack_gqa=True),
+# The FP8 configs ``fp8_default_config`` chooses from. On a GPU ``block_m`` is then sized from the GQA group (64 MMA
+# rows); the value here is that of a group of 4.
+_FP8_CONFIGS = {
+    # Head dims 64 and 128 alike: the H100 sweep of scripts/bench_attention.py --fp8-sweep (docs/PERFORMANCE.md).
+    "cuda": FP8AttentionConfig(block_m=16, block_n=64, warps=4, stages=4, tma=True, quant_warps=8),
+    # The CPU interpreter: small tiles keep the tests fast and make short rows cross many tiles.
+    "interpreter": FP8AttentionConfig(block_m=16, block_n=16, warps=4, stages=1, tma=True, quant_warps=8),
 }
 _FP8_OVERRIDE: FP8AttentionConfig | None = None
 
@@ -449,23 +308,21 @@ def set_fp8_default_config(cfg: FP8AttentionConfig | None) -> None:
 
 
 def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> FP8AttentionConfig:
-    """The FP8 config for ``head_dim`` and ``groups`` query heads per KV head (``set_fp8_default_config`` overrides
-    it): on a GPU the packed tile holds as many query tokens as make 64 MMA rows (at least 16; 8 warps beyond 64)."""
+    """The FP8 config for ``groups`` query heads per KV head on ``device`` (``set_fp8_default_config`` overrides it):
+    on a GPU the packed tile holds as many query tokens as make 64 MMA rows (at least 16; 8 warps beyond 64).
+    ``head_dim`` does not choose among the tuned configs today (64 and 128 got the same one)."""
     if _FP8_OVERRIDE is not None:
         return _FP8_OVERRIDE
-    if device.type != "cuda":  # the CPU interpreter: small tiles keep the tests fast and exercise many tiles
-        return FP8AttentionConfig(32, 16, 4, 1, tma=False)
-    return _fp8_gpu_config(64 if head_dim <= 64 else 128, max(1, groups))
+    if device.type != "cuda":
+        return _FP8_CONFIGS["interpreter"]
+    return _fp8_gpu_config(max(1, groups))
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_gpu_config(hd: int, groups: int) -> FP8AttentionConfig:
-    cfg = _FP8_CONFIGS[hd]
-    if not cfg.pack_gqa:
-        return cfg
+def _fp8_gpu_config(groups: int) -> FP8AttentionConfig:
     g = triton.next_power_of_2(groups)
     bm = max(64 // g, 16)
-    return replace(cfg, block_m=bm, warps=4 if bm * g <= 64 else 8)
+    return replace(_FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
 
 
 def _interpret() -> bool:
@@ -539,7 +396,7 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     return out
 
 
-def _launch_fp8_fwd(x: FP8QKV, sched, order, tok, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
+def _launch_fp8_fwd(x: FP8QKV, sched, tok, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
     T, Hq, D = x.q8.shape
     Hkv = x.k8.shape[1]
     if T == 0:
@@ -552,42 +409,33 @@ def _launch_fp8_fwd(x: FP8QKV, sched, order, tok, scale: float, cfg: FP8Attentio
 
         kd = TensorDescriptor.from_tensor(x.k8.view(T, Hkv * D), [cfg.block_n, D])
         vd = TensorDescriptor.from_tensor(x.vt8.view(Hkv * D, t_pad), [D, cfg.block_n])
-    if cfg.pack_gqa:
-        _fp8_fwd_packed_kernel[(order.numel() * Hkv,)](
-            x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, order, tok, kd, vd,
-            x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
-            T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
-            H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, MERGED=cfg.merged, DOC_ORDER=cfg.doc_order,
-            EXACT_CAST=_interpret(), num_warps=cfg.warps, num_stages=cfg.stages,
-        )
-        return out
-    _fp8_fwd_kernel[(order.numel() * Hq,)](
-        x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, order, tok, kd, vd,
+    _fp8_fwd_packed_kernel[(sched.shape[0] * Hkv,)](
+        x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, tok, kd, vd,
         x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
         T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
-        H_Q=Hq, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
-        MERGED=cfg.merged, DOC_ORDER=cfg.doc_order, EXACT_CAST=_interpret(), num_warps=cfg.warps, num_stages=cfg.stages,
+        H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, EXACT_CAST=_interpret(), num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return out
 
 
 def fp8_schedules(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dtype: torch.dtype, groups: int = 4):
-    """The forward schedule (sched, order) for cfg's tiles and the per-query ranges, cached on the layout.
+    """The forward schedule for cfg's tiles and the per-query ranges, cached on the layout.
 
     Through ``triton_attention.build_schedules`` with the 16-bit default config's backward tiles (so on a GPU the
-    fused builder makes them in its three launches, and the policy's forward/backward on the same layout later finds
+    fused builder makes them in its launches, and the policy's forward/backward on the same layout later finds
     its backward schedules already cached). ``groups``: query heads per KV head (the 16-bit config depends on it)."""
     base = default_config(head_dim, dtype, layout.device, groups)
     s = build_schedules(layout, replace(base, fwd_block_m=cfg.block_m, fwd_block_n=cfg.block_n))
-    return s["fwd_sched"], s["fwd_order"], s["tok"]
+    return s["fwd_sched"], s["tok"]
 
 
-def _fp8_forward(q, k, v, sched, order, tok, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
+def _fp8_forward(q, k, v, sched, tok, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
     x = quantize_qkv_fp8(q, k, v, cfg.block_m, cfg.block_n, rotate, cfg.quant_warps)
     if out is None:
         out = torch.empty_like(q)
-    return _launch_fp8_fwd(x, sched, order, tok, scale, cfg, out)
+    return _launch_fp8_fwd(x, sched, tok, scale, cfg, out)
 
 
 # =====================================================================================================================
@@ -596,13 +444,13 @@ def _fp8_forward(q, k, v, sched, order, tok, scale: float, rotate: bool, cfg: FP
 
 
 @torch.library.custom_op("prefix_attn::triton_fp8_fwd", mutates_args=())
-def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, order: torch.Tensor,
-            tok: torch.Tensor, scale: float, rotate: bool, cfg: list[int]) -> torch.Tensor:
-    return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, FP8AttentionConfig.from_list(cfg))
+def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, tok: torch.Tensor, scale: float,
+            rotate: bool, cfg: list[int]) -> torch.Tensor:
+    return _fp8_forward(q, k, v, sched, tok, scale, rotate, FP8AttentionConfig.from_list(cfg))
 
 
 @_fp8_op.register_fake
-def _(q, k, v, sched, order, tok, scale, rotate, cfg):
+def _(q, k, v, sched, tok, scale, rotate, cfg):
     return torch.empty_like(q)
 
 
@@ -670,15 +518,15 @@ def triton_fp8_prefix_attention(
         raise ValueError(f"triton_fp8: {why}")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     cfg = config or fp8_default_config(D, q.device, q.shape[1] // max(1, k.shape[1]))
-    sched, order, tok = fp8_schedules(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
+    sched, tok = fp8_schedules(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
             raise ValueError("out must be a contiguous tensor of q's shape and dtype")
-        return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, cfg, out)
+        return _fp8_forward(q, k, v, sched, tok, scale, rotate, cfg, out)
     if torch.compiler.is_compiling():
-        return _fp8_op(q, k, v, sched, order, tok, scale, bool(rotate), cfg.as_list())
-    return _fp8_forward(q, k, v, sched, order, tok, scale, rotate, cfg)
+        return _fp8_op(q, k, v, sched, tok, scale, bool(rotate), cfg.as_list())
+    return _fp8_forward(q, k, v, sched, tok, scale, rotate, cfg)
 
 
 __all__ = ["FP8AttentionConfig", "FP8QKV", "E4M3_MAX", "P_SHIFT_LOG2", "fp8_default_config", "fp8_schedules",

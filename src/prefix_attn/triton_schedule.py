@@ -1,10 +1,10 @@
-"""The layout's per-token tables and tile schedules, built on the GPU in three Triton launches.
+"""The layout's per-token tables and tile schedules, built on the GPU in two Triton launches.
 
 ``triton_attention.build_schedules`` reads, for one packed row: ``tok`` [3, T] int32 (lo1, hi1, lo2 per query),
 ``q_hi`` [T] int32, and per tile size the forward / dq schedule [n_q_tiles, 10] and the KV-major backward schedule
-[n_k_tiles, 4], each with its launch order; the model forward also needs ``position_ids`` [T] int64. The torch
-path (``PrefixLayout`` and ``triton_attention.forward_schedule`` / ``backward_schedule``) is the reference: about
-200 small ops, 3.7-5.5 ms of host launch overhead on an H100 for a 16K-token row. Here the same integers come from:
+[n_k_tiles, 4]; the model forward also needs ``position_ids`` [T] int64. The torch path (``PrefixLayout`` and
+``triton_attention.forward_schedule`` / ``backward_schedule``) is the reference: about 200 small ops, several ms of
+host launch overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
 
 1. ``_segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
    each branch's start and end (cumulative sums in chunks with a carry, so any number of documents works).
@@ -12,16 +12,12 @@ path (``PrefixLayout`` and ``triton_attention.forward_schedule`` / ``backward_sc
    the starts at or below it (a binary search bounds the starts a chunk can hit), which gives lo1, hi1, lo2, q_hi
    and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
    of every tile size, so no tile straddles two programs).
-3. ``_order_kernel``: each schedule's launch order, the stable descending argsort of the tiles' work, as a rank
-   count (a tile's rank is the number of tiles ordered before it).
 
-A launch cannot read what other programs of the same launch write, hence three. Outputs are views into one int32
+A launch cannot read what other programs of the same launch write, hence two. Outputs are views into one int32
 buffer plus the int64 position ids. ``fused_build`` fills the layout's cache under the keys the torch path uses, so
 ``build_schedules`` and ``PrefixLayout.position_ids`` find them there; importing this module installs
 ``PrefixLayout._token_builder`` so that ``position_ids``, asked for before any attention call, takes this path too
-(kernels 1 and 2, per-token tables only; the schedules then cost kernels 2 and 3 from the cached segment table).
-The work is O(T) for kernel 2 and O(tiles^2) small integer compares for kernel 3; its GPU time is still to be
-measured (scripts/bench_attention.py times ``build_schedules``).
+(per-token tables only; the schedules then cost kernel 2 alone, from the cached segment table). The work is O(T).
 
 Used for layouts on a CUDA device; ``PREFIX_ATTN_FUSED_SCHEDULE=0`` turns it off (the torch path everywhere), and
 ``=1`` turns it on under ``TRITON_INTERPRET=1`` for CPU layouts (the tests).
@@ -42,7 +38,6 @@ ENV_FLAG = "PREFIX_ATTN_FUSED_SCHEDULE"
 _SEG_BLOCK_A = 1024  # kernel 1: lengths per loop step
 _SEG_BLOCK = 32  # kernel 2: document / branch starts compared per loop step (a [CHUNK, _SEG_BLOCK] compare)
 _MIN_CHUNK = 256  # kernel 2: tokens per program (at least twice the largest tile)
-_ORDER_BLOCK = 64  # kernel 3: tiles ranked per program, and tiles compared per loop step
 _MAX_TOKENS = 1 << 28  # int32 index arithmetic inside (3 * T and the buffer offsets stay below 2**31)
 
 
@@ -143,13 +138,13 @@ def _locate(starts, first, last, t, SEG_BLOCK: tl.constexpr):
 
 @triton.jit
 def _query_tiles(
-    SCHED, WORK, lo1, hi1, lo2, valid, pid, T,
+    SCHED, lo1, hi1, lo2, valid, pid, T,
     CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BM whole query tiles
     BM: tl.constexpr,  # query rows per tile
     BN: tl.constexpr,  # keys per tile
 ):
     """Forward (or dq) schedule rows of this program's query tiles: ``PrefixLayout.query_tile_ranges`` followed by
-    ``forward_schedule``'s clipping, with the same padding values for rows past T; and each tile's work."""
+    ``forward_schedule``'s clipping, with the same padding values for rows past T."""
     big = T + 1
     has_r1 = valid & (hi1 > lo1)
     no_r1 = valid & (hi1 <= lo1)
@@ -197,18 +192,17 @@ def _query_tiles(
     tl.store(row + 7, c2, mask=ok)
     tl.store(row + 8, d2, mask=ok)
     tl.store(row + 9, t_hi2, mask=ok)
-    tl.store(WORK + i, (t_hi1 - t_lo1) + (t_hi2 - t_lo2), mask=ok)
 
 
 @triton.jit
 def _key_tiles(
-    SCHED, WORK, q_hi, valid, pid, T,
+    SCHED, q_hi, valid, pid, T,
     CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BN whole key tiles
     BN: tl.constexpr,  # keys per tile
     BM: tl.constexpr,  # query rows per tile
 ):
     """KV-major backward schedule rows of this program's key tiles (``PrefixLayout.key_tile_ranges`` and
-    ``backward_schedule``; padding keys make a tile never full) and each tile's work."""
+    ``backward_schedule``; padding keys make a tile never full)."""
     qhi_max = tl.max(tl.reshape(tl.where(valid, q_hi, -1), [CHUNK // BN, BN]), axis=1)
     qhi_min = tl.min(tl.reshape(tl.where(valid, q_hi, 0), [CHUNK // BN, BN]), axis=1)
     j = pid * (CHUNK // BN) + tl.arange(0, CHUNK // BN)
@@ -223,14 +217,13 @@ def _key_tiles(
     tl.store(row + 1, flo, mask=ok)
     tl.store(row + 2, fhi, mask=ok)
     tl.store(row + 3, hi, mask=ok)
-    tl.store(WORK + j, hi - lo, mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter"])
 def _token_tile_kernel(
     DS, PE, BS, BE,  # from _segments_kernel
     TOK, QHI, POS,  # out (WRITE_TOK): [3, T] int32 lo1/hi1/lo2, [T] int32 q_hi, [T] int64 position ids
-    FWD, FWD_W, KV, KV_W, DQ, DQ_W,  # out (TILES): schedules [n, 10] / [n, 4] int32 and their tiles' work [n]
+    FWD, KV, DQ,  # out (TILES): schedules [n, 10] / [n, 4] / [n, 10] int32
     T, D, NB,
     bs_off,  # BS - DS in elements (both views of one buffer): the searches treat them as one array
     n_iter,  # binary-search steps: the bit length of max(D, NB)
@@ -238,7 +231,6 @@ def _token_tile_kernel(
     SEG_BLOCK: tl.constexpr,
     WRITE_TOK: tl.constexpr,  # False when the per-token tables are already cached (only tiles wanted)
     TILES: tl.constexpr,  # False when only the per-token tables are wanted (position_ids before any attention)
-    DQ_TILES: tl.constexpr,  # the deterministic dq kernel's schedule (its own tile sizes)
     FWD_BM: tl.constexpr, FWD_BN: tl.constexpr,
     KV_BN: tl.constexpr, KV_BM: tl.constexpr,
     DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
@@ -275,34 +267,9 @@ def _token_tile_kernel(
         pos = tl.where(pre, t - ds, (pe - ds) + (t - bs))  # branches restart at the prefix length
         tl.store(POS + t, pos.to(tl.int64), mask=valid)
     if TILES:
-        _query_tiles(FWD, FWD_W, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
-        _key_tiles(KV, KV_W, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
-        if DQ_TILES:
-            _query_tiles(DQ, DQ_W, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
-
-
-@triton.jit(do_not_specialize=["w0", "o0", "n0", "w1", "o1", "n1", "w2", "o2", "n2"])
-def _order_kernel(
-    BUF,  # the int32 buffer holding the work arrays and the orders
-    w0, o0, n0, w1, o1, n1, w2, o2, n2,  # per schedule (grid axis 1): offsets of work and order, number of tiles
-    BLOCK: tl.constexpr,  # tiles ranked per program and compared per loop step
-):
-    """order[rank[i]] = i with rank[i] = #{j: w[j] > w[i] or (w[j] == w[i] and j < i)}: the stable descending
-    argsort of the tiles' work (``torch.argsort(work, descending=True, stable=True)``), one schedule per grid row."""
-    kind = tl.program_id(1)
-    w_off = tl.where(kind == 0, w0, tl.where(kind == 1, w1, w2))
-    o_off = tl.where(kind == 0, o0, tl.where(kind == 1, o1, o2))
-    n = tl.where(kind == 0, n0, tl.where(kind == 1, n1, n2))
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mi = i < n
-    wi = tl.load(BUF + w_off + i, mask=mi, other=0)
-    rank = tl.zeros([BLOCK], dtype=tl.int32)
-    for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        wj = tl.load(BUF + w_off + j, mask=j < n, other=-1)  # work >= 1 on real tiles: -1 never ranks first
-        before = (wj[None, :] > wi[:, None]) | ((wj[None, :] == wi[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum(before.to(tl.int32), axis=1)
-    tl.store(BUF + o_off + rank, i, mask=mi)
+        _query_tiles(FWD, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
+        _key_tiles(KV, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
+        _query_tiles(DQ, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
 
 
 # =====================================================================================================================
@@ -325,11 +292,9 @@ def _pow2(x: int) -> bool:
 
 
 def _tile_keys(cfg) -> list[tuple]:
-    keys = [("triton_fwd_sched", cfg.fwd_block_m, cfg.fwd_block_n),
-            ("triton_bwd_sched", cfg.kv_block_n, cfg.kv_block_m)]
-    if cfg.deterministic:
-        keys.append(("triton_fwd_sched", cfg.dq_block_m, cfg.dq_block_n))
-    return keys
+    return [("triton_fwd_sched", cfg.fwd_block_m, cfg.fwd_block_n),
+            ("triton_bwd_sched", cfg.kv_block_n, cfg.kv_block_m),
+            ("triton_fwd_sched", cfg.dq_block_m, cfg.dq_block_n)]
 
 
 _TOKEN_KEYS = ("triton_tok", "triton_qhi", "position_ids")
@@ -360,11 +325,9 @@ def fused_build(layout: PrefixLayout, cfg=None) -> bool:
     want_tiles = cfg is not None and any(k not in cache for k in _tile_keys(cfg))
     if not (want_tok or want_tiles):
         return True
-    det = cfg is not None and cfg.deterministic
     sizes = []
     if cfg is not None:
-        sizes = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n]
-        sizes += [cfg.dq_block_m, cfg.dq_block_n] if det else []
+        sizes = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n, cfg.dq_block_m, cfg.dq_block_n]
         if not all(_pow2(s) for s in sizes):
             return False
     # A power of two, so a multiple of every tile size; at least two tiles per program (no [1]-shaped reductions).
@@ -378,11 +341,8 @@ def fused_build(layout: PrefixLayout, cfg=None) -> bool:
     if want_tok:
         o_tok, o_qhi = arena.take(3 * T), arena.take(T)
     if want_tiles:
-        nqt, nkt = -(-T // cfg.fwd_block_m), -(-T // cfg.kv_block_n)
-        ndq = -(-T // cfg.dq_block_m) if det else 0
-        o_fs, o_fo, o_fw = arena.take(10 * nqt), arena.take(nqt), arena.take(nqt)
-        o_ks, o_ko, o_kw = arena.take(4 * nkt), arena.take(nkt), arena.take(nkt)
-        o_ds_, o_do, o_dw = arena.take(10 * ndq), arena.take(ndq), arena.take(ndq)
+        nqt, nkt, ndq = -(-T // cfg.fwd_block_m), -(-T // cfg.kv_block_n), -(-T // cfg.dq_block_m)
+        o_fs, o_ks, o_qs = arena.take(10 * nqt), arena.take(4 * nkt), arena.take(10 * ndq)
     buf = torch.empty(arena.size, dtype=torch.int32, device=dev)
 
     def view(off, n):
@@ -401,32 +361,23 @@ def fused_build(layout: PrefixLayout, cfg=None) -> bool:
     else:
         tok = qhi = pos = buf  # unused
     if want_tiles:
-        fs, fo, fw = view(o_fs, 10 * nqt).view(nqt, 10), view(o_fo, nqt), view(o_fw, nqt)
-        ks, ko, kw = view(o_ks, 4 * nkt).view(nkt, 4), view(o_ko, nkt), view(o_kw, nkt)
-        if det:
-            qs, qo, qw = view(o_ds_, 10 * ndq).view(ndq, 10), view(o_do, ndq), view(o_dw, ndq)
-        else:
-            qs, qw = fs, fw  # unused
+        fs, ks = view(o_fs, 10 * nqt).view(nqt, 10), view(o_ks, 4 * nkt).view(nkt, 4)
+        qs = view(o_qs, 10 * ndq).view(ndq, 10)
         bm, bn, kbn, kbm = cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_n, cfg.kv_block_m
         dbm, dbn = cfg.dq_block_m, cfg.dq_block_n
     else:
-        fs = fw = ks = kw = qs = qw = buf  # unused
+        fs = ks = qs = buf  # unused
         bm = bn = kbn = kbm = dbm = dbn = 16
     _token_tile_kernel[(-(-T // chunk),)](
-        *segs, tok, qhi, pos, fs, fw, ks, kw, qs, qw,
+        *segs, tok, qhi, pos, fs, ks, qs,
         T, D, NB, (segs[2].data_ptr() - segs[0].data_ptr()) // 4, max(D, NB).bit_length(),
-        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=want_tok, TILES=want_tiles, DQ_TILES=det,
+        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=want_tok, TILES=want_tiles,
         FWD_BM=bm, FWD_BN=bn, KV_BN=kbn, KV_BM=kbm, DQ_BM=dbm, DQ_BN=dbn, num_warps=4,
     )
     if want_tiles:
-        n_max = max(nqt, nkt, ndq)
-        _order_kernel[(-(-n_max // _ORDER_BLOCK), 3 if det else 2)](
-            buf, o_fw, o_fo, nqt, o_kw, o_ko, nkt, o_dw, o_do, ndq, BLOCK=_ORDER_BLOCK, num_warps=4,
-        )
-        cache.setdefault(("triton_fwd_sched", bm, bn), (fs, fo))
-        cache.setdefault(("triton_bwd_sched", kbn, kbm), (ks, ko))
-        if det:
-            cache.setdefault(("triton_fwd_sched", dbm, dbn), (qs, qo))
+        cache.setdefault(("triton_fwd_sched", bm, bn), fs)
+        cache.setdefault(("triton_bwd_sched", kbn, kbm), ks)
+        cache.setdefault(("triton_fwd_sched", dbm, dbn), qs)
     if want_tok:
         cache.setdefault("triton_tok", tok)
         cache.setdefault("triton_qhi", qhi)

@@ -7,7 +7,6 @@ Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -54,13 +53,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("groups", [4, 1], ids=["g4", "g1"])
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (64, torch.float32)],
                          ids=["d128-bf16", "d64-bf16", "d64-fp32"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_equals_torch_path(case, d, dtype, deterministic, monkeypatch):
+def test_fused_equals_torch_path(case, d, dtype, groups, monkeypatch):
     prefix, branches = CASES[case](random.Random(list(CASES).index(case)))
-    cfg = dataclasses.replace(ta.default_config(d, dtype, DEV), deterministic=deterministic)
+    cfg = ta.default_config(d, dtype, DEV, groups)
     got = _tables(prefix, branches, cfg, "1", monkeypatch)
     ref = _tables(prefix, branches, cfg, "0", monkeypatch)
     assert got.keys() == ref.keys()
