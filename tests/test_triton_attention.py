@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
 from prefix_attn.reference import attention_math  # noqa: E402
+from prefix_attn.schedule import backward_schedule, forward_schedule, token_tables  # noqa: E402
 from prefix_attn import triton_attention as ta  # noqa: E402
 
 if type(ta._fwd_packed_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
@@ -142,7 +143,7 @@ def test_empty_and_partial_walks(tma):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
     layout = PrefixLayout.from_lengths([0], [[T]])  # one causal document: lo1 = hi1 = 0, lo2 = 0
-    tok = ta._tok_ranges(layout)
+    tok = token_tables(layout).ranges
     nqt = -(-T // bm)
     # per query tile: range 1 empty; range 2 = [s4, s9) masked only (so every tile takes the masked path)
     walks = [(0, 0), (0, 1)] + [(0, (t * bm + bm - 1) // bn + 1) for t in range(2, nqt)]
@@ -235,14 +236,14 @@ def test_schedules_cover_mask_exactly(seed, bm, bn):
     qvalid[:T] = True
     all_allowed = (pad | ~qvalid[:, None]).view(nqt, bm, nkt, bn).all(3).all(1) & kvalid.view(nkt, bn).all(1)[None]
 
-    sched = ta.forward_schedule(layout, bm, bn)
+    sched = forward_schedule(layout, bm, bn)
     visited, full = _visited(sched, nkt, FWD_SEGMENTS)
     assert visited.max() <= 1, "a key tile is visited twice"
     assert (visited.bool() | ~any_allowed).all(), "an allowed pair is never visited"
     assert (~full | all_allowed).all(), "a tile run without mask has masked pairs"
 
     # Backward: per key tile (rows), the query tiles (columns); transpose the tile grid with key tiles of bn, query bm.
-    ksched = ta.backward_schedule(layout, bn, bm)
+    ksched = backward_schedule(layout, bn, bm)
     kvisited, kfull = _visited(ksched, nqt, BWD_SEGMENTS)
     assert kvisited.max() <= 1
     assert (kvisited.bool() | ~any_allowed.t()).all()

@@ -5,6 +5,7 @@ Depends on torch (and triton for the `triton` backend) only; imports nothing fro
 
 from .layout import PrefixLayout
 from .ops import BACKENDS, FP8_BACKENDS, attention_tables, prefix_attention, resolve_backend
+from .schedule import AttentionTables, TileShape, TokenTables, position_ids, use_tables
 
 
 def __getattr__(name):
@@ -21,6 +22,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "FP8_BACKENDS", "FP8AttentionConfig", "PrefixLayout", "attention_tables", "fp8_supported", "prefix_attention",
-           "quantize_qkv_fp8", "resolve_backend", "rotation_matrix", "set_fp8_default_config",
-           "triton_fp8_prefix_attention"]
+__all__ = ["BACKENDS", "FP8_BACKENDS", "AttentionTables", "FP8AttentionConfig", "PrefixLayout", "TileShape",
+           "TokenTables", "attention_tables", "fp8_supported", "position_ids", "prefix_attention", "quantize_qkv_fp8",
+           "resolve_backend", "rotation_matrix", "set_fp8_default_config", "triton_fp8_prefix_attention", "use_tables"]

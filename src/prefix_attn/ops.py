@@ -20,6 +20,7 @@ import logging
 import torch
 
 from .layout import PrefixLayout
+from .schedule import AttentionTables, build_tables
 
 logger = logging.getLogger(__name__)
 
@@ -76,25 +77,20 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 def attention_tables(layout: PrefixLayout, backend: str, dtype: torch.dtype, head_dim: int, groups: int
-                     ) -> dict | None:
+                     ) -> AttentionTables | None:
     """Everything ``backend`` reads from ``layout`` when it runs q/k/v of ``dtype``, ``head_dim`` and ``groups`` query
-    heads per KV head: built now (and cached on the layout), returned as {cache key: tensor or tuple of tensors}.
+    heads per KV head, built now (and cached on the layout).
 
     For the ``triton`` backend these are the per-token ranges, the position ids and the tile schedules; their shapes
     depend only on ``layout.total_tokens`` (tiles are fixed-size pieces of the row), so two layouts of one length can
-    swap them by copying, which is what a CUDA graph captured for one row length needs. None for the other backends
-    (their tables' shapes follow the documents)."""
+    swap them by copying (``use_tables``, ``AttentionTables.copy_``), which is what a CUDA graph captured for one row
+    length needs. None for the other backends (their tables' shapes follow the documents)."""
     name = resolve_backend(backend, layout.device, dtype, head_dim)
     if name != "triton":
         return None
-    from .triton_attention import build_schedules, default_config
+    from .triton_attention import default_config
 
-    cfg = default_config(head_dim, dtype, layout.device, groups)
-    build_schedules(layout, cfg)
-    _ = layout.position_ids
-    from .triton_schedule import _TOKEN_KEYS, _tile_keys
-
-    return {key: layout._cache[key] for key in (*_TOKEN_KEYS, *_tile_keys(cfg))}
+    return build_tables(layout, default_config(head_dim, dtype, layout.device, groups).tile_shape)
 
 
 def _check(q, k, v, layout):

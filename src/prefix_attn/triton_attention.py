@@ -12,10 +12,9 @@ Three layers, as in DESIGN.md style 4:
    query tiles that see it (``key_tile_ranges``; full tiles unmasked, boundary tiles masked by the per-key query
    range), for every query head of its GQA group, accumulating dk and dv in fp32 in registers; dq comes from a
    separate query-major kernel that reuses the forward's schedule (no atomics: bitwise reproducible).
-2. The launchers: shapes, strides, grid, block sizes, and the tile schedules (built from the layout on its device,
-   O(tiles) vectorized torch ops as the reference, two fused Triton launches on a GPU (``triton_schedule``);
-   cached on the layout so all layers of a forward share them). Tiles run in position order, all heads of a tile
-   next to each other (the K/V they read stay in L2).
+2. The launchers: shapes, strides, grid, block sizes, and the tables the kernels read (``prefix_attn.schedule``:
+   built from the layout on its device, cached on it so all layers of a forward share them). Tiles run in position
+   order, all heads of a tile next to each other (the K/V they read stay in L2).
 3. ``torch.library.custom_op`` ops (``prefix_attn::triton_fwd`` / ``triton_bwd``) with a registered autograd
    formula and fake (meta) implementations, so ``torch.compile`` can trace through the backend.
 
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .layout import PrefixLayout
-from .triton_schedule import fused_build, fused_enabled
+from .schedule import AttentionTables, TileShape, build_tables
 
 _LOG2E = 1.4426950408889634
 
@@ -404,6 +403,12 @@ class TritonAttentionConfig(_IntFieldsConfig):
     fwd_tma: bool = True
     bwd_tma: bool = True
 
+    @property
+    def tile_shape(self) -> TileShape:
+        """The tile sizes the schedules are built for."""
+        return TileShape(self.fwd_block_m, self.fwd_block_n, self.kv_block_m, self.kv_block_n, self.dq_block_m,
+                         self.dq_block_n)
+
 
 # The configs ``default_config`` chooses from. On a GPU the packed kernels' *_block_m (query tokens per tile) is then
 # sized from the GQA group; the values here are those of a group of 4.
@@ -454,84 +459,6 @@ def _gpu_config(kind: str, groups: int) -> TritonAttentionConfig:
                    dq_warps=cfg.dq_warps if dq_m * g <= dq_rows else 8)
 
 
-def _tok_ranges(layout: PrefixLayout) -> torch.Tensor:
-    """[3, T] int32: lo1, hi1, lo2 per query."""
-    return layout._cached("triton_tok", lambda: torch.stack(layout.query_key_ranges()).to(torch.int32).contiguous())
-
-
-def _q_hi(layout: PrefixLayout) -> torch.Tensor:
-    return layout._cached("triton_qhi", lambda: layout.key_query_ranges()[1].to(torch.int32).contiguous())
-
-
-def forward_schedule(layout: PrefixLayout, block_m: int, block_n: int) -> torch.Tensor:
-    """Per query tile, the key-tile segments the forward (and the dq kernel) walk.
-
-    Returns ``sched`` [n_q_tiles, 10] int32. Row i: range 1 (prefix part) ``masked [s0, s1), full [s1, s2), masked
-    [s2, s3)``; range 2 (causal part, or the union when the layout merged the two) ``masked [s4, s5), full [s5, s6),
-    masked [s6, s7), full [s7, s8), masked [s8, s9)``. The full sub-ranges are the layout's ``full_*`` tiles clipped
-    to each range (subsets of full tiles stay full); in a merged range the prefix-full tiles come before the
-    causal-full ones.
-    """
-
-    def build():
-        r = layout.query_tile_ranges(block_m, block_n)
-        f1lo, f1hi, f2lo, f2hi = r["full_lo1"], r["full_hi1"], r["full_lo2"], r["full_hi2"]
-
-        def clip(x, lo, hi):
-            return torch.minimum(torch.maximum(x, lo), hi)
-
-        lo1, hi1 = r["lo1"], r["hi1"]
-        a1 = clip(f1lo, lo1, hi1)
-        b1 = clip(f1hi, a1, hi1)
-        lo2, hi2 = r["lo2"], r["hi2"]
-        a2 = clip(f1lo, lo2, hi2)
-        b2 = clip(f1hi, a2, hi2)
-        c2 = clip(f2lo, b2, hi2)
-        d2 = clip(f2hi, c2, hi2)
-        return torch.stack([lo1, a1, b1, hi1, lo2, a2, b2, c2, d2, hi2], 1).to(torch.int32).contiguous()
-
-    return layout._cached(("triton_fwd_sched", block_m, block_n), build)
-
-
-def backward_schedule(layout: PrefixLayout, block_n: int, block_m: int) -> torch.Tensor:
-    """Per key tile, the query-tile segments the KV-major backward walks.
-
-    Returns ``sched`` [n_k_tiles, 4] int32: ``masked [s0, s1), full [s1, s2), masked [s2, s3)`` from
-    ``key_tile_ranges``; a query tile is full when it lies inside every key's query range ``[k, q_hi[k])``, i.e. it
-    starts at or after the tile's last key and ends before the smallest ``q_hi``.
-    """
-
-    def build():
-        r = layout.key_tile_ranges(block_n, block_m)
-        lo, hi = r["lo"].long(), r["hi"].long()
-        T = layout.total_tokens
-        nkt = lo.numel()
-        pad = nkt * block_n - T
-        _, q_hi = layout.key_query_ranges()
-        qhi_min = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(nkt, block_n).amin(1)  # padding: never full
-        k_last = torch.arange(nkt, device=lo.device) * block_n + (block_n - 1)
-        flo = torch.minimum(torch.maximum((k_last + block_m - 1) // block_m, lo), hi)
-        fhi = torch.minimum(torch.maximum(qhi_min // block_m, flo), hi)
-        return torch.stack([lo, flo, fhi, hi], 1).to(torch.int32).contiguous()
-
-    return layout._cached(("triton_bwd_sched", block_n, block_m), build)
-
-
-def build_schedules(layout: PrefixLayout, cfg: TritonAttentionConfig) -> dict[str, torch.Tensor]:
-    """Everything the kernels read from the layout (cached on it). Timed by scripts/bench_attention.py.
-
-    On a CUDA layout the fused builder (``triton_schedule``, two Triton launches) fills the cache first, under the
-    keys of the torch functions below, which then only read it; they remain the reference (and the path under
-    ``torch.compile``, on CPU, and with ``PREFIX_ATTN_FUSED_SCHEDULE=0``).
-    """
-    if fused_enabled(layout.device) and not torch.compiler.is_compiling():
-        fused_build(layout, cfg)
-    return {"tok": _tok_ranges(layout), "q_hi": _q_hi(layout),
-            "fwd_sched": forward_schedule(layout, cfg.fwd_block_m, cfg.fwd_block_n),
-            "kv_sched": backward_schedule(layout, cfg.kv_block_n, cfg.kv_block_m),
-            "dq_sched": forward_schedule(layout, cfg.dq_block_m, cfg.dq_block_n)}
-
-
 @functools.lru_cache(maxsize=None)
 def _major_capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -548,7 +475,7 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_fwd(q, k, v, sched, tok, scale, cfg: TritonAttentionConfig):
+def _launch_fwd(q, k, v, sched, ranges, scale, cfg: TritonAttentionConfig):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     o = torch.empty_like(q)
@@ -563,7 +490,7 @@ def _launch_fwd(q, k, v, sched, tok, scale, cfg: TritonAttentionConfig):
         kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [cfg.fwd_block_n, D])
         vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [cfg.fwd_block_n, D])
     _fwd_packed_kernel[(sched.shape[0] * Hkv,)](
-        q, k, v, o, lse, sched, tok, kd, vd,
+        q, k, v, o, lse, sched, ranges, kd, vd,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         T, scale * _LOG2E,
         H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
@@ -573,7 +500,7 @@ def _launch_fwd(q, k, v, sched, tok, scale, cfg: TritonAttentionConfig):
     return o, lse
 
 
-def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, scale, cfg: TritonAttentionConfig):
+def _launch_bwd(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale, cfg: TritonAttentionConfig):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
@@ -606,7 +533,7 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, scale, cfg: 
         DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
     _bwd_dq_kernel[(dq_sched.shape[0] * Hkv,)](
-        q, k, v, do, lse, delta, dq, dq_sched, tok, kd, vd,
+        q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
@@ -621,40 +548,40 @@ def _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, scale, cfg: 
 
 
 @torch.library.custom_op("prefix_attn::triton_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_sched: torch.Tensor, tok: torch.Tensor,
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_sched: torch.Tensor, ranges: torch.Tensor,
             q_hi: torch.Tensor, kv_sched: torch.Tensor, dq_sched: torch.Tensor, scale: float, cfg: list[int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_fwd(q, k, v, fwd_sched, tok, scale, TritonAttentionConfig.from_list(cfg))
+    return _launch_fwd(q, k, v, fwd_sched, ranges, scale, TritonAttentionConfig.from_list(cfg))
 
 
 @_fwd_op.register_fake
-def _(q, k, v, fwd_sched, tok, q_hi, kv_sched, dq_sched, scale, cfg):
+def _(q, k, v, fwd_sched, ranges, q_hi, kv_sched, dq_sched, scale, cfg):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("prefix_attn::triton_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-            tok: torch.Tensor, q_hi: torch.Tensor, kv_sched: torch.Tensor, dq_sched: torch.Tensor, scale: float,
+            ranges: torch.Tensor, q_hi: torch.Tensor, kv_sched: torch.Tensor, dq_sched: torch.Tensor, scale: float,
             cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, scale, TritonAttentionConfig.from_list(cfg))
+    return _launch_bwd(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale, TritonAttentionConfig.from_list(cfg))
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, scale, cfg):
+def _(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale, cfg):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _fs, tok, q_hi, kv_sched, dq_sched, scale, cfg = inputs
+    q, k, v, _fwd_sched, ranges, q_hi, kv_sched, dq_sched, scale, cfg = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched)
+    ctx.save_for_backward(q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched)
     ctx.scale = scale
     ctx.cfg = cfg
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, tok, q_hi, kv_sched, dq_sched, ctx.scale, ctx.cfg)
+    q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, ctx.scale, ctx.cfg)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -670,18 +597,17 @@ class _EagerTritonAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, s, scale, cfg):
-        o, lse = _launch_fwd(q, k, v, s["fwd_sched"], s["tok"], scale, cfg)
+    def forward(ctx, q, k, v, t: AttentionTables, scale, cfg):
+        o, lse = _launch_fwd(q, k, v, t.fwd, t.tokens.ranges, scale, cfg)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.sched, ctx.scale, ctx.cfg = s, scale, cfg
+        ctx.tables, ctx.scale, ctx.cfg = t, scale, cfg
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        s = ctx.sched
-        dq, dk, dv = _launch_bwd(do, q, k, v, o, lse, s["tok"], s["q_hi"], s["kv_sched"], s["dq_sched"], ctx.scale,
-                                 ctx.cfg)
+        t = ctx.tables
+        dq, dk, dv = _launch_bwd(do, q, k, v, o, lse, t.tokens.ranges, t.tokens.q_hi, t.kv, t.dq, ctx.scale, ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
@@ -736,13 +662,13 @@ def triton_prefix_attention(
         raise ValueError(f"triton backend: head_dim {D} not supported ({_SUPPORTED_HEAD_DIMS})")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     cfg = config or default_config(D, q.dtype, q.device, Hq // max(1, k.shape[1]))
-    s = build_schedules(layout, cfg)
+    t = build_tables(layout, cfg.tile_shape)
     if not torch.compiler.is_compiling():
-        return _EagerTritonAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), s, scale, cfg)
-    o, _lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), s["fwd_sched"], s["tok"], s["q_hi"],
-                      s["kv_sched"], s["dq_sched"], scale, cfg.as_list())
+        return _EagerTritonAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), t, scale, cfg)
+    o, _lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), t.fwd, t.tokens.ranges, t.tokens.q_hi, t.kv,
+                      t.dq, scale, cfg.as_list())
     return o
 
 
-__all__ = ["TritonAttentionConfig", "build_schedules", "backward_schedule", "default_config", "forward_schedule",
-           "set_default_config", "triton_prefix_attention", "triton_supported"]
+__all__ = ["TritonAttentionConfig", "default_config", "set_default_config", "triton_prefix_attention",
+           "triton_supported"]

@@ -63,8 +63,9 @@ import triton.language as tl
 
 from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from .layout import PrefixLayout
+from .schedule import AttentionTables, build_tables
 from .triton_attention import (_LOG2E, _IntFieldsConfig, _allowed, _packed_rows, _tile_segments, _tma_ok, _walk_tile,
-                               build_schedules, default_config)
+                               default_config)
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _P_SHIFT = tl.constexpr(float(P_SHIFT_LOG2))
@@ -396,7 +397,7 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     return out
 
 
-def _launch_fp8_fwd(x: FP8QKV, sched, tok, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
+def _launch_fp8_fwd(x: FP8QKV, sched, ranges, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
     T, Hq, D = x.q8.shape
     Hkv = x.k8.shape[1]
     if T == 0:
@@ -410,7 +411,7 @@ def _launch_fp8_fwd(x: FP8QKV, sched, tok, scale: float, cfg: FP8AttentionConfig
         kd = TensorDescriptor.from_tensor(x.k8.view(T, Hkv * D), [cfg.block_n, D])
         vd = TensorDescriptor.from_tensor(x.vt8.view(Hkv * D, t_pad), [D, cfg.block_n])
     _fp8_fwd_packed_kernel[(sched.shape[0] * Hkv,)](
-        x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, tok, kd, vd,
+        x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, ranges, kd, vd,
         x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
         T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
         H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
@@ -420,22 +421,23 @@ def _launch_fp8_fwd(x: FP8QKV, sched, tok, scale: float, cfg: FP8AttentionConfig
     return out
 
 
-def fp8_schedules(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dtype: torch.dtype, groups: int = 4):
-    """The forward schedule for cfg's tiles and the per-query ranges, cached on the layout.
+def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dtype: torch.dtype,
+               groups: int = 4) -> AttentionTables:
+    """The layout's tables at cfg's forward tiles (cached on the layout); the FP8 forward reads ``fwd`` and
+    ``tokens.ranges``.
 
-    Through ``triton_attention.build_schedules`` with the 16-bit default config's backward tiles (so on a GPU the
-    fused builder makes them in its launches, and the policy's forward/backward on the same layout later finds
-    its backward schedules already cached). ``groups``: query heads per KV head (the 16-bit config depends on it)."""
-    base = default_config(head_dim, dtype, layout.device, groups)
-    s = build_schedules(layout, replace(base, fwd_block_m=cfg.block_m, fwd_block_n=cfg.block_n))
-    return s["fwd_sched"], s["tok"]
+    The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do), the
+    policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
+    (the 16-bit config depends on it)."""
+    tile = default_config(head_dim, dtype, layout.device, groups).tile_shape
+    return build_tables(layout, replace(tile, fwd_m=cfg.block_m, fwd_n=cfg.block_n))
 
 
-def _fp8_forward(q, k, v, sched, tok, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
+def _fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
     x = quantize_qkv_fp8(q, k, v, cfg.block_m, cfg.block_n, rotate, cfg.quant_warps)
     if out is None:
         out = torch.empty_like(q)
-    return _launch_fp8_fwd(x, sched, tok, scale, cfg, out)
+    return _launch_fp8_fwd(x, sched, ranges, scale, cfg, out)
 
 
 # =====================================================================================================================
@@ -444,13 +446,13 @@ def _fp8_forward(q, k, v, sched, tok, scale: float, rotate: bool, cfg: FP8Attent
 
 
 @torch.library.custom_op("prefix_attn::triton_fp8_fwd", mutates_args=())
-def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, tok: torch.Tensor, scale: float,
-            rotate: bool, cfg: list[int]) -> torch.Tensor:
-    return _fp8_forward(q, k, v, sched, tok, scale, rotate, FP8AttentionConfig.from_list(cfg))
+def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, ranges: torch.Tensor,
+            scale: float, rotate: bool, cfg: list[int]) -> torch.Tensor:
+    return _fp8_forward(q, k, v, sched, ranges, scale, rotate, FP8AttentionConfig.from_list(cfg))
 
 
 @_fp8_op.register_fake
-def _(q, k, v, sched, tok, scale, rotate, cfg):
+def _(q, k, v, sched, ranges, scale, rotate, cfg):
     return torch.empty_like(q)
 
 
@@ -518,16 +520,17 @@ def triton_fp8_prefix_attention(
         raise ValueError(f"triton_fp8: {why}")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     cfg = config or fp8_default_config(D, q.device, q.shape[1] // max(1, k.shape[1]))
-    sched, tok = fp8_schedules(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
+    t = fp8_tables(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
+    sched, ranges = t.fwd, t.tokens.ranges
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
             raise ValueError("out must be a contiguous tensor of q's shape and dtype")
-        return _fp8_forward(q, k, v, sched, tok, scale, rotate, cfg, out)
+        return _fp8_forward(q, k, v, sched, ranges, scale, rotate, cfg, out)
     if torch.compiler.is_compiling():
-        return _fp8_op(q, k, v, sched, tok, scale, bool(rotate), cfg.as_list())
-    return _fp8_forward(q, k, v, sched, tok, scale, rotate, cfg)
+        return _fp8_op(q, k, v, sched, ranges, scale, bool(rotate), cfg.as_list())
+    return _fp8_forward(q, k, v, sched, ranges, scale, rotate, cfg)
 
 
-__all__ = ["FP8AttentionConfig", "FP8QKV", "E4M3_MAX", "P_SHIFT_LOG2", "fp8_default_config", "fp8_schedules",
+__all__ = ["FP8AttentionConfig", "FP8QKV", "E4M3_MAX", "P_SHIFT_LOG2", "fp8_default_config", "fp8_tables",
            "fp8_supported", "quantize_qkv_fp8", "set_fp8_default_config", "triton_fp8_prefix_attention"]

@@ -1,10 +1,7 @@
-"""The layout's per-token tables and tile schedules, built on the GPU in two Triton launches.
+"""The layout's per-token tables and tile schedules (``prefix_attn.schedule``), built on the GPU in two Triton launches.
 
-``triton_attention.build_schedules`` reads, for one packed row: ``tok`` [3, T] int32 (lo1, hi1, lo2 per query),
-``q_hi`` [T] int32, and per tile size the forward / dq schedule [n_q_tiles, 10] and the KV-major backward schedule
-[n_k_tiles, 4]; the model forward also needs ``position_ids`` [T] int64. The torch path (``PrefixLayout`` and
-``triton_attention.forward_schedule`` / ``backward_schedule``) is the reference: about 200 small ops, several ms of
-host launch overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
+The torch builders of ``prefix_attn.schedule`` are the reference: about 200 small ops, several ms of host launch
+overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
 
 1. ``_segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
    each branch's start and end (cumulative sums in chunks with a carry, so any number of documents works).
@@ -14,26 +11,21 @@ host launch overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same in
    of every tile size, so no tile straddles two programs).
 
 A launch cannot read what other programs of the same launch write, hence two. Outputs are views into one int32
-buffer plus the int64 position ids. ``fused_build`` fills the layout's cache under the keys the torch path uses, so
-``build_schedules`` and ``PrefixLayout.position_ids`` find them there; importing this module installs
-``PrefixLayout._token_builder`` so that ``position_ids``, asked for before any attention call, takes this path too
-(per-token tables only; the schedules then cost kernel 2 alone, from the cached segment table). The work is O(T).
-
-Used for layouts on a CUDA device; ``PREFIX_ATTN_FUSED_SCHEDULE=0`` turns it off (the torch path everywhere), and
-``=1`` turns it on under ``TRITON_INTERPRET=1`` for CPU layouts (the tests).
+buffer plus the int64 position ids. The segment table of kernel 1 is cached on the layout (``Segments``): the
+position ids, asked for before any attention call, cost both kernels (per-token tables only); each tile shape's
+schedules then cost kernel 2 alone. The work is O(T).
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .layout import PrefixLayout
-
-ENV_FLAG = "PREFIX_ATTN_FUSED_SCHEDULE"
+from .schedule import TileShape, TokenTables
 
 _SEG_BLOCK_A = 1024  # kernel 1: lengths per loop step
 _SEG_BLOCK = 32  # kernel 2: document / branch starts compared per loop step (a [CHUNK, _SEG_BLOCK] compare)
@@ -277,27 +269,19 @@ def _token_tile_kernel(
 # =====================================================================================================================
 
 
-def fused_enabled(device: torch.device) -> bool:
-    """Whether ``fused_build`` serves layouts on ``device`` (see the module docstring for the flag)."""
-    flag = os.environ.get(ENV_FLAG, "")
-    if flag == "0":
-        return False
-    if device.type == "cuda":
-        return True
-    return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _tile_keys(cfg) -> list[tuple]:
-    return [("triton_fwd_sched", cfg.fwd_block_m, cfg.fwd_block_n),
-            ("triton_bwd_sched", cfg.kv_block_n, cfg.kv_block_m),
-            ("triton_fwd_sched", cfg.dq_block_m, cfg.dq_block_n)]
+@dataclass(frozen=True)
+class Segments:
+    """Kernel 1's output, cached on the layout under this class: int32 views of document starts [D + 1] (the last
+    is T), prefix ends [D], branch starts and ends [NB] (branch starts right after the document starts in memory)."""
 
-
-_TOKEN_KEYS = ("triton_tok", "triton_qhi", "position_ids")
+    doc_start: torch.Tensor
+    prefix_end: torch.Tensor
+    branch_start: torch.Tensor
+    branch_end: torch.Tensor
 
 
 class _Arena:
@@ -313,35 +297,26 @@ class _Arena:
         return off
 
 
-def fused_build(layout: PrefixLayout, cfg=None) -> bool:
-    """Fill ``layout``'s cache with the per-token tables, position ids and (given a ``TritonAttentionConfig``) the
-    schedules of ``cfg``, under the torch path's keys. Entries already cached are kept. Returns False (and does
-    nothing) where this path does not apply: T outside [1, 2**28), tile sizes not powers of two."""
-    cache = layout._cache
+def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTables | None):
+    """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq) at ``tile`` (None:
+    none), as ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside
+    [1, 2**28), tile sizes not powers of two."""
     T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
-    if not 0 < T < _MAX_TOKENS:
-        return False
-    want_tok = any(k not in cache for k in _TOKEN_KEYS)
-    want_tiles = cfg is not None and any(k not in cache for k in _tile_keys(cfg))
-    if not (want_tok or want_tiles):
-        return True
-    sizes = []
-    if cfg is not None:
-        sizes = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n, cfg.dq_block_m, cfg.dq_block_n]
-        if not all(_pow2(s) for s in sizes):
-            return False
+    sizes = [] if tile is None else [tile.fwd_m, tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_m, tile.dq_n]
+    if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
+        return None
     # A power of two, so a multiple of every tile size; at least two tiles per program (no [1]-shaped reductions).
-    chunk = max([_MIN_CHUNK] + [2 * s for s in sizes])
+    chunk = max([_MIN_CHUNK] + [2 * x for x in sizes])
 
     dev = layout.device
     arena = _Arena()
-    segs = cache.get("fused_segments")
+    segs = layout.cached(Segments)
     if segs is None:
         o_bc, o_add, o_ds, o_pe, o_bs, o_be = (arena.take(n) for n in (NB, NB, D + 1, D, NB, NB))
-    if want_tok:
+    if tokens is None:
         o_tok, o_qhi = arena.take(3 * T), arena.take(T)
-    if want_tiles:
-        nqt, nkt, ndq = -(-T // cfg.fwd_block_m), -(-T // cfg.kv_block_n), -(-T // cfg.dq_block_m)
+    if tile is not None:
+        nqt, nkt, ndq = -(-T // tile.fwd_m), -(-T // tile.kv_n), -(-T // tile.dq_m)
         o_fs, o_ks, o_qs = arena.take(10 * nqt), arena.take(4 * nkt), arena.take(10 * ndq)
     buf = torch.empty(arena.size, dtype=torch.int32, device=dev)
 
@@ -349,48 +324,34 @@ def fused_build(layout: PrefixLayout, cfg=None) -> bool:
         return buf[off : off + n]
 
     if segs is None:
-        segs = tuple(view(o, n) for o, n in ((o_ds, D + 1), (o_pe, D), (o_bs, NB), (o_be, NB)))
+        new = Segments(view(o_ds, D + 1), view(o_pe, D), view(o_bs, NB), view(o_be, NB))
         _segments_kernel[(1,)](
             layout.prefix_lens.contiguous(), layout.branches_per_doc.contiguous(), layout.branch_lens.contiguous(),
-            view(o_bc, NB), view(o_add, NB), *segs, D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
+            view(o_bc, NB), view(o_add, NB), new.doc_start, new.prefix_end, new.branch_start, new.branch_end,
+            D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
         )
-        cache["fused_segments"] = segs
-    if want_tok:
+        segs = layout.cached(Segments, lambda: new)
+    if tokens is None:
         tok, qhi = view(o_tok, 3 * T).view(3, T), view(o_qhi, T)
         pos = torch.empty(T, dtype=torch.int64, device=dev)
     else:
         tok = qhi = pos = buf  # unused
-    if want_tiles:
+    if tile is not None:
         fs, ks = view(o_fs, 10 * nqt).view(nqt, 10), view(o_ks, 4 * nkt).view(nkt, 4)
         qs = view(o_qs, 10 * ndq).view(ndq, 10)
-        bm, bn, kbn, kbm = cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_n, cfg.kv_block_m
-        dbm, dbn = cfg.dq_block_m, cfg.dq_block_n
+        t = tile
     else:
         fs = ks = qs = buf  # unused
-        bm = bn = kbn = kbm = dbm = dbn = 16
+        t = TileShape(16, 16, 16, 16, 16, 16)
     _token_tile_kernel[(-(-T // chunk),)](
-        *segs, tok, qhi, pos, fs, ks, qs,
-        T, D, NB, (segs[2].data_ptr() - segs[0].data_ptr()) // 4, max(D, NB).bit_length(),
-        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=want_tok, TILES=want_tiles,
-        FWD_BM=bm, FWD_BN=bn, KV_BN=kbn, KV_BM=kbm, DQ_BM=dbm, DQ_BN=dbn, num_warps=4,
+        segs.doc_start, segs.prefix_end, segs.branch_start, segs.branch_end, tok, qhi, pos, fs, ks, qs,
+        T, D, NB, (segs.branch_start.data_ptr() - segs.doc_start.data_ptr()) // 4, max(D, NB).bit_length(),
+        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=tokens is None, TILES=tile is not None,
+        FWD_BM=t.fwd_m, FWD_BN=t.fwd_n, KV_BN=t.kv_n, KV_BM=t.kv_m, DQ_BM=t.dq_m, DQ_BN=t.dq_n, num_warps=4,
     )
-    if want_tiles:
-        cache.setdefault(("triton_fwd_sched", bm, bn), fs)
-        cache.setdefault(("triton_bwd_sched", kbn, kbm), ks)
-        cache.setdefault(("triton_fwd_sched", dbm, dbn), qs)
-    if want_tok:
-        cache.setdefault("triton_tok", tok)
-        cache.setdefault("triton_qhi", qhi)
-        cache.setdefault("position_ids", pos)
-    return True
+    if tokens is None:
+        tokens = TokenTables(tok, qhi, pos)
+    return tokens, (None if tile is None else (fs, ks, qs))
 
 
-def _token_builder(layout: PrefixLayout) -> None:
-    """``PrefixLayout.position_ids``'s hook: the per-token tables in two launches, where this path applies."""
-    if fused_enabled(layout.device) and not torch.compiler.is_compiling():
-        fused_build(layout)
-
-
-PrefixLayout._token_builder = staticmethod(_token_builder)
-
-__all__ = ["ENV_FLAG", "fused_build", "fused_enabled"]
+__all__ = ["Segments", "fused_tables"]
