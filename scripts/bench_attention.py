@@ -194,14 +194,12 @@ def run_fp8_sweep(args):
     """``--fp8-sweep``: FP8AttentionConfig variants (FP8_SWEEP) against the bf16 default forward, per layout."""
     from dataclasses import replace
 
-    from prefix_attn import PrefixLayout  # noqa: F401
-    from prefix_attn import triton_attention as ta
-    from prefix_attn import triton_fp8 as tf
+    from prefix_attn import triton as ta
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
-    base = tf.fp8_default_config(D, dev, Hq // Hkv)
+    base = ta.fp8_default_config(D, dev, Hq // Hkv)
     print(f"\n## FP8 sweep ({torch.cuda.get_device_name(dev)}); ms = quantize + attention; x bf16 = bf16 ms / fp8 ms")
     print(f"{'layout':<14}{'variant':<26}{'ms':>8}{'TF/s':>6}{'x bf16':>8}{'rel diff':>10}")
     for name in args.layouts:
@@ -215,8 +213,8 @@ def run_fp8_sweep(args):
             for vname, fields_ in FP8_SWEEP.items():
                 cfg = replace(base, **fields_)
                 try:
-                    o = tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg)
-                    ms = bench(lambda: tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg))
+                    o = ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg)
+                    ms = bench(lambda: ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg))
                 except Exception as e:  # a config that does not compile (shared memory) is skipped
                     print(f"{name:<14}{vname:<26} failed {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -237,9 +235,9 @@ def run_fp8(args):
     """
     import triton
 
-    from prefix_attn import triton_attention as ta
-    from prefix_attn import triton_fp8 as tf
+    from prefix_attn import triton as ta
     from prefix_attn.reference import attention_math
+    from prefix_attn.triton.fp8 import launch_fp8_forward
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -248,8 +246,8 @@ def run_fp8(args):
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     csv_path = args.csv or os.path.join(os.environ.get("OUT", "."), "bench_attention.csv")
     cfg16 = ta.default_config(D, dtype, dev, Hq // Hkv)
-    cfg8 = tf.fp8_default_config(D, dev, Hq // Hkv)
-    ok, why = tf.fp8_supported(dev, dtype, D)
+    cfg8 = ta.fp8_default_config(D, dev, Hq // Hkv)
+    ok, why = ta.fp8_supported(dev, dtype, D)
     if not ok:
         print(f"--fp8: triton_fp8 does not run here ({why})")
         return
@@ -273,19 +271,19 @@ def run_fp8(args):
         flops = 4 * Hq * D * pairs
         q, k, v = inputs(T, 1)
         out = torch.empty_like(q)
-        sched, tok = tf.fp8_schedules(lay, cfg8, D, dtype, Hq // Hkv)  # cached on the layout, as in training
+        t8 = ta.fp8_tables(lay, cfg8, D, dtype, Hq // Hkv)  # cached on the layout, as in training
         with torch.no_grad():
             t16 = bench(lambda: ta.triton_prefix_attention(q, k, v, lay, config=cfg16))
             rows.append(dict(kind="speed", layout=name, T=T, impl=args.dtype, pairs=pairs, fwd_ms=t16,
                              quant_ms=float("nan"), attn_ms=t16, tflops=flops / t16 * 1e-9, x_16bit=1.0))
             for rot in (False, True):
                 def quant(rot=rot):
-                    return tf.quantize_qkv_fp8(q, k, v, cfg8.block_m, cfg8.block_n, rot, cfg8.quant_warps)
+                    return ta.quantize_qkv_fp8(q, k, v, cfg8.block_m, cfg8.block_n, rot, cfg8.quant_warps)
 
                 x = quant()
                 t_q = bench(quant)
-                t_a = bench(lambda: tf._launch_fp8_fwd(x, sched, tok, D**-0.5, cfg8, out))
-                t_all = bench(lambda rot=rot: tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=rot, config=cfg8,
+                t_a = bench(lambda: launch_fp8_forward(x, t8.fwd, t8.tokens.ranges, D**-0.5, cfg8, out))
+                t_all = bench(lambda rot=rot: ta.triton_fp8_prefix_attention(q, k, v, lay, rotate=rot, config=cfg8,
                                                                               out=out))
                 rows.append(dict(kind="speed", layout=name, T=T, impl="fp8_rotate" if rot else "fp8", pairs=pairs,
                                  fwd_ms=t_all, quant_ms=t_q, attn_ms=t_a, tflops=flops / t_all * 1e-9,
@@ -301,8 +299,8 @@ def run_fp8(args):
             truth = attention_math(q.double(), k.double(), v.double(), lay)
             with torch.no_grad():
                 outs = {args.dtype: ta.triton_prefix_attention(q, k, v, lay, config=cfg16),
-                        "fp8": tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg8),
-                        "fp8_rotate": tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=True, config=cfg8)}
+                        "fp8": ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg8),
+                        "fp8_rotate": ta.triton_fp8_prefix_attention(q, k, v, lay, rotate=True, config=cfg8)}
             for impl, o in outs.items():
                 err = ((o.double() - truth).norm() / truth.norm()).item()
                 acc.append(dict(kind="accuracy", layout=name, T=lay.total_tokens, impl=impl, data=data, rel_err=err,
@@ -376,8 +374,9 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from prefix_attn import PrefixLayout
-    from prefix_attn import triton_attention as ta
+    from prefix_attn import triton as ta
     from prefix_attn.flex import build_block_mask, flex_prefix_attention
+    from prefix_attn.schedule import ENV_FLAG, build_tables
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -428,13 +427,12 @@ def main(argv=None):
         d = lay.to_dict()
 
         def build_ours():
-            ta.build_schedules(PrefixLayout.from_dict(d), best)
+            build_tables(PrefixLayout.from_dict(d), best.tile_shape)
 
         build_ours()
         t_build = host_median_ms(build_ours, 50)
         t_build_dev = device_median_ms(build_ours, 50)  # GPU time of the same build (its launches back to back)
         # The same build through the torch reference path (the fused Triton builder switched off).
-        from prefix_attn.triton_schedule import ENV_FLAG
 
         saved = os.environ.get(ENV_FLAG)
         os.environ[ENV_FLAG] = "0"
@@ -511,7 +509,7 @@ def main(argv=None):
             print(f"{name:<14}{r['T']:>6} {impl:<19}{r['fwd_ms']:>8.3f}{r['fwd_tflops']:>6.0f}"
                   f"{r['fwd_tflops'] / dn['fwd_tflops']:>8.2f}{r['fwdbwd_ms']:>8.3f}{r['fwdbwd_tflops']:>6.0f}"
                   f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{r['build_ms']:>9.3f}")
-    print("(build ms: ours = PrefixLayout.from_dict + build_schedules from device lengths; flex = create_block_mask;"
+    print("(build ms: ours = PrefixLayout.from_dict + build_tables from device lengths; flex = create_block_mask;"
           f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
           f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']};"
           f" ours, GPU time between events: {[round(r['build_device_ms'], 3) for r in rows if r['impl'] == 'ours']})")

@@ -1,4 +1,4 @@
-"""Compile the FP8 forward's kernels (``prefix_attn.triton_fp8``) for Hopper (sm_90a) without a GPU; report what
+"""Compile the FP8 forward's kernels (``prefix_attn.triton.fp8``) for Hopper (sm_90a) without a GPU; report what
 the compiler did, as scripts/check_sm90_compile.py does for the 16-bit kernels (whose helpers this reuses).
 
 Per variant: wgmma instructions (and how many are e4m3), TMA loads, e4m3 conversions (``cvt...e4m3x2``), shared
@@ -19,13 +19,14 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_sm90_compile as c  # noqa: E402
 
-from prefix_attn import triton_fp8 as tf  # noqa: E402
+from prefix_attn.triton.config import FP8_CONFIGS, FP8AttentionConfig  # noqa: E402
+from prefix_attn.triton.fp8 import fp8_fwd_kernel, fp8_quantize_kernel  # noqa: E402
 
 HQ, HKV = 32, 8
 
 
 def _quant(d, dt, rot, warps=8, block=128, block_kv=None, q_tiles=1):
-    fn = tf._quant_qkv_kernel
+    fn = fp8_quantize_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32",
                  KS="*fp32", VS="*fp32", R=f"*{dt}", rsqrt_d="fp32")
@@ -36,8 +37,8 @@ def _quant(d, dt, rot, warps=8, block=128, block_kv=None, q_tiles=1):
     return f"quant {dt} D={d} rotate={rot} w{warps}{tiles}", fn, types, consts, warps, 1
 
 
-def _fwd(d, cfg: tf.FP8AttentionConfig, hq=HQ, hkv=HKV):
-    fn = tf._fp8_fwd_packed_kernel
+def _fwd(d, cfg: FP8AttentionConfig, hq=HQ, hkv=HKV):
+    fn = fp8_fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16",
                  SCHED="*i32", TOK="*i32", sm_scale_log2="fp32")
@@ -62,7 +63,7 @@ def variants():
         for dt in ("bf16", "fp16"):
             for rot in (False, True):
                 out.append(_quant(d, dt, rot))
-        base = tf._FP8_CONFIGS["cuda"]
+        base = FP8_CONFIGS["cuda"]
         # block_m tokens x 4 heads (Llama-3-8B), the FP8_SWEEP entries; then group sizes 3 (padded to 4), 8 and 1 at
         # 64-128 MMA rows.
         for w in (4, 8):  # the quantize of q in 16-token tiles, 4 per program (64 rows), K/V 64-key tiles
@@ -87,7 +88,7 @@ def main(argv=None):
         if args.only not in name:
             continue
         try:
-            k = c._compile(fn, types, consts, w, s)
+            k = c.compile_sm90(fn, types, consts, w, s)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<46} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -96,7 +97,7 @@ def main(argv=None):
         e4 = len(re.findall(r"wgmma\.mma_async[^;]*e4m3", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cvt = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx))
-        regs, sst, sld, err, _serialized = c._ptxas(ptx)
+        regs, sst, sld, err, _serialized = c.ptxas_stats(ptx)
         print(f"{name:<46}{wg:>6}{e4:>5}{tma:>7}{cvt:>9}{k.metadata.shared / 1024:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
         if err:
             print("   ptxas:", err[:300])

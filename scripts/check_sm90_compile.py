@@ -28,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from prefix_attn import triton_attention as ta  # noqa: E402
+from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
+from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 
 G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
 DT = "bf16"
@@ -38,7 +39,7 @@ def _desc(rows):
     return f"tensordesc<{DT}[{rows}, {D}]>"
 
 
-def _compile(fn, types, consts, num_warps, num_stages):
+def compile_sm90(fn, types, consts, num_warps, num_stages):
     """types: arg name -> signature type (constexprs are filled in from consts)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -53,7 +54,8 @@ def _compile(fn, types, consts, num_warps, num_stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def _ptxas(ptx: str):
+def ptxas_stats(ptx: str):
+    """(registers, spill store bytes, spill load bytes, ptxas's output if it failed, whether it reports C7514)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
@@ -85,7 +87,7 @@ def _ex2_in_flight(ptx: str) -> int:
 
 
 def _fwd(name, bm, bn, w, s, tma=True):
-    fn = ta._fwd_packed_kernel
+    fn = fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32",
                  qk_scale="fp32")
@@ -98,7 +100,7 @@ def _fwd(name, bm, bn, w, s, tma=True):
 
 
 def _kv(name, bm, bn, w, s, tma=True):
-    fn = ta._bwd_kv_kernel
+    fn = bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
                  DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
@@ -111,7 +113,7 @@ def _kv(name, bm, bn, w, s, tma=True):
 
 
 def _dq(name, bm, bn, w, s, tma=True):
-    fn = ta._bwd_dq_kernel
+    fn = bwd_dq_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
                  SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
@@ -153,7 +155,7 @@ def main(argv=None):
         if args.only not in name:
             continue
         try:
-            k = _compile(fn, types, consts, w, s)
+            k = compile_sm90(fn, types, consts, w, s)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<44} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -161,7 +163,7 @@ def main(argv=None):
         wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cpa = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))
-        regs, sst, sld, err, serial = _ptxas(ptx)
+        regs, sst, sld, err, serial = ptxas_stats(ptx)
         smem = k.metadata.shared / 1024
         print(f"{name:<44}{wgmma:>6}{tma:>7}{cpa:>9}{smem:>8.1f}{regs:>5}{sst:>8}/{sld:<6}{_ex2_in_flight(ptx):>8}"
               f"{'yes' if serial else 'no':>4}")

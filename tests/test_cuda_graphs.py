@@ -67,7 +67,7 @@ def test_a_layout_reads_the_tables_it_is_given():
     # What a graph does with the tables (prefixdpo.modeling.graphs._Tables): a copy of a padded layout reads tensors of
     # its own (use_tables), refilled from another row's tables of the same length (copy_); the attention then
     # computes that row's output and derives nothing else on the layout (cached_keys).
-    from prefix_attn.triton_attention import triton_prefix_attention
+    from prefix_attn.triton import triton_prefix_attention
 
     total = 64
     a, b = (PrefixLayout.from_lengths(p, br).padded(total) for p, br in LAYOUTS[:2])

@@ -1,5 +1,5 @@
-"""CPU tests of the FP8 forward (``triton_fp8``): its pure-torch quantization reference, and the Triton kernels in
-Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it on machines without a GPU).
+"""CPU tests of the FP8 forward (``prefix_attn.triton.fp8``): its pure-torch quantization reference, and the Triton
+kernels in Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it on machines without a GPU).
 
 Bounds are derived (DESIGN.md, style 7):
 - Quantization round trip, per element: ``|deq - x| <= 2^-4 |x| + 2^-10 scale`` (e4m3 has 3 mantissa bits: half a
@@ -13,7 +13,7 @@ Bounds are derived (DESIGN.md, style 7):
   epsilons. The shared quantization error dominates both; the factor 2 leaves room for the kernel's different
   rounding order of P (running max instead of the row max), not for a wrong scale or mask.
 fp8 ``tl.dot`` works in the interpreter; its fp32 -> e4m3 conversion does not at binade carries, so the kernels
-round on the e4m3 grid in fp32 first there (``EXACT_CAST``, triton_fp8 module doc). The attention kernel is the
+round on the e4m3 grid in fp32 first there (``EXACT_CAST``, the fp8 module's doc). The attention kernel is the
 GPU's (GQA-packed, one loop per tile, document-ordered launch, TMA loads) with small tiles (16-token query tiles,
 16-key tiles) so that short rows cross many tiles.
 """
@@ -151,11 +151,13 @@ def test_rotation_lowers_error_on_outlier_channels(seed):
 # -------------------------------------------------------------------------------- Triton kernels (the interpreter)
 
 triton = pytest.importorskip("triton")
-from prefix_attn import triton_fp8 as tf  # noqa: E402
+from prefix_attn import triton as tf  # noqa: E402
+from prefix_attn.triton import fp8 as fp8_kernels  # noqa: E402
 
-_INTERPRETED = type(tf._fp8_fwd_packed_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not _INTERPRETED, reason="triton_fp8 was imported before TRITON_INTERPRET=1 "
-                                       "was set (or a GPU machine: tests/gpu/test_fp8_gpu.py covers it)")
+_INTERPRETED = type(fp8_kernels.fp8_fwd_kernel).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(not _INTERPRETED, reason="prefix_attn.triton was imported before "
+                                       "TRITON_INTERPRET=1 was set (or a GPU machine: tests/gpu/test_fp8_gpu.py "
+                                       "covers it)")
 
 
 def _qkv(T, hq, hkv, d, dtype, seed):

@@ -24,10 +24,11 @@ pytest.importorskip("triton")
 from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
 from prefix_attn.reference import attention_math  # noqa: E402
 from prefix_attn.schedule import backward_schedule, forward_schedule, token_tables  # noqa: E402
-from prefix_attn import triton_attention as ta  # noqa: E402
+from prefix_attn import triton as ta  # noqa: E402
+from prefix_attn.triton import forward  # noqa: E402
 
-if type(ta._fwd_packed_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
-    pytest.skip("triton_attention was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if type(forward.fwd_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 def _rel(a: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
     return ((a.double() - ref).norm() / max(ref.norm().item(), scale)).item()
@@ -151,7 +152,7 @@ def test_empty_and_partial_walks(tma):
     for t, (a, b) in enumerate(walks):
         sched[t, 4:] = torch.tensor([a, b, b, b, b, b], dtype=torch.int32)
     cfg = replace(_CPU, fwd_block_m=bm, fwd_block_n=bn, fwd_tma=tma)
-    o, lse = ta._launch_fwd(q, k, v, sched, tok, d**-0.5, cfg)
+    o, lse = forward.launch_forward(q, k, v, sched, tok, d**-0.5, cfg)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     assert (o[:bm] == 0).all()  # the empty walk's queries
     torch.testing.assert_close(o[bm:], attention_math(q, k, v, layout)[bm:], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
-"""The fused schedule builder (``prefix_attn.triton_schedule``) against the torch path, through Triton's interpreter.
+"""The fused table builder (``prefix_attn.triton.tables``) against the torch path, through Triton's interpreter.
 
 Every tensor of ``build_tables`` (position ids included) must be bit-identical to the torch reference (same integers,
-shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles (64/128). Rows stay at a few hundred tokens: the interpreter runs every op in numpy.
+shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles (64/128). Rows
+stay at a few hundred tokens: the interpreter runs every op in numpy.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ pytest.importorskip("triton")
 
 from prefix_attn import PrefixLayout, position_ids, prefix_attention  # noqa: E402
 from prefix_attn import schedule as sch  # noqa: E402
-from prefix_attn import triton_attention as ta  # noqa: E402
-from prefix_attn import triton_schedule as tsch  # noqa: E402
+from prefix_attn import triton as ta  # noqa: E402
+from prefix_attn.triton import tables as tsch  # noqa: E402
+from prefix_attn.triton.config import CONFIGS  # noqa: E402
 
-if type(tsch._token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
-    pytest.skip("triton_schedule was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if type(tsch.token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 16x16, kv 32 keys x 16, dq 16x16
-H100_CFG = ta._CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
+H100_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
 H100_G1_CFG = dataclasses.replace(H100_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
-FP32_GPU_CFG = ta._CONFIGS["cuda_fp32"]
+FP32_GPU_CFG = CONFIGS["cuda_fp32"]
 # query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
 SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
                                  dq_block_m=16, dq_block_n=64)

@@ -12,9 +12,9 @@ def __getattr__(name):
     # The FP8 forward's public names, imported on first use (they need triton; the package itself does not).
     if name in ("FP8AttentionConfig", "fp8_supported", "quantize_qkv_fp8", "set_fp8_default_config",
                 "triton_fp8_prefix_attention"):
-        from . import triton_fp8
+        from . import triton
 
-        return getattr(triton_fp8, name)
+        return getattr(triton, name)
     if name == "rotation_matrix":
         from .fp8_reference import rotation_matrix
 

@@ -1,4 +1,4 @@
-"""Pure-torch references for the FP8 forward (``triton_fp8.py``): the rotation, the quantization, the whole math.
+"""Pure-torch references for the FP8 forward (``prefix_attn.triton.fp8``): the rotation, the quantization, the math.
 
 The tests hold the Triton kernels to these (DESIGN.md, style 5).
 

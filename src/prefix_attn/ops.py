@@ -5,7 +5,7 @@ Backends (all take the same layout and must agree; DESIGN.md):
 - ``flex``: FlexAttention with a BlockMask from the layout's tile tables (the paper's method; baseline, fallback).
 - ``triton``: our Triton kernels (Hopper-tuned).
 - ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
-- ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``triton_fp8.py``), without / with the random
+- ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``prefix_attn.triton.fp8``), without / with the random
   Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference model):
   a call whose inputs require grad in grad mode raises. Where FP8 does not run (``fp8_supported``: CUDA compute
   capability >= 8.9, float16/bfloat16, head_dim 64 or 128) it falls back to ``triton`` (else ``auto``'s choice),
@@ -38,7 +38,7 @@ def _warn_once(msg: str, *args) -> None:
 
 def _triton_backend():
     try:
-        from .triton_attention import triton_prefix_attention, triton_supported
+        from .triton import triton_prefix_attention, triton_supported
     except ImportError:  # triton missing, or the backend module not built into this install
         return None, None
     return triton_prefix_attention, triton_supported
@@ -50,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend in FP8_BACKENDS:
         try:
-            from .triton_fp8 import fp8_supported
+            from .triton import fp8_supported
         except ImportError as e:  # triton missing
             ok, why = False, f"triton_fp8 cannot be imported ({e})"
         else:
@@ -88,7 +88,7 @@ def attention_tables(layout: PrefixLayout, backend: str, dtype: torch.dtype, hea
     name = resolve_backend(backend, layout.device, dtype, head_dim)
     if name != "triton":
         return None
-    from .triton_attention import default_config
+    from .triton import default_config
 
     return build_tables(layout, default_config(head_dim, dtype, layout.device, groups).tile_shape)
 
@@ -147,7 +147,7 @@ def prefix_attention(
             "to train.")
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if name in FP8_BACKENDS:
-        from .triton_fp8 import triton_fp8_prefix_attention
+        from .triton import triton_fp8_prefix_attention
 
         return triton_fp8_prefix_attention(q, k, v, layout, softmax_scale, rotate=name == "triton_fp8_rotate")
     if name == "reference":

@@ -146,8 +146,8 @@ def _build(layout: PrefixLayout, tile: TileShape | None):
 
 
 def fused_enabled(device: torch.device) -> bool:
-    """Whether the fused Triton builder serves layouts on ``device``: on CUDA devices unless ``PREFIX_ATTN_FUSED_SCHEDULE``
-    is ``0``; on the CPU with ``=1`` under ``TRITON_INTERPRET=1`` (the tests)."""
+    """Whether the fused Triton builder serves layouts on ``device``: on CUDA devices unless
+    ``PREFIX_ATTN_FUSED_SCHEDULE`` is ``0``; on the CPU with ``=1`` under ``TRITON_INTERPRET=1`` (the tests)."""
     flag = os.environ.get(ENV_FLAG, "")
     if flag == "0":
         return False
@@ -160,7 +160,7 @@ def _fused_builder(device: torch.device):
     if not fused_enabled(device) or torch.compiler.is_compiling():
         return None
     try:
-        from .triton_schedule import fused_tables
+        from .triton.tables import fused_tables
     except ImportError:  # triton missing: the torch path
         return None
     return fused_tables

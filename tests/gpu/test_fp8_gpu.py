@@ -1,4 +1,5 @@
-"""GPU tests of the FP8 forward (``triton_fp8``): the fused quantize kernel and the attention kernel at GPU tiles.
+"""GPU tests of the FP8 forward (``prefix_attn.triton.fp8``): the fused quantize kernel and the attention kernel at
+GPU tiles.
 
 Run on a CUDA machine with FP8 tensor cores (compute capability >= 8.9; Hopper is the target):
 ``python -m pytest -m gpu tests/gpu/test_fp8_gpu.py -q``. The default (CPU) run deselects them.
@@ -35,9 +36,9 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 
 def _tf():
-    from prefix_attn import triton_fp8
+    from prefix_attn import triton
 
-    return triton_fp8
+    return triton
 
 
 def _qkv(T, hq, hkv, d, dtype, seed, outliers=0):
@@ -125,7 +126,7 @@ def test_awkward_layouts(name, prefix, branches, d):
 
 
 # GQA groups 1, 3 (padded to 4 rows per token), 4, 8. block_m counts TOKENS; fp8_default_config sizes it as
-# triton_attention.default_config sizes the bf16 forward: 64 MMA rows (4 warps), at least 16 tokens (8 warps beyond
+# prefix_attn.triton.default_config sizes the bf16 forward: 64 MMA rows (4 warps), at least 16 tokens (8 warps beyond
 # 64 rows).
 GROUPS = {1: (4, 4), 3: (6, 2), 4: (8, 2), 8: (8, 1)}
 

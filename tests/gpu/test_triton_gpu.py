@@ -54,7 +54,7 @@ def _check(fn, layout, hq, hkv, d, dtype, seed, label=""):
 
 
 def _triton(layout, **kw):
-    from prefix_attn.triton_attention import triton_prefix_attention
+    from prefix_attn.triton import triton_prefix_attention
 
     return lambda q, k, v: triton_prefix_attention(q, k, v, layout, **kw)
 
@@ -109,7 +109,7 @@ GPU_VARIANTS = {
 def test_speed_variants(variant, name, prefix, branches, hq, hkv):
     from dataclasses import replace
 
-    from prefix_attn.triton_attention import default_config
+    from prefix_attn.triton import default_config
 
     layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
     cfg = replace(default_config(128, torch.bfloat16, torch.device(DEV), hq // hkv), **GPU_VARIANTS[variant])

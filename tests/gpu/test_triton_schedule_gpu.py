@@ -14,8 +14,8 @@ import torch
 
 from prefix_attn import PrefixLayout
 from prefix_attn import schedule as sch
-from prefix_attn import triton_attention as ta
-from prefix_attn import triton_schedule as tsch
+from prefix_attn import triton as ta
+from prefix_attn.triton import tables as tsch
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,78 +1,55 @@
-"""The `triton_fp8` backend: an FP8 (e4m3) forward of prefix-shared attention, for the frozen DPO reference model.
+"""The FP8 (e4m3) forward of prefix-shared attention, for the frozen DPO reference model: kernels and launchers.
 
-Semantics as the `triton` backend (DESIGN.md, "The layout"): query ``q`` attends to keys ``[lo1[q], hi1[q]) U
-[lo2[q], q]``. Forward only: the reference model needs no backward, so there is no LSE and no autograd formula;
-a call whose inputs require grad in grad mode raises.
-
-Three layers, as in DESIGN.md style 4:
-
-1. ``@triton.jit`` kernels.
-   - ``_quant_qkv_kernel``: ONE launch quantizes q, k and v (one program per (tile, head) of one of them; small
-     query tiles, e.g. the GQA-packed kernel's 16 tokens, several per program so that each moves >= 64 rows): one
-     read of the 16-bit input, one write of e4m3 values plus one fp32 scale per (tile, head), ``scale = amax / 448``
-     (1.0 for an all-zero tile). Near its floor: at 16K tokens, 32/8 heads, D=128 it reads 201 MB (q 134, k+v 67)
-     and writes 100 MB, ~0.10 ms at ~3 TB/s (measured ~0.125 ms). Query tiles are the attention kernel's query
-     tiles (``block_m`` rows; tokens when packed), key/value tiles its key tiles (``block_n`` rows), so the
-     attention kernel needs one scale per (row, key tile). V is written transposed, ``vt8 [Hkv, D, T_pad]`` (T
-     contiguous, zero padded to whole key tiles): Hopper's fp8 wgmma wants both operands K-major, and for ``P @ V``
-     the reduction runs over keys. With ``rotate`` the kernel
-     first multiplies each q/k tile by the rotation (``rotation_matrix``: a [D, D] ``tl.dot`` with +-1 entries,
-     exact in bf16/fp16, fp32 accumulation, then the 1/sqrt(D) in fp32). V is never rotated.
-   - ``_fp8_fwd_packed_kernel``: the forward of ``triton_attention``'s forward kernel (same schedule, the same one
-     loop over the key tiles, full tiles without a mask, boundary tiles masked with the per-query ranges; one program
-     computes all query heads of one KV head) on e4m3 operands.
-     ``S = (q8 @ k8^T) * (q_scale * k_scale * softmax_scale * log2 e)`` in fp32, online softmax in fp32.
-     P is cast to e4m3 for ``P @ V``, SHIFTED: ``p = exp2(s - m + 8)``, i.e. 256 * the usual P, in [0, 256]
-     (e4m3's largest finite value is 448). Unscaled P in [0, 1] (FlashAttention-3's choice) would lose every
-     probability below 2^-10 of the row max to zero (e4m3's smallest subnormal is 2^-9) and round those below
-     2^-6 coarsely (subnormals); shifted by 2^8 they keep full e4m3 precision down to 2^-14 of the max. The
-     shift costs nothing (it folds into the exp2's FMA) and cancels in ``acc / l`` (l sums the same shifted p,
-     unrounded, in fp32).
-     V's per-tile scale is applied after the dot without any extra multiply: the accumulator is kept in units of
-     the current tile's V scale, ``acc_u = acc / vs_j``; moving to tile j+1 folds ``vs_j / vs_{j+1}`` into the
-     online-softmax rescale ``alpha`` that multiplies the accumulator anyway; the output is
-     ``acc_u * vs_last / l``. q keeps one scale per (BLOCK_M tokens, head), applied as a per-row vector in the score
-     FMA.
-2. Launchers: ``quantize_qkv_fp8`` (also timed alone by scripts/bench_attention.py --fp8) and ``_launch_fp8_fwd``
-   (the schedule is ``triton_attention.build_schedules``' forward schedule for the fp8 tile sizes, cached on the
-   layout; K through a TMA descriptor over ``k8`` viewed [T, Hkv*D], V through one over ``vt8`` viewed
-   [Hkv*D, T_pad], on Hopper).
-3. ``triton_fp8_prefix_attention`` (eager: the launchers directly) and a ``torch.library.custom_op``
-   (``prefix_attn::triton_fp8_fwd``, used under ``torch.compile``).
+- ``fp8_quantize_kernel``: ONE launch quantizes q, k and v (one program per (tile, head) of one of them; small
+  query tiles several per program so that each moves >= 64 rows): one read of the 16-bit input, one write of e4m3
+  values plus one fp32 scale per (tile, head), ``scale = amax / E4M3_MAX`` (1.0 for an all-zero tile); near its
+  memory-bandwidth floor (docs/PERFORMANCE.md). Query tiles are the attention kernel's query tiles (``block_m``
+  tokens), key/value tiles its key tiles (``block_n`` rows), so the attention kernel needs one scale per (row, key
+  tile). V is written transposed, ``vt8 [Hkv, D, T_pad]`` (T contiguous, zero padded to whole key tiles): Hopper's
+  fp8 wgmma wants both operands K-major, and for ``P @ V`` the reduction runs over keys. With ``rotate`` the kernel
+  first multiplies each q/k tile by the rotation (``rotation_matrix``: a [D, D] ``tl.dot`` with +-1 entries, exact
+  in bf16/fp16, fp32 accumulation, then the 1/sqrt(D) in fp32). V is never rotated.
+- ``fp8_fwd_kernel``: the 16-bit forward kernel's walk (same schedule, one loop over the key tiles, full tiles
+  without a mask, boundary tiles masked with the per-query ranges; one program computes all query heads of one KV
+  head) on e4m3 operands. ``S = (q8 @ k8^T) * (q_scale * k_scale * softmax_scale * log2 e)`` in fp32, online
+  softmax in fp32. P is cast to e4m3 for ``P @ V``, SHIFTED: ``p = exp2(s - m + P_SHIFT_LOG2)``, i.e. 256 * the
+  usual P, in [0, 256] (e4m3's largest finite value is 448). Unscaled P in [0, 1] (FlashAttention-3's choice) would
+  lose every probability below 2^-10 of the row max to zero (e4m3's smallest subnormal is 2^-9) and round those
+  below 2^-6 coarsely (subnormals); shifted by 2^8 they keep full e4m3 precision down to 2^-14 of the max. The
+  shift costs nothing (it folds into the exp2's FMA) and cancels in ``acc / l`` (l sums the same shifted p,
+  unrounded, in fp32). V's per-tile scale is applied after the dot without any extra multiply: the accumulator is
+  kept in units of the current tile's V scale, ``acc_u = acc / vs_j``; moving to tile j+1 folds ``vs_j / vs_{j+1}``
+  into the online-softmax rescale ``alpha`` that multiplies the accumulator anyway; the output is
+  ``acc_u * vs_last / l``. q keeps one scale per (BLOCK_M tokens, head), applied as a per-row vector in the score
+  FMA.
 
 The pure-torch reference of the quantization (``quantize_reference``, ``dequantize_reference``, ``rotation_matrix``)
 and of the whole computation (``fp8_attention_reference``: dequantized inputs, P rounded to e4m3 as the kernel does)
-live in ``fp8_reference.py``; the tests hold the kernels to them.
+live in ``prefix_attn.fp8_reference``; the tests hold the kernels to them.
 
 In Triton's CPU interpreter (``TRITON_INTERPRET=1``) the fp32 -> e4m3 conversion is wrong where rounding carries
-into the next binade (e.g. 125.7 -> 64 instead of 128, Triton 3.x); there (only) the kernels round to the e4m3
-grid in fp32 first (``EXACT_CAST``), so the conversion itself is exact. On a GPU the hardware conversion
+into the next binade (e.g. 125.7 -> 64 instead of 128); there (only) the kernels round to the e4m3 grid in fp32
+first (``EXACT_CAST``), so the conversion itself is exact. On a GPU the hardware conversion
 (``cvt.rn.satfinite.e4m3x2.f32``, round to nearest even) is used.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
-from .layout import PrefixLayout
-from .schedule import AttentionTables, build_tables
-from .triton_attention import (_LOG2E, _IntFieldsConfig, _allowed, _packed_rows, _tile_segments, _tma_ok, _walk_tile,
-                               default_config)
+from ..fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
+from ..layout import PrefixLayout
+from ..schedule import AttentionTables, build_tables
+from .common import LOG2E, allowed, descriptor, interpret, packed_rows, tile_segments, tma_ok, walk_tile
+from .config import FP8AttentionConfig, default_config
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _P_SHIFT = tl.constexpr(float(P_SHIFT_LOG2))
-
-# =====================================================================================================================
-# 1. Kernels
-# =====================================================================================================================
 
 
 @triton.jit
@@ -136,7 +113,7 @@ def _quant_tile(
 
 
 @triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])
-def _quant_qkv_kernel(
+def fp8_quantize_kernel(
     Q, K, V,  # inputs: q [T, Hq, D], k/v [T, Hkv, D], 16-bit, unit stride along D
     Q8, K8, VT8,  # outputs: q8 [T, Hq, D], k8 [T, Hkv, D] contiguous e4m3; vt8 [Hkv, D, T_PAD] e4m3
     QS, KS, VS,  # scales: qs [Hq, N_QB], ks/vs [Hkv, N_KB] fp32
@@ -195,7 +172,7 @@ def _fp8_step(
     s = tl.dot(q, tl.trans(k))  # e4m3 x e4m3 -> fp32
     if not full:
         kk = (n0 + offs_n)[None, :]
-        ok = _allowed(kk, lo1, hi1, lo2, offs_m)
+        ok = allowed(kk, lo1, hi1, lo2, offs_m)
         s = tl.where(ok, s, float("-inf"))
     # m_i starts finite (-1e30), so a row with no allowed key in this tile gets p = 0, never NaN. sc > 0.
     m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
@@ -208,9 +185,9 @@ def _fp8_step(
 
 
 @triton.jit(do_not_specialize=["T", "T_PAD", "N_QB", "N_KB"])  # T varies per row: no recompile per length
-def _fp8_fwd_packed_kernel(
+def fp8_fwd_kernel(
     Q8, K8, VT8, QS, KS, VS, O,  # q8 [T, Hq, D], k8 [T, Hkv, D], vt8 [Hkv, D, T_PAD] e4m3; scales; o [T, Hq, D]
-    SCHED, TOK,  # the forward schedule for BLOCK_M-TOKEN query tiles, as triton_attention's forward kernel's
+    SCHED, TOK,  # the forward schedule for BLOCK_M-TOKEN query tiles, as the 16-bit forward kernel's
     K_DESC, VT_DESC,  # TMA descriptors: k8 as [T, Hkv*D] block [BLOCK_N, D]; vt8 as [Hkv*D, T_PAD] block [D, BLOCK_N]
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     T, T_PAD, N_QB, N_KB, sm_scale_log2,
@@ -224,7 +201,7 @@ def _fp8_fwd_packed_kernel(
     USE_TMA: tl.constexpr,
     EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
 ):
-    """The FP8 forward, GQA-packed as ``triton_attention``'s forward kernel: one program computes BLOCK_M query
+    """The FP8 forward, GQA-packed as the 16-bit forward kernel: one program computes BLOCK_M query
     tokens for ALL the query heads of one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] e4m3 operand
     (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2; rows of a padding head,
     r % GROUPS_P2 >= GROUPS, are masked off). Each K/V tile and its two scales feed GROUPS x more MMA rows, and the
@@ -234,7 +211,7 @@ def _fp8_fwd_packed_kernel(
     [rows] vector; it multiplies the score rows in the same FMA that applies the scalar (the k scale and softmax scale
     fold into it per key tile: one [rows] multiply per tile). A shared scale per (tile, KV group) would save nothing
     and coarsen every head's grid to the group's amax."""
-    tile, hk, offs_m, h, row_ok = _packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
+    tile, hk, offs_m, h, row_ok = packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q8 + (offs_m.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -254,10 +231,10 @@ def _fp8_fwd_packed_kernel(
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
     v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
     sp = SCHED + tile * 10
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _tile_segments(sp)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = tile_segments(sp)
     n1 = s3 - s0
     for i in range(0, n1 + (s9 - s4)):
-        j, full = _walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
+        j, full = walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         acc, l_i, m_i, v_prev = _fp8_step(
             acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
             stride_kt, T_PAD, offs_m, offs_d, lo1, hi1, lo2, j, full, T, BLOCK_N, USE_TMA, EXACT_CAST)
@@ -266,68 +243,6 @@ def _fp8_fwd_packed_kernel(
     acc = acc * (v_prev / l_safe)[:, None]
     tl.store(O + (offs_m.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh)[:, None] + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
-# =====================================================================================================================
-# 2. Launchers
-# =====================================================================================================================
-
-
-@dataclass(frozen=True)
-class FP8AttentionConfig(_IntFieldsConfig):
-    """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
-
-    ``block_m``: query TOKENS per tile (q's quantization tile per head); one program computes all Hq/Hkv query heads
-    of a KV head, so the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows. ``block_n``: keys per tile (k's and v's
-    quantization tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA
-    descriptors (Hopper; ignored elsewhere). ``quant_warps``: the quantize launch's warps (4 spill registers at 128-row
-    tiles of D=128)."""
-
-    block_m: int = 16
-    block_n: int = 64
-    warps: int = 4
-    stages: int = 4
-    tma: bool = True
-    quant_warps: int = 8
-
-
-# The FP8 configs ``fp8_default_config`` chooses from. On a GPU ``block_m`` is then sized from the GQA group (64 MMA
-# rows); the value here is that of a group of 4.
-_FP8_CONFIGS = {
-    # Head dims 64 and 128 alike: the H100 sweep of scripts/bench_attention.py --fp8-sweep (docs/PERFORMANCE.md).
-    "cuda": FP8AttentionConfig(block_m=16, block_n=64, warps=4, stages=4, tma=True, quant_warps=8),
-    # The CPU interpreter: small tiles keep the tests fast and make short rows cross many tiles.
-    "interpreter": FP8AttentionConfig(block_m=16, block_n=16, warps=4, stages=1, tma=True, quant_warps=8),
-}
-_FP8_OVERRIDE: FP8AttentionConfig | None = None
-
-
-def set_fp8_default_config(cfg: FP8AttentionConfig | None) -> None:
-    """Use ``cfg`` for every FP8 call that passes no config (None restores the table)."""
-    global _FP8_OVERRIDE
-    _FP8_OVERRIDE = cfg
-
-
-def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> FP8AttentionConfig:
-    """The FP8 config for ``groups`` query heads per KV head on ``device`` (``set_fp8_default_config`` overrides it):
-    on a GPU the packed tile holds as many query tokens as make 64 MMA rows (at least 16; 8 warps beyond 64).
-    ``head_dim`` does not choose among the tuned configs today (64 and 128 got the same one)."""
-    if _FP8_OVERRIDE is not None:
-        return _FP8_OVERRIDE
-    if device.type != "cuda":
-        return _FP8_CONFIGS["interpreter"]
-    return _fp8_gpu_config(max(1, groups))
-
-
-@functools.lru_cache(maxsize=None)
-def _fp8_gpu_config(groups: int) -> FP8AttentionConfig:
-    g = triton.next_power_of_2(groups)
-    bm = max(64 // g, 16)
-    return replace(_FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _ROT_CACHE: dict = {}
@@ -383,39 +298,39 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     if T == 0:
         return out
     rot = _rotation_operand(D, q.dtype, dev) if rotate else qs  # any pointer when unused
-    # Small query tiles (GQA packing: 16 tokens) are quantized several per program, so that every program moves at
+    # Small query tiles (16 tokens) are quantized several per program, so that every program moves at
     # least 64 rows (as the key tiles); one scale per block_m rows all the same.
     q_tiles = max(1, min(64 // block_m, triton.next_power_of_2(nqb)))
     grid = (-(-nqb // q_tiles) * Hq + 2 * nkb * Hkv,)
-    _quant_qkv_kernel[grid](
+    fp8_quantize_kernel[grid](
         q, k, v, q8, k8, vt8, qs, ks, vs, rot,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         T, t_pad, nqb, nkb, float(torch.tensor(D**-0.5, dtype=torch.float32)),
         H_Q=Hq, H_KV=Hkv, HEAD_DIM=D, BLOCK_Q=block_m, BLOCK_KV=block_n, ROTATE=bool(rotate),
-        EXACT_CAST=_interpret(), Q_TILES=q_tiles, num_warps=quant_warps,
+        EXACT_CAST=interpret(), Q_TILES=q_tiles, num_warps=quant_warps,
     )
     return out
 
 
-def _launch_fp8_fwd(x: FP8QKV, sched, ranges, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
+def launch_fp8_forward(x: FP8QKV, sched, ranges, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
+    """The FP8 forward of the quantized ``x`` into ``out`` [T, Hq, D] (contiguous, q's dtype), with the forward
+    schedule ``sched`` at cfg's tiles and the per-token ``ranges`` (``fp8_tables``' ``fwd``, ``tokens.ranges``)."""
     T, Hq, D = x.q8.shape
     Hkv = x.k8.shape[1]
     if T == 0:
         return out
     t_pad = x.vt8.shape[2]
-    use_tma = cfg.tma and _tma_ok(x.k8)
+    use_tma = cfg.tma and tma_ok(x.k8)
     kd = vd = None
     if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        kd = TensorDescriptor.from_tensor(x.k8.view(T, Hkv * D), [cfg.block_n, D])
-        vd = TensorDescriptor.from_tensor(x.vt8.view(Hkv * D, t_pad), [D, cfg.block_n])
-    _fp8_fwd_packed_kernel[(sched.shape[0] * Hkv,)](
+        kd = descriptor(x.k8.view(T, Hkv * D), cfg.block_n, D)
+        vd = descriptor(x.vt8.view(Hkv * D, t_pad), D, cfg.block_n)
+    fp8_fwd_kernel[(sched.shape[0] * Hkv,)](
         x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, ranges, kd, vd,
         x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
-        T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * _LOG2E,
+        T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * LOG2E,
         H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, EXACT_CAST=_interpret(), num_warps=cfg.warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, EXACT_CAST=interpret(), num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
     return out
@@ -433,104 +348,9 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     return build_tables(layout, replace(tile, fwd_m=cfg.block_m, fwd_n=cfg.block_n))
 
 
-def _fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
+def fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
+    """Quantize (``quantize_qkv_fp8``) and run the FP8 forward (``launch_fp8_forward``) of contiguous q, k, v."""
     x = quantize_qkv_fp8(q, k, v, cfg.block_m, cfg.block_n, rotate, cfg.quant_warps)
     if out is None:
         out = torch.empty_like(q)
-    return _launch_fp8_fwd(x, sched, ranges, scale, cfg, out)
-
-
-# =====================================================================================================================
-# 3. Custom op (the torch.compile path) and the public API
-# =====================================================================================================================
-
-
-@torch.library.custom_op("prefix_attn::triton_fp8_fwd", mutates_args=())
-def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: torch.Tensor, ranges: torch.Tensor,
-            scale: float, rotate: bool, cfg: list[int]) -> torch.Tensor:
-    return _fp8_forward(q, k, v, sched, ranges, scale, rotate, FP8AttentionConfig.from_list(cfg))
-
-
-@_fp8_op.register_fake
-def _(q, k, v, sched, ranges, scale, rotate, cfg):
-    return torch.empty_like(q)
-
-
-_FP8_HEAD_DIMS_GPU = (64, 128)
-_FP8_HEAD_DIMS_INTERPRET = (16, 32, 64, 128)
-
-
-def fp8_supported(device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> tuple[bool, str]:
-    """Whether the ``triton_fp8`` backend runs for tensors on ``device`` of ``dtype`` with ``head_dim``; and why not.
-
-    Needs FP8 tensor cores: a CUDA GPU of compute capability >= 8.9 (Ada; Hopper 9.0 is the target, the only one
-    with TMA). TRITON_INTERPRET=1 runs it on the CPU (tests)."""
-    device = torch.device(device)
-    interpret = _interpret()
-    if device.type != "cuda" and not interpret:
-        return False, f"the triton_fp8 backend needs a CUDA GPU (got device {device})"
-    if device.type == "cuda" and not interpret:
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            return False, (f"GPU compute capability {major}.{minor} has no FP8 tensor cores (8.9 or newer needed; "
-                           f"Hopper 9.0 is the target)")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return False, f"dtype {dtype} is not supported by triton_fp8 (float16, bfloat16)"
-    dims = _FP8_HEAD_DIMS_INTERPRET if interpret else _FP8_HEAD_DIMS_GPU
-    if head_dim is not None and head_dim not in dims:
-        return False, f"head_dim {head_dim} is not supported by triton_fp8 ({dims})"
-    return True, ""
-
-
-def triton_fp8_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: PrefixLayout,
-    softmax_scale: float | None = None,
-    *,
-    rotate: bool = False,
-    config: FP8AttentionConfig | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prefix-shared attention over one packed row, FP8 (e4m3) forward. NOT differentiable (reference model only).
-
-    Args:
-        q: [T, Hq, D]; k, v: [T, Hkv, D], Hq a multiple of Hkv (GQA). float16 or bfloat16 (all three the same);
-            D in (64, 128) on a GPU. Unit stride along D.
-        layout: the row's PrefixLayout, on q's device, ``total_tokens == T``.
-        softmax_scale: defaults to D ** -0.5.
-        rotate: multiply q and k by ``rotation_matrix(D)`` (random signs, then a normalized Hadamard) before
-            quantizing: q k^T is unchanged, outlier channels are spread over all channels, the FP8 error drops
-            (FlashAttention-3's incoherent processing). The backend name ``triton_fp8_rotate`` sets it.
-        config: tiles / launch parameters (default ``fp8_default_config``).
-        out: optional [T, Hq, D] contiguous output buffer in q's dtype (written, and returned).
-
-    Returns [T, Hq, D] in q's dtype: query q attends to keys [lo1, hi1) U [lo2, q] (``layout.query_key_ranges``).
-    Raises RuntimeError if grad mode is on and q, k or v requires grad.
-    """
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise RuntimeError(
-            "triton_fp8 attention is forward-only (for the frozen reference model): it has no backward. Call it "
-            "under torch.no_grad() / inference_mode, or with inputs that do not require grad; use the 'triton' "
-            "backend to train.")
-    T, Hq, D = q.shape
-    ok, why = fp8_supported(q.device, q.dtype, D)
-    if not ok:
-        raise ValueError(f"triton_fp8: {why}")
-    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    cfg = config or fp8_default_config(D, q.device, q.shape[1] // max(1, k.shape[1]))
-    t = fp8_tables(layout, cfg, D, q.dtype, Hq // max(1, k.shape[1]))
-    sched, ranges = t.fwd, t.tokens.ranges
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if out is not None:
-        if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-            raise ValueError("out must be a contiguous tensor of q's shape and dtype")
-        return _fp8_forward(q, k, v, sched, ranges, scale, rotate, cfg, out)
-    if torch.compiler.is_compiling():
-        return _fp8_op(q, k, v, sched, ranges, scale, bool(rotate), cfg.as_list())
-    return _fp8_forward(q, k, v, sched, ranges, scale, rotate, cfg)
-
-
-__all__ = ["FP8AttentionConfig", "FP8QKV", "E4M3_MAX", "P_SHIFT_LOG2", "fp8_default_config", "fp8_tables",
-           "fp8_supported", "quantize_qkv_fp8", "set_fp8_default_config", "triton_fp8_prefix_attention"]
+    return launch_fp8_forward(x, sched, ranges, scale, cfg, out)

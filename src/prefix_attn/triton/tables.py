@@ -3,9 +3,9 @@
 The torch builders of ``prefix_attn.schedule`` are the reference: about 200 small ops, several ms of host launch
 overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
 
-1. ``_segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
+1. ``segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
    each branch's start and end (cumulative sums in chunks with a carry, so any number of documents works).
-2. ``_token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
+2. ``token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
    the starts at or below it (a binary search bounds the starts a chunk can hit), which gives lo1, hi1, lo2, q_hi
    and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
    of every tile size, so no tile straddles two programs).
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PrefixLayout
-from .schedule import TileShape, TokenTables
+from ..layout import PrefixLayout
+from ..schedule import TileShape, TokenTables
 
 _SEG_BLOCK_A = 1024  # kernel 1: lengths per loop step
 _SEG_BLOCK = 32  # kernel 2: document / branch starts compared per loop step (a [CHUNK, _SEG_BLOCK] compare)
@@ -39,7 +39,7 @@ _MAX_TOKENS = 1 << 28  # int32 index arithmetic inside (3 * T and the buffer off
 
 
 @triton.jit(do_not_specialize=["D", "NB", "T"])  # they change with every row: no recompiles
-def _segments_kernel(
+def segments_kernel(
     PL, BPD, BL,  # prefix_lens [D], branches_per_doc [D], branch_lens [NB] (any integer dtype)
     BC, ADD,  # scratch [NB] int32: branch tokens before each branch; prefix lengths scattered to first branches
     DS, PE, BS, BE,  # out int32: doc start [D + 1] (DS[D] = T), prefix end [D], branch start [NB], branch end [NB]
@@ -212,8 +212,8 @@ def _key_tiles(
 
 
 @triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter"])
-def _token_tile_kernel(
-    DS, PE, BS, BE,  # from _segments_kernel
+def token_tile_kernel(
+    DS, PE, BS, BE,  # from segments_kernel
     TOK, QHI, POS,  # out (WRITE_TOK): [3, T] int32 lo1/hi1/lo2, [T] int32 q_hi, [T] int64 position ids
     FWD, KV, DQ,  # out (TILES): schedules [n, 10] / [n, 4] / [n, 10] int32
     T, D, NB,
@@ -325,7 +325,7 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
 
     if segs is None:
         new = Segments(view(o_ds, D + 1), view(o_pe, D), view(o_bs, NB), view(o_be, NB))
-        _segments_kernel[(1,)](
+        segments_kernel[(1,)](
             layout.prefix_lens.contiguous(), layout.branches_per_doc.contiguous(), layout.branch_lens.contiguous(),
             view(o_bc, NB), view(o_add, NB), new.doc_start, new.prefix_end, new.branch_start, new.branch_end,
             D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
@@ -343,7 +343,7 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     else:
         fs = ks = qs = buf  # unused
         t = TileShape(16, 16, 16, 16, 16, 16)
-    _token_tile_kernel[(-(-T // chunk),)](
+    token_tile_kernel[(-(-T // chunk),)](
         segs.doc_start, segs.prefix_end, segs.branch_start, segs.branch_end, tok, qhi, pos, fs, ks, qs,
         T, D, NB, (segs.branch_start.data_ptr() - segs.doc_start.data_ptr()) // 4, max(D, NB).bit_length(),
         CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=tokens is None, TILES=tile is not None,
@@ -354,4 +354,4 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     return tokens, (None if tile is None else (fs, ks, qs))
 
 
-__all__ = ["Segments", "fused_tables"]
+__all__ = ["Segments", "fused_tables", "segments_kernel", "token_tile_kernel"]
