@@ -91,22 +91,28 @@ class _EagerTritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def triton_supported(device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> tuple[bool, str]:
-    """Whether the triton backend runs for tensors on ``device`` of ``dtype`` with ``head_dim``; and why not."""
+def _supported(device, dtype, head_dim, name: str, capability: tuple[int, int], need: str, dtypes, head_dims
+               ) -> tuple[bool, str]:
     device = torch.device(device)
-    if device.type != "cuda" and not interpret():
-        return False, f"the triton backend needs a CUDA GPU (got device {device}; TRITON_INTERPRET=1 runs it on CPU)"
-    if device.type == "cuda" and not interpret():
+    if not interpret():  # the interpreter runs every backend on the CPU
+        if device.type != "cuda":
+            return False, f"the {name} backend needs a CUDA GPU (got {device}; TRITON_INTERPRET=1 runs it on CPU)"
         major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return False, f"GPU compute capability {major}.{minor} < 8.0 (Ampere or newer needed)"
+        if (major, minor) < capability:
+            return False, f"GPU compute capability {major}.{minor} < {capability[0]}.{capability[1]} ({need})"
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return False, "bf16 is not supported on this GPU"
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False, f"dtype {dtype} is not supported (float16, bfloat16, float32)"
-    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
-        return False, f"head_dim {head_dim} is not supported ({SUPPORTED_HEAD_DIMS})"
+    if dtype is not None and dtype not in dtypes:
+        return False, f"dtype {dtype} is not supported by {name} ({', '.join(str(d) for d in dtypes)})"
+    if head_dim is not None and head_dim not in head_dims:
+        return False, f"head_dim {head_dim} is not supported by {name} ({head_dims})"
     return True, ""
+
+
+def triton_supported(device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> tuple[bool, str]:
+    """Whether the triton backend runs for tensors on ``device`` of ``dtype`` with ``head_dim``; and why not."""
+    return _supported(device, dtype, head_dim, "triton", (8, 0), "Ampere or newer needed",
+                      (torch.float16, torch.bfloat16, torch.float32), SUPPORTED_HEAD_DIMS)
 
 
 def triton_prefix_attention(
@@ -161,20 +167,9 @@ def fp8_supported(device, dtype: torch.dtype | None = None, head_dim: int | None
 
     Needs FP8 tensor cores: a CUDA GPU of compute capability >= 8.9 (Ada; Hopper 9.0 is the target, the only one
     with TMA). TRITON_INTERPRET=1 runs it on the CPU (tests)."""
-    device = torch.device(device)
-    if device.type != "cuda" and not interpret():
-        return False, f"the triton_fp8 backend needs a CUDA GPU (got device {device})"
-    if device.type == "cuda" and not interpret():
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            return False, (f"GPU compute capability {major}.{minor} has no FP8 tensor cores (8.9 or newer needed; "
-                           f"Hopper 9.0 is the target)")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return False, f"dtype {dtype} is not supported by triton_fp8 (float16, bfloat16)"
-    dims = SUPPORTED_HEAD_DIMS if interpret() else FP8_HEAD_DIMS
-    if head_dim is not None and head_dim not in dims:
-        return False, f"head_dim {head_dim} is not supported by triton_fp8 ({dims})"
-    return True, ""
+    return _supported(device, dtype, head_dim, "triton_fp8", (8, 9),
+                      "no FP8 tensor cores: 8.9 or newer needed, Hopper 9.0 is the target",
+                      (torch.float16, torch.bfloat16), SUPPORTED_HEAD_DIMS if interpret() else FP8_HEAD_DIMS)
 
 
 def triton_fp8_prefix_attention(

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, allowed, descriptor, dot_prec, kv_tile, packed_rows, tile_segments, tma_ok, walk_tile
+from .common import LOG2E, allowed, descriptor, dot_prec, packed_rows, tma_ok, walk_bounds, walk_kv
 from .config import TritonAttentionConfig
 
 
@@ -178,14 +178,11 @@ def _dq_walk(
     DOT_PREC: tl.constexpr,
 ):
     """The dq kernel's key walk, one loop as the forward's (``common.walk_tile``)."""
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = tile_segments(sp)
-    n1 = s3 - s0
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, n = walk_bounds(sp)
     offs_n = tl.arange(0, BLOCK_N)
-    for i in range(0, n1 + (s9 - s4)):
-        j, full = walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
-        n0 = j * BLOCK_N
-        k = kv_tile(k_base, k_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
-        v = kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+    for i in range(0, n):
+        n0, full, k, v = walk_kv(i, s0, s1, s2, s3, s4, s5, s6, s7, s8, k_base, v_base, k_desc, v_desc, kv_col,
+                                 stride_kt, offs_n, offs_d, T, BLOCK_N, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if not full:

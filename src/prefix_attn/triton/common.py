@@ -20,12 +20,14 @@ LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: exp(x) = exp2
 
 
 @triton.jit
-def tile_segments(sp):
-    """The ten key-tile bounds of one query tile's walk (a row of ``forward_schedule``): range 1 masked [s0, s1),
-    full [s1, s2), masked [s2, s3); range 2 masked [s4, s5), full [s5, s6), masked [s6, s7), full [s7, s8),
-    masked [s8, s9)."""
-    return (tl.load(sp + 0), tl.load(sp + 1), tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), tl.load(sp + 5),
-            tl.load(sp + 6), tl.load(sp + 7), tl.load(sp + 8), tl.load(sp + 9))
+def walk_bounds(sp):
+    """One query tile's walk from its row of the forward schedule (``forward_schedule``): the key-tile bounds s0..s8
+    (range 1 masked [s0, s1), full [s1, s2), masked [s2, s3); range 2 masked [s4, s5), full [s5, s6), masked
+    [s6, s7), full [s7, s8), masked [s8, s9)) and the number of steps, (s3 - s0) + (s9 - s4)."""
+    s0, s1, s2, s3 = tl.load(sp + 0), tl.load(sp + 1), tl.load(sp + 2), tl.load(sp + 3)
+    s4, s5, s6, s7 = tl.load(sp + 4), tl.load(sp + 5), tl.load(sp + 6), tl.load(sp + 7)
+    s8, s9 = tl.load(sp + 8), tl.load(sp + 9)
+    return s0, s1, s2, s3, s4, s5, s6, s7, s8, (s3 - s0) + (s9 - s4)
 
 
 @triton.jit
@@ -90,6 +92,17 @@ def kv_tile(base, desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA: tl.co
         ptr = base + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
         x = tl.load(ptr, mask=((n0 + offs_n) < T)[:, None], other=0.0)
     return x
+
+
+@triton.jit
+def walk_kv(i, s0, s1, s2, s3, s4, s5, s6, s7, s8, k_base, v_base, k_desc, v_desc, kv_col, stride_kt, offs_n, offs_d,
+            T, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """Step i of the walk with its tiles: the tile's first key n0, whether it is full, and its K and V tiles."""
+    j, full = walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
+    n0 = j * BLOCK_N
+    k = kv_tile(k_base, k_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+    v = kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+    return n0, full, k, v
 
 
 def interpret() -> bool:

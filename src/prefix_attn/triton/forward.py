@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, allowed, descriptor, dot_prec, kv_tile, online_softmax_step, packed_rows, tile_segments,
-                     tma_ok, walk_tile)
+from .common import (LOG2E, allowed, descriptor, dot_prec, online_softmax_step, packed_rows, tma_ok, walk_bounds,
+                     walk_kv)
 from .config import TritonAttentionConfig
 
 
@@ -28,14 +28,11 @@ def _walk(
 ):
     """A query tile's key walk (``common.walk_tile``): range 1 ``[s0, s3)`` then range 2 ``[s4, s9)``, the mask on
     the tiles that are not full."""
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = tile_segments(sp)
-    n1 = s3 - s0
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, n = walk_bounds(sp)
     offs_n = tl.arange(0, BLOCK_N)
-    for i in range(0, n1 + (s9 - s4)):
-        j, full = walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
-        n0 = j * BLOCK_N
-        k = kv_tile(k_base, k_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
-        v = kv_tile(v_base, v_desc, n0, kv_col, stride_kt, offs_n, offs_d, T, USE_TMA)
+    for i in range(0, n):
+        n0, full, k, v = walk_kv(i, s0, s1, s2, s3, s4, s5, s6, s7, s8, k_base, v_base, k_desc, v_desc, kv_col,
+                                 stride_kt, offs_n, offs_d, T, BLOCK_N, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled; the scale folds into one FMA
         if not full:
             s = tl.where(allowed((n0 + offs_n)[None, :], lo1, hi1, lo2, offs_m), s, float("-inf"))

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from ..layout import PrefixLayout
 from ..schedule import AttentionTables, build_tables
-from .common import LOG2E, allowed, descriptor, interpret, packed_rows, tile_segments, tma_ok, walk_tile
+from .common import LOG2E, allowed, descriptor, interpret, packed_rows, tma_ok, walk_bounds, walk_tile
 from .config import FP8AttentionConfig, default_config
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
@@ -231,9 +231,8 @@ def fp8_fwd_kernel(
     m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
     v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
     sp = SCHED + tile * 10
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = tile_segments(sp)
-    n1 = s3 - s0
-    for i in range(0, n1 + (s9 - s4)):
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, n = walk_bounds(sp)
+    for i in range(0, n):
         j, full = walk_tile(i, s0, s1, s2, s3, s4, s5, s6, s7, s8)
         acc, l_i, m_i, v_prev = _fp8_step(
             acc, l_i, m_i, v_prev, q, qsc, k_base, vt_base, ks_base, vs_base, K_DESC, VT_DESC, kv_col, kv_col,
