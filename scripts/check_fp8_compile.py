@@ -50,8 +50,8 @@ def _fwd(d, cfg: FP8AttentionConfig, hq=HQ, hkv=HKV):
         types.update(K_DESC=f"tensordesc<fp8e4nv[{bn}, {d}]>", VT_DESC=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_DESC=None, VT_DESC=None)
-    # Named as before the kernel lost its unpacked, eight-loop and longest-first variants ("merged doc": one loop,
-    # position order), so that tables of either side compare.
+    # "merged doc": one loop over the key tiles, in position order (the kernel has no other variants); the name still
+    # says so, so that tables taken of older kernels compare row by row.
     name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages} pack{bm}tok x{hq // hkv}h"
             + (" tma" if cfg.tma else "") + " merged doc")
     return name, fn, types, consts, cfg.warps, cfg.stages

@@ -125,8 +125,8 @@ def _dq(name, bm, bn, w, s, tma=True):
     return name, fn, types, consts, w, s
 
 
-# Names as before the kernels lost their unpacked, eight-loop and longest-first variants (every kernel below packs the
-# GQA group, walks its tiles in one loop and runs them in position order), so that tables of either side compare.
+# Every kernel packs the GQA group ("pack"), walks its tiles in one loop ("merged") and runs them in position order;
+# the names still say so, so that tables taken of older kernels, which had other variants, compare row by row.
 VARIANTS = [
     # forward (default for a GQA group of 4: 16 tokens x 4 heads, 64 keys, 4 warps, 3 stages, TMA)
     _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3),

@@ -1,7 +1,7 @@
 """CPU tests of the FP8 forward (``prefix_attn.triton.fp8``): its pure-torch quantization reference, and the Triton
 kernels in Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it on machines without a GPU).
 
-Bounds are derived (DESIGN.md, style 7):
+Bounds are derived, not tuned:
 - Quantization round trip, per element: ``|deq - x| <= 2^-4 |x| + 2^-10 scale`` (e4m3 has 3 mantissa bits: half a
   step is 2^-4 of the value's binade start, so at most 2^-4 |x|; below 2^-6 * scale the subnormal step is
   2^-9 * scale, half of it 2^-10 * scale), plus fp32 slack (``fp8_reference.quantization_error_bound``).

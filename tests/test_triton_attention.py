@@ -1,7 +1,7 @@
 """CPU tests of the `triton` attention backend through Triton's interpreter (TRITON_INTERPRET=1).
 
 Outputs and dq, dk, dv are compared with a float64 computation of the mask (``attention_math`` on float64 inputs).
-Tolerances are derived (DESIGN.md, style 7): the kernel's relative error against float64 must be at most twice the
+Tolerances are derived, not tuned: the kernel's relative error against float64 must be at most twice the
 error of the same computation done by torch in the kernel's dtype (``attention_math`` in fp32 / fp16), plus a floor
 of four fp32 epsilons (relative to max(|truth|, |dO|)). fp32 and fp16 only: bf16 ``tl.dot`` is broken in the CPU interpreter.
 The kernels are the GPU's (GQA-packed forward and dq, one loop per tile, document-ordered launch, TMA loads), with

@@ -1,7 +1,7 @@
 """The fused table builder (``prefix_attn.triton.tables``) against the torch path, through Triton's interpreter.
 
 Every tensor of ``build_tables`` (position ids included) must be bit-identical to the torch reference (same integers,
-shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles (64/128). Rows
+shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the GPU's (64/128). Rows
 stay at a few hundred tokens: the interpreter runs every op in numpy.
 """
 
@@ -28,13 +28,13 @@ if type(tsch.token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no
     pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 16x16, kv 32 keys x 16, dq 16x16
-H100_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
-H100_G1_CFG = dataclasses.replace(H100_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
+GPU_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
+GPU_G1_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
 FP32_GPU_CFG = CONFIGS["cuda_fp32"]
 # query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
 SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
                                  dq_block_m=16, dq_block_n=64)
-CONFIGS = [CPU_CFG, H100_CFG, H100_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
+CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
 
 
 NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq")
@@ -110,7 +110,7 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("cfg", [CPU_CFG, H100_CFG], ids=["cpu", "h100"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_awkward_layouts(name, prefix, branches, cfg, monkeypatch):
     _check(prefix, branches, cfg, monkeypatch)
@@ -143,11 +143,11 @@ def test_position_ids_first_then_two_configs(monkeypatch):
     """position_ids before any attention (two launches, per-token tables only), then the schedules of two configs
     from the cached segment table (two launches each)."""
     prefix, branches = [20, 0, 33], [[13, 30, 1], [64], [1, 5, 8, 2]]
-    layout = _check(prefix, branches, H100_G1_CFG, monkeypatch, position_ids_first=True)
+    layout = _check(prefix, branches, GPU_G1_CFG, monkeypatch, position_ids_first=True)
     segs, tokens = layout.cached(tsch.Segments), layout.cached(sch.TokenTables)
     got = sch.build_tables(layout, SKEWED_CFG.tile_shape)
     assert layout.cached(tsch.Segments) is segs and got.tokens is tokens
-    _fused_only(layout, H100_G1_CFG.tile_shape, SKEWED_CFG.tile_shape)
+    _fused_only(layout, GPU_G1_CFG.tile_shape, SKEWED_CFG.tile_shape)
     _assert_same(got, _reference(prefix, branches, SKEWED_CFG, monkeypatch), "second config")
 
 

@@ -1,4 +1,4 @@
-"""prefix_attn: attention over packed rows of prefix-shared documents (shared/DESIGN.md, "The layout").
+"""prefix_attn: attention over packed rows of prefix-shared documents (``prefix_attn.layout`` defines the layout).
 
 Depends on torch (and triton for the `triton` backend) only; imports nothing from prefixdpo.
 """

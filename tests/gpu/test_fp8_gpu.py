@@ -4,7 +4,7 @@ GPU tiles.
 Run on a CUDA machine with FP8 tensor cores (compute capability >= 8.9; Hopper is the target):
 ``python -m pytest -m gpu tests/gpu/test_fp8_gpu.py -q``. The default (CPU) run deselects them.
 
-Tolerances (DESIGN.md, style 7; derivations in tests/test_fp8.py's module doc):
+Tolerances, derived rather than tuned (derivations in tests/test_fp8.py's module doc):
 - quantize kernel vs ``fp8_reference.quantize_reference``: scales and values bit for bit without rotation; with
   rotation (tensor-core sums in another order) scales to 32 fp32 eps, values to one e4m3 step on at most 0.1% of
   elements.

@@ -1,7 +1,7 @@
 """GPU tests of the `triton` backend (bf16/fp16, head dims 64/128, GPU tile sizes) and of `flex`, against float64.
 
 Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``. The default (CPU) run deselects them.
-Tolerance (DESIGN.md, style 7): kernel error vs float64 <= 2 x the error of ``attention_math`` run by torch in the
+Tolerance, derived rather than tuned: kernel error vs float64 <= 2 x the error of ``attention_math`` run by torch in the
 same dtype on the same GPU, plus four fp32 epsilons relative to max(|truth|, |dO|).
 """
 
@@ -155,7 +155,7 @@ def test_torch_compile_traces_the_op():
 
 
 def test_row_of_135k_tokens():
-    """A 135K-token row (33 documents of 4,096 tokens; issue 5 asks for rows up to 128K). Documents are independent,
+    """A 135K-token row (33 documents of 4,096 tokens; rows up to 128K must work). Documents are independent,
     so the first, a middle and the last document's outputs and q/k/v gradients, taken from the whole row's forward
     and backward, are checked against float64 on that document alone (the last sits past token 2^17: any 32-bit
     index overflow or tile arithmetic that drifts with T shows there)."""

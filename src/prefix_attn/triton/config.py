@@ -25,7 +25,7 @@ class IntFieldsConfig:
 
     @classmethod
     def from_list(cls, xs):
-        return cls(**{f.name: (bool(int(x)) if isinstance(f.default, bool) else int(x)) for f, x in zip(fields(cls), xs)})
+        return cls(**{f.name: bool(int(x)) if isinstance(f.default, bool) else int(x) for f, x in zip(fields(cls), xs)})
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class TritonAttentionConfig(IntFieldsConfig):
 # The configs ``default_config`` chooses from. On a GPU the packed kernels' *_block_m (query tokens per tile) is then
 # sized from the GQA group; the values here are those of a group of 4.
 CONFIGS = {
-    # 16-bit inputs on a GPU (head dims 64 and 128 alike): the H100 sweep of scripts/bench_attention.py
-    # (docs/PERFORMANCE.md, "doc_order_all_pack16").
+    # 16-bit inputs on a GPU (head dims 64 and 128 alike): the fastest of the sweep of scripts/bench_attention.py
+    # --sweep on Hopper (docs/PERFORMANCE.md, "doc_order_all_pack16").
     "cuda_16bit": TritonAttentionConfig(
         fwd_block_m=16, fwd_block_n=64, fwd_warps=4, fwd_stages=3, kv_block_m=64, kv_block_n=128, kv_warps=8,
         kv_stages=2, dq_block_m=32, dq_block_n=64, dq_warps=8, dq_stages=2, fwd_tma=True, bwd_tma=True),
@@ -76,7 +76,7 @@ CONFIGS = {
         kv_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4, dq_stages=1, fwd_tma=True, bwd_tma=True),
 }
 # MMA rows the packed kernels aim at on a GPU (tokens = rows / next_pow2(group), at least 16): 64 in the forward
-# (16 tokens x 4 heads, measured), 64 in the fp32 dq kernel, 128 in the 16-bit one; 8 warps beyond those rows.
+# (16 tokens x 4 heads: the sweep's fastest), 64 in the fp32 dq kernel, 128 in the 16-bit one; 8 warps beyond.
 _PACKED_ROWS = {"cuda_16bit": (64, 128), "cuda_fp32": (64, 64)}
 _OVERRIDE: TritonAttentionConfig | None = None
 
@@ -128,7 +128,8 @@ class FP8AttentionConfig(IntFieldsConfig):
 # The FP8 configs ``fp8_default_config`` chooses from. On a GPU ``block_m`` is then sized from the GQA group (64 MMA
 # rows); the value here is that of a group of 4.
 FP8_CONFIGS = {
-    # Head dims 64 and 128 alike: the H100 sweep of scripts/bench_attention.py --fp8-sweep (docs/PERFORMANCE.md).
+    # Head dims 64 and 128 alike: the fastest of the sweep of scripts/bench_attention.py --fp8-sweep on Hopper
+    # (docs/PERFORMANCE.md).
     "cuda": FP8AttentionConfig(block_m=16, block_n=64, warps=4, stages=4, tma=True, quant_warps=8),
     # The CPU interpreter: small tiles keep the tests fast and make short rows cross many tiles.
     "interpreter": FP8AttentionConfig(block_m=16, block_n=16, warps=4, stages=1, tma=True, quant_warps=8),

@@ -227,7 +227,8 @@ def token_tile_kernel(
     KV_BN: tl.constexpr, KV_BM: tl.constexpr,
     DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
 ):
-    """Per token: lo1, hi1, lo2, q_hi and position id (``PrefixLayout._per_token``); per tile: the schedule rows.
+    """Per token: lo1, hi1, lo2, q_hi and position id (as ``PrefixLayout.query_key_ranges`` and ``position_ids``);
+    per tile: the schedule rows.
 
     A prefix token of document d sees [doc_start, q] and is seen until the document ends; a branch token sees the
     prefix [doc_start, prefix_end) and [branch_start, q] and is seen until its branch ends.
