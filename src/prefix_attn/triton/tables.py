@@ -302,6 +302,8 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq) at ``tile`` (None:
     none), as ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside
     [1, 2**28), tile sizes not powers of two."""
+    if tile is None and tokens is not None:
+        return tokens, None
     T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
     sizes = [] if tile is None else [tile.fwd_m, tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_m, tile.dq_n]
     if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
