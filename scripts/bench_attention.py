@@ -82,61 +82,23 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# Config variants timed by --sweep: name -> fields replaced on the default config (``default_config``: forward 64x64,
-# 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; deterministic dq 128x64). Packed
-# kernels (fwd_pack_gqa / dq_pack_gqa) count *_block_m in TOKENS: the MMA has block_m x (Hq / Hkv) rows. The
-# comments say what each is predicted to move (scripts/check_sm90_compile.py shows the compiles: registers, spills,
-# shared memory).
+# Config variants timed by --sweep: name -> fields replaced on the default config (``default_config`` for a GQA group of
+# 4: forward 16 tokens x 64 keys, 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; dq 32
+# tokens x 64 keys, 8 warps, 2 stages). *_block_m of the forward and dq kernels count TOKENS: the MMA has
+# block_m x (Hq / Hkv) rows. The comments say what each is predicted to move (scripts/check_sm90_compile.py shows the
+# compiles: registers, spills, shared memory).
 SWEEP_VARIANTS = {
     "default": {},
-    # forward: one pipelined loop instead of 8 short ones (short branches: 2-5 key tiles split over 2-4 loops)
-    "fwd_merged": dict(fwd_merged=True),
-    # forward GQA packing: 16 tokens x 4 heads = 64 rows; same wgmma shape, 4x finer mask granularity, K/V from
-    # SMEM feeds 4 heads (predicted: the short-document layouts, p512_r128x8, gain most)
-    "fwd_pack16": dict(fwd_pack_gqa=True, fwd_block_m=16),
-    "fwd_pack16_merged": dict(fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True),
-    # 32 tokens x 4 heads = 128 rows over 2 warpgroups (no spills at 186 regs)
-    "fwd_pack32_merged_w8": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_warps=8),
+    # 32 tokens x 4 heads = 128 rows over 2 warpgroups
+    "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
-    "fwd_pack32_merged_n128_w8_s2": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_block_n=128,
-                                         fwd_warps=8, fwd_stages=2),
-    # backward: the KV-major kernel at 64x128/8 warps spills (255 regs, ~250 B/thread); merged loop spills half
-    "bwd_merged": dict(bwd_merged=True),
-    # 32-query steps: no spills (255 -> 0 B), 3 stages; isolates the spill effect (unmerged) and with the merge
+    "fwd_pack32_merged_n128_w8_s2": dict(fwd_block_m=32, fwd_block_n=128, fwd_warps=8, fwd_stages=2),
+    # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages
     "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
-    "bwd_merged_kv32_s3": dict(bwd_merged=True, kv_block_m=32, kv_stages=3),
-    # deterministic dq kernel GQA-packed: 32 tokens x 4 heads = 128 rows, K/V tiles reused by 4 heads
-    "dq_pack32": dict(dq_pack_gqa=True, dq_block_m=32),
-    "bwd_merged_dq_pack32": dict(bwd_merged=True, dq_pack_gqa=True, dq_block_m=32),
-    # everything predicted to help at once (two flavours of the forward)
-    "all_pack16": dict(fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True, bwd_merged=True, kv_block_m=32,
-                       kv_stages=3, dq_pack_gqa=True, dq_block_m=32),
-    # document-ordered launch (config ``doc_order``): the programs running at once share one document's K/V (and in
-    # the backward its q/dO), so they hit in L2; ncu on the default config read 1.0 GB from DRAM in the forward for
-    # 0.19 GB of q/k/v (L2 hit 67%) and 1.7 GB in the KV-major backward (36%)
-    "doc_order": dict(doc_order=True),
-    "doc_order_pack16_merged": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True),
-    "doc_order_all_pack16": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True, bwd_merged=True,
-                                 dq_pack_gqa=True, dq_block_m=32),
     # 32-key forward tiles: 3 stages in 64 KB of shared memory, so 3 programs per SM instead of 2 (more softmax/MMA
     # overlap between programs, the one kind of overlap Triton 3.6 gives on Hopper without warp specialization)
-    "doc_order_pack16_merged_n32": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True,
-                                        fwd_block_n=32),
-    "all_pack32_w8": dict(fwd_pack_gqa=True, fwd_block_m=32, fwd_merged=True, fwd_warps=8, bwd_merged=True,
-                          kv_block_m=32, kv_stages=3, dq_pack_gqa=True, dq_block_m=32),
-    # FA3-style intra-warpgroup overlap (config ``fwd_prefetch_qk``): the next key tile's QK^T wgmma stays in flight
-    # under the current tile's softmax (P@V deferred one iteration, synchronous). ncu on the best forward: tensor
-    # pipe 51% active, issue/latency bound, the softmax never overlapping an MMA. sm_90a compile (16 tok x 4 heads,
-    # 64-key tiles, 4 warps): 217 regs (172 without), no spills, same shared memory (112 KB at 3 stages, 80 at 2)
-    "doc_order_all_pack16_prefetch": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True,
-                                          bwd_merged=True, dq_pack_gqa=True, dq_block_m=32, fwd_prefetch_qk=True),
-    "doc_order_all_pack16_prefetch_s2": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=16, fwd_merged=True,
-                                             bwd_merged=True, dq_pack_gqa=True, dq_block_m=32, fwd_prefetch_qk=True,
-                                             fwd_stages=2),
-    # 32 tokens x 4 heads = 128 rows over 2 warpgroups (215 regs, 128 KB: one CTA of 8 warps per SM)
-    "doc_order_all_pack32_w8_prefetch": dict(doc_order=True, fwd_pack_gqa=True, fwd_block_m=32, fwd_warps=8,
-                                             fwd_merged=True, bwd_merged=True, dq_pack_gqa=True, dq_block_m=32,
-                                             fwd_prefetch_qk=True),
+    "doc_order_pack16_merged_n32": dict(fwd_block_n=32),
+    "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3),
 }
 
 
@@ -221,15 +183,10 @@ def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
 
 FP8_SWEEP = {  # FP8AttentionConfig fields over the default; times the FP8 call (quantize included) per layout
     "default": {},
-    "unpacked_128x128_8loops": dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3, merged=False),
-    "unpacked_128x128_merged": dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3),
-    "unpacked_64x128_w4": dict(pack_gqa=False, block_m=64, block_n=128, warps=4, stages=3),
-    "unpacked_64x64_w4": dict(pack_gqa=False, block_m=64, block_n=64, warps=4, stages=3),
-    # GQA packing (pack_gqa): block_m counts query TOKENS, the MMA has block_m x (Hq/Hkv) rows (16 x 4 = 64)
-    "pack16_s3": dict(pack_gqa=True, block_m=16, block_n=64, warps=4, stages=3),
-    "pack16_n128_s3": dict(pack_gqa=True, block_m=16, block_n=128, warps=4, stages=3),  # 255 regs at D=128
-    "pack32_w8_s3": dict(pack_gqa=True, block_m=32, block_n=64, warps=8, stages=3),  # 32 x 4 = 128 rows
-    "pack16_longest_first": dict(doc_order=False),
+    # block_m counts query TOKENS, the MMA has block_m x (Hq/Hkv) rows (16 x 4 = 64)
+    "pack16_s3": dict(block_m=16, block_n=64, warps=4, stages=3),
+    "pack16_n128_s3": dict(block_m=16, block_n=128, warps=4, stages=3),  # 255 regs at D=128
+    "pack32_w8_s3": dict(block_m=32, block_n=64, warps=8, stages=3),  # 32 x 4 = 128 rows
 }
 
 
@@ -237,14 +194,12 @@ def run_fp8_sweep(args):
     """``--fp8-sweep``: FP8AttentionConfig variants (FP8_SWEEP) against the bf16 default forward, per layout."""
     from dataclasses import replace
 
-    from prefix_attn import PrefixLayout  # noqa: F401
-    from prefix_attn import triton_attention as ta
-    from prefix_attn import triton_fp8 as tf
+    from prefix_attn import triton as ta
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
-    base = tf.fp8_default_config(D, dev)
+    base = ta.fp8_default_config(D, dev, Hq // Hkv)
     print(f"\n## FP8 sweep ({torch.cuda.get_device_name(dev)}); ms = quantize + attention; x bf16 = bf16 ms / fp8 ms")
     print(f"{'layout':<14}{'variant':<26}{'ms':>8}{'TF/s':>6}{'x bf16':>8}{'rel diff':>10}")
     for name in args.layouts:
@@ -258,8 +213,8 @@ def run_fp8_sweep(args):
             for vname, fields_ in FP8_SWEEP.items():
                 cfg = replace(base, **fields_)
                 try:
-                    o = tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg)
-                    ms = bench(lambda: tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg))
+                    o = ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg)
+                    ms = bench(lambda: ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg))
                 except Exception as e:  # a config that does not compile (shared memory) is skipped
                     print(f"{name:<14}{vname:<26} failed {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -280,9 +235,9 @@ def run_fp8(args):
     """
     import triton
 
-    from prefix_attn import triton_attention as ta
-    from prefix_attn import triton_fp8 as tf
+    from prefix_attn import triton as ta
     from prefix_attn.reference import attention_math
+    from prefix_attn.triton.fp8 import launch_fp8_forward
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -291,8 +246,8 @@ def run_fp8(args):
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     csv_path = args.csv or os.path.join(os.environ.get("OUT", "."), "bench_attention.csv")
     cfg16 = ta.default_config(D, dtype, dev, Hq // Hkv)
-    cfg8 = tf.fp8_default_config(D, dev)
-    ok, why = tf.fp8_supported(dev, dtype, D)
+    cfg8 = ta.fp8_default_config(D, dev, Hq // Hkv)
+    ok, why = ta.fp8_supported(dev, dtype, D)
     if not ok:
         print(f"--fp8: triton_fp8 does not run here ({why})")
         return
@@ -316,19 +271,19 @@ def run_fp8(args):
         flops = 4 * Hq * D * pairs
         q, k, v = inputs(T, 1)
         out = torch.empty_like(q)
-        sched, order, tok = tf.fp8_schedules(lay, cfg8, D, dtype, Hq // Hkv)  # cached on the layout, as in training
+        t8 = ta.fp8_tables(lay, cfg8, D, dtype, Hq // Hkv)  # cached on the layout, as in training
         with torch.no_grad():
             t16 = bench(lambda: ta.triton_prefix_attention(q, k, v, lay, config=cfg16))
             rows.append(dict(kind="speed", layout=name, T=T, impl=args.dtype, pairs=pairs, fwd_ms=t16,
                              quant_ms=float("nan"), attn_ms=t16, tflops=flops / t16 * 1e-9, x_16bit=1.0))
             for rot in (False, True):
                 def quant(rot=rot):
-                    return tf.quantize_qkv_fp8(q, k, v, cfg8.block_m, cfg8.block_n, rot, cfg8.quant_warps)
+                    return ta.quantize_qkv_fp8(q, k, v, cfg8.block_m, cfg8.block_n, rot, cfg8.quant_warps)
 
                 x = quant()
                 t_q = bench(quant)
-                t_a = bench(lambda: tf._launch_fp8_fwd(x, sched, order, tok, D**-0.5, cfg8, out))
-                t_all = bench(lambda rot=rot: tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=rot, config=cfg8,
+                t_a = bench(lambda: launch_fp8_forward(x, t8.fwd, t8.tokens.ranges, D**-0.5, cfg8, out))
+                t_all = bench(lambda rot=rot: ta.triton_fp8_prefix_attention(q, k, v, lay, rotate=rot, config=cfg8,
                                                                               out=out))
                 rows.append(dict(kind="speed", layout=name, T=T, impl="fp8_rotate" if rot else "fp8", pairs=pairs,
                                  fwd_ms=t_all, quant_ms=t_q, attn_ms=t_a, tflops=flops / t_all * 1e-9,
@@ -344,8 +299,8 @@ def run_fp8(args):
             truth = attention_math(q.double(), k.double(), v.double(), lay)
             with torch.no_grad():
                 outs = {args.dtype: ta.triton_prefix_attention(q, k, v, lay, config=cfg16),
-                        "fp8": tf.triton_fp8_prefix_attention(q, k, v, lay, config=cfg8),
-                        "fp8_rotate": tf.triton_fp8_prefix_attention(q, k, v, lay, rotate=True, config=cfg8)}
+                        "fp8": ta.triton_fp8_prefix_attention(q, k, v, lay, config=cfg8),
+                        "fp8_rotate": ta.triton_fp8_prefix_attention(q, k, v, lay, rotate=True, config=cfg8)}
             for impl, o in outs.items():
                 err = ((o.double() - truth).norm() / truth.norm()).item()
                 acc.append(dict(kind="accuracy", layout=name, T=lay.total_tokens, impl=impl, data=data, rel_err=err,
@@ -419,8 +374,9 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from prefix_attn import PrefixLayout
-    from prefix_attn import triton_attention as ta
+    from prefix_attn import triton as ta
     from prefix_attn.flex import build_block_mask, flex_prefix_attention
+    from prefix_attn.schedule import ENV_FLAG, build_tables
 
     dev = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -471,13 +427,12 @@ def main(argv=None):
         d = lay.to_dict()
 
         def build_ours():
-            ta.build_schedules(PrefixLayout.from_dict(d), best)
+            build_tables(PrefixLayout.from_dict(d), best.tile_shape)
 
         build_ours()
         t_build = host_median_ms(build_ours, 50)
         t_build_dev = device_median_ms(build_ours, 50)  # GPU time of the same build (its launches back to back)
         # The same build through the torch reference path (the fused Triton builder switched off).
-        from prefix_attn.triton_schedule import ENV_FLAG
 
         saved = os.environ.get(ENV_FLAG)
         os.environ[ENV_FLAG] = "0"
@@ -554,7 +509,7 @@ def main(argv=None):
             print(f"{name:<14}{r['T']:>6} {impl:<19}{r['fwd_ms']:>8.3f}{r['fwd_tflops']:>6.0f}"
                   f"{r['fwd_tflops'] / dn['fwd_tflops']:>8.2f}{r['fwdbwd_ms']:>8.3f}{r['fwdbwd_tflops']:>6.0f}"
                   f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{r['build_ms']:>9.3f}")
-    print("(build ms: ours = PrefixLayout.from_dict + build_schedules from device lengths; flex = create_block_mask;"
+    print("(build ms: ours = PrefixLayout.from_dict + build_tables from device lengths; flex = create_block_mask;"
           f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
           f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']};"
           f" ours, GPU time between events: {[round(r['build_device_ms'], 3) for r in rows if r['impl'] == 'ours']})")

@@ -1,4 +1,4 @@
-"""Compile the FP8 forward's kernels (``prefix_attn.triton_fp8``) for Hopper (sm_90a) without a GPU; report what
+"""Compile the FP8 forward's kernels (``prefix_attn.triton.fp8``) for Hopper (sm_90a) without a GPU; report what
 the compiler did, as scripts/check_sm90_compile.py does for the 16-bit kernels (whose helpers this reuses).
 
 Per variant: wgmma instructions (and how many are e4m3), TMA loads, e4m3 conversions (``cvt...e4m3x2``), shared
@@ -14,17 +14,19 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_sm90_compile as c  # noqa: E402
 
-from prefix_attn import triton_fp8 as tf  # noqa: E402
+from prefix_attn.triton.config import FP8_CONFIGS, FP8AttentionConfig  # noqa: E402
+from prefix_attn.triton.fp8 import fp8_fwd_kernel, fp8_quantize_kernel  # noqa: E402
 
 HQ, HKV = 32, 8
 
 
 def _quant(d, dt, rot, warps=8, block=128, block_kv=None, q_tiles=1):
-    fn = tf._quant_qkv_kernel
+    fn = fp8_quantize_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32",
                  KS="*fp32", VS="*fp32", R=f"*{dt}", rsqrt_d="fp32")
@@ -35,26 +37,23 @@ def _quant(d, dt, rot, warps=8, block=128, block_kv=None, q_tiles=1):
     return f"quant {dt} D={d} rotate={rot} w{warps}{tiles}", fn, types, consts, warps, 1
 
 
-def _fwd(d, cfg: tf.FP8AttentionConfig, hq=HQ, hkv=HKV):
-    fn = tf._fp8_fwd_packed_kernel if cfg.pack_gqa else tf._fp8_fwd_kernel
+def _fwd(d, cfg: FP8AttentionConfig, hq=HQ, hkv=HKV):
+    fn = fp8_fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16",
-                 SCHED="*i32", ORDER="*i32", TOK="*i32", sm_scale_log2="fp32")
+                 SCHED="*i32", TOK="*i32", sm_scale_log2="fp32")
     bm, bn = cfg.block_m, cfg.block_n
-    consts = dict(GROUPS=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma, MERGED=cfg.merged,
-                  DOC_ORDER=cfg.doc_order, EXACT_CAST=False)
-    if cfg.pack_gqa:
-        gp2 = 1 << (hq // hkv - 1).bit_length()
-        consts.update(H_KV=hkv, GROUPS_P2=gp2)
-    else:
-        consts.update(H_Q=hq)
+    gp2 = 1 << (hq // hkv - 1).bit_length()
+    consts = dict(H_KV=hkv, GROUPS=hq // hkv, GROUPS_P2=gp2, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma,
+                  EXACT_CAST=False)
     if cfg.tma:
         types.update(K_DESC=f"tensordesc<fp8e4nv[{bn}, {d}]>", VT_DESC=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_DESC=None, VT_DESC=None)
-    pack = f" pack{bm}tok x{hq // hkv}h" if cfg.pack_gqa else ""
-    name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages}{pack}" + (" tma" if cfg.tma else "")
-            + (" merged" if cfg.merged else "") + (" doc" if cfg.doc_order else ""))
+    # "merged doc": one loop over the key tiles, in position order (the kernel has no other variants); the name still
+    # says so, so that tables taken of older kernels compare row by row.
+    name = (f"fwd D={d} {bm}x{bn} w{cfg.warps} s{cfg.stages} pack{bm}tok x{hq // hkv}h"
+            + (" tma" if cfg.tma else "") + " merged doc")
     return name, fn, types, consts, cfg.warps, cfg.stages
 
 
@@ -64,23 +63,17 @@ def variants():
         for dt in ("bf16", "fp16"):
             for rot in (False, True):
                 out.append(_quant(d, dt, rot))
-        base = tf._FP8_CONFIGS[d]
-        flat = dict(pack_gqa=False, block_m=128, block_n=128, warps=8, stages=3, merged=False)  # the unpacked kernel
-        for kw in (flat, {**flat, "merged": True}, {**flat, "block_n": 64}, {**flat, "block_m": 64, "warps": 4},
-                   {**flat, "stages": 4}, {**flat, "tma": False}, {**flat, "doc_order": False}):
-            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **kw})))
-        # GQA-packed (pack_gqa): block_m tokens x 4 heads (Llama-3-8B), the FP8_SWEEP entries; then group sizes 3
-        # (padded to 4), 8 and 1 at 64-128 MMA rows.
-        for w in (4, 8):  # the packed quantize of q: 16-token tiles, 4 per program (64 rows), K/V 64-key tiles
+        base = FP8_CONFIGS["cuda"]
+        # block_m tokens x 4 heads (Llama-3-8B), the FP8_SWEEP entries; then group sizes 3 (padded to 4), 8 and 1 at
+        # 64-128 MMA rows.
+        for w in (4, 8):  # the quantize of q in 16-token tiles, 4 per program (64 rows), K/V 64-key tiles
             out.append(_quant(d, "bf16", False, w, 16, 64, 4))
         out.append(_quant(d, "bf16", True, 4, 16, 64, 4))
-        pk = dict(pack_gqa=True, merged=True, doc_order=True)
         for kw in (dict(block_m=16, block_n=64, warps=4), dict(block_m=16, block_n=128, warps=4),
-                   dict(block_m=32, block_n=64, warps=8), dict(block_m=16, block_n=64, warps=4, merged=False),
-                   dict(block_m=16, block_n=64, warps=4, tma=False)):
-            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **pk, **kw})))
+                   dict(block_m=32, block_n=64, warps=8), dict(block_m=16, block_n=64, warps=4, tma=False)):
+            out.append(_fwd(d, replace(base, **kw)))
         for hq, hkv, bm, w in ((24, 8, 16, 4), (64, 8, 16, 8), (8, 8, 64, 4)):
-            out.append(_fwd(d, tf.FP8AttentionConfig(**{**base.__dict__, **pk, "block_m": bm, "warps": w}), hq, hkv))
+            out.append(_fwd(d, replace(base, block_m=bm, warps=w), hq, hkv))
     return out
 
 
@@ -95,7 +88,7 @@ def main(argv=None):
         if args.only not in name:
             continue
         try:
-            k = c._compile(fn, types, consts, w, s)
+            k = c.compile_sm90(fn, types, consts, w, s)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<46} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -104,7 +97,7 @@ def main(argv=None):
         e4 = len(re.findall(r"wgmma\.mma_async[^;]*e4m3", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cvt = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx))
-        regs, sst, sld, err, _serialized = c._ptxas(ptx)
+        regs, sst, sld, err, _serialized = c.ptxas_stats(ptx)
         print(f"{name:<46}{wg:>6}{e4:>5}{tma:>7}{cvt:>9}{k.metadata.shared / 1024:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
         if err:
             print("   ptxas:", err[:300])

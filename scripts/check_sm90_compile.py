@@ -4,8 +4,8 @@ For each variant: wgmma instructions in the PTX, whether the key/query loop got 
 ``cp.async.bulk.tensor`` or ``cp.async``), shared memory per program (Triton's metadata), and ptxas's registers per
 thread and spill bytes (the bundled ptxas, ``-v``). ``ex2@mma``: the most ``ex2`` (softmax exponentials) issued
 between a ``wgmma.commit_group`` and the next ``wgmma.wait_group`` in the PTX text, i.e. softmax work with a wgmma in
-flight (0: the softmax never overlaps an MMA; ``fwd_prefetch_qk`` aims at one tile's worth, 32 + 2 per thread at
-64x64 / 4 warps); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing any such overlap). Run on any machine with Triton (no GPU needed):
+flight (0: the softmax never overlaps an MMA); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing
+any such overlap). Run on any machine with Triton (no GPU needed):
 
     python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
     python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"
@@ -28,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from prefix_attn import triton_attention as ta  # noqa: E402
+from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
+from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 
 G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
 DT = "bf16"
@@ -38,7 +39,7 @@ def _desc(rows):
     return f"tensordesc<{DT}[{rows}, {D}]>"
 
 
-def _compile(fn, types, consts, num_warps, num_stages):
+def compile_sm90(fn, types, consts, num_warps, num_stages):
     """types: arg name -> signature type (constexprs are filled in from consts)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -53,7 +54,8 @@ def _compile(fn, types, consts, num_warps, num_stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def _ptxas(ptx: str):
+def ptxas_stats(ptx: str):
+    """(registers, spill store bytes, spill load bytes, ptxas's output if it failed, whether it reports C7514)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
@@ -84,17 +86,12 @@ def _ex2_in_flight(ptx: str) -> int:
     return best
 
 
-def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False, prefetch=False):
-    fn = ta._fwd_packed_kernel if pack else ta._fwd_kernel
+def _fwd(name, bm, bn, w, s, tma=True):
+    fn = fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
-    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", ORDER="*i32",
-                 TOK="*i32", qk_scale="fp32")
-    consts = dict(GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32", MERGED=merged,
-                  PREFETCH=prefetch)
-    if pack:
-        consts.update(H_KV=HKV, GROUPS_P2=G)
-    else:
-        consts.update(H_Q=HKV * G)
+    types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32",
+                 qk_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -102,13 +99,12 @@ def _fwd(name, bm, bn, w, s, tma=True, pack=False, merged=False, prefetch=False)
     return name, fn, types, consts, w, s
 
 
-def _kv(name, bm, bn, w, s, tma=True, merged=False, atomic=False):
-    fn = ta._bwd_kv_kernel
+def _kv(name, bm, bn, w, s, tma=True):
+    fn = bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
-                 DV=f"*{DT}", DQ="*fp32", SCHED="*i32", ORDER="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, USE_TMA=tma,
-                  DOT_PREC="tf32", MERGED=merged)
+                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(Q_DESC=_desc(bm), DO_DESC=_desc(bm))
     else:
@@ -116,13 +112,12 @@ def _kv(name, bm, bn, w, s, tma=True, merged=False, atomic=False):
     return name, fn, types, consts, w, s
 
 
-def _dq(name, bm, bn, w, s, tma=True, merged=False, pack=False):
-    fn = ta._bwd_dq_kernel
+def _dq(name, bm, bn, w, s, tma=True):
+    fn = bwd_dq_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
-                 SCHED="*i32", ORDER="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_Q=HKV * G, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
-                  MERGED=merged, PACK=pack, GROUPS_P2=G if pack else 1)
+                 SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -130,35 +125,21 @@ def _dq(name, bm, bn, w, s, tma=True, merged=False, pack=False):
     return name, fn, types, consts, w, s
 
 
+# Every kernel packs the GQA group ("pack"), walks its tiles in one loop ("merged") and runs them in position order;
+# the names still say so, so that tables taken of older kernels, which had other variants, compare row by row.
 VARIANTS = [
-    # forward (default: 64x64, 4 warps, 3 stages, TMA)
-    _fwd("fwd 64x64 w4 s3 (default)", 64, 64, 4, 3),
-    _fwd("fwd 64x64 w4 s3 merged", 64, 64, 4, 3, merged=True),
-    _fwd("fwd pack 16tok(x4=64 rows) x64 w4 s3", 16, 64, 4, 3, pack=True),
-    _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3, pack=True, merged=True),
-    _fwd("fwd pack 32tok(x4=128 rows) x64 w8 s3", 32, 64, 8, 3, pack=True),
-    _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3, pack=True, merged=True),
-    _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2, pack=True, merged=True),
-    _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2, pack=True, merged=True),
-    # fwd_prefetch_qk: next tile's QK^T in flight under the softmax (the "overlap" column checks the TTGIR)
-    _fwd("fwd pack 16tok x64 w4 s3 merged prefetch", 16, 64, 4, 3, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 16tok x64 w4 s2 merged prefetch", 16, 64, 4, 2, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 16tok x64 w4 s3 prefetch no-TMA", 16, 64, 4, 3, tma=False, pack=True, merged=True, prefetch=True),
-    _fwd("fwd pack 32tok x64 w8 s3 merged prefetch", 32, 64, 8, 3, pack=True, merged=True, prefetch=True),
-    _fwd("fwd 128x64 w8 s3 merged prefetch", 128, 64, 8, 3, merged=True, prefetch=True),
+    # forward (default for a GQA group of 4: 16 tokens x 4 heads, 64 keys, 4 warps, 3 stages, TMA)
+    _fwd("fwd pack 16tok x64 w4 s3 merged", 16, 64, 4, 3),
+    _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
+    _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
+    _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
     # KV-major backward (default: 64 queries x 128 keys, 8 warps, 2 stages, TMA)
-    _kv("kv 64x128 w8 s2 (default)", 64, 128, 8, 2),
-    _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2, merged=True),
-    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3, merged=True),
-    _kv("kv 32x128 w8 s3", 32, 128, 8, 3),
-    _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3, merged=True),
-    _kv("kv 64x128 w8 s2 merged atomic-dq", 64, 128, 8, 2, merged=True, atomic=True),
-    # deterministic dq kernel (default: 128 x 64, 8 warps, 2 stages, TMA)
-    _dq("dq 128x64 w8 s2 (default)", 128, 64, 8, 2),
-    _dq("dq 128x64 w8 s2 merged", 128, 64, 8, 2, merged=True),
-    _dq("dq pack 32tok(x4=128 rows) x64 w8 s2", 32, 64, 8, 2, pack=True),
-    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2, pack=True, merged=True),
-    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2, pack=True, merged=True),
+    _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2),
+    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3),
+    _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3),
+    # dq kernel (default for a GQA group of 4: 32 tokens x 4 heads, 64 keys, 8 warps, 2 stages, TMA)
+    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
+    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2),
 ]
 
 
@@ -174,7 +155,7 @@ def main(argv=None):
         if args.only not in name:
             continue
         try:
-            k = _compile(fn, types, consts, w, s)
+            k = compile_sm90(fn, types, consts, w, s)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<44} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -182,7 +163,7 @@ def main(argv=None):
         wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cpa = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))
-        regs, sst, sld, err, serial = _ptxas(ptx)
+        regs, sst, sld, err, serial = ptxas_stats(ptx)
         smem = k.metadata.shared / 1024
         print(f"{name:<44}{wgmma:>6}{tma:>7}{cpa:>9}{smem:>8.1f}{regs:>5}{sst:>8}/{sld:<6}{_ex2_in_flight(ptx):>8}"
               f"{'yes' if serial else 'no':>4}")

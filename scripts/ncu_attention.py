@@ -1,7 +1,7 @@
 """The program Nsight Compute profiles (scripts/ncu_attention.sh): one forward + backward of our Triton attention on a
 16K-token row, after warm-up, inside ``cudaProfilerStart/Stop`` so that ``ncu --profile-from-start off`` sees only
-the timed call: the forward kernel (``_fwd_kernel`` or ``_fwd_packed_kernel``), the KV-major backward
-(``_bwd_kv_kernel``) and the deterministic dq kernel (``_bwd_dq_kernel``), one launch each. The schedule build and
+the timed call: the forward kernel (``fwd_kernel``), the KV-major backward
+(``bwd_kv_kernel``) and the dq kernel (``bwd_dq_kernel``), one launch each. The schedule build and
 the compiles happen during the warm-up, outside the profiled range.
 
     python scripts/ncu_attention.py --variant default --layout p2048_r256x2   # alone: prints the timed call's ms
@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from prefix_attn import triton_attention as ta
+    from prefix_attn import triton as ta
 
     dev = torch.device("cuda")
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Nsight Compute on our attention kernels: one forward (_fwd_kernel / _fwd_packed_kernel), one KV-major backward
-# (_bwd_kv_kernel) and one dq kernel (_bwd_dq_kernel) launch of a 16K-token row, after warm-up
+# Nsight Compute on our attention kernels: one forward (fwd_kernel), one KV-major backward
+# (bwd_kv_kernel) and one dq kernel (bwd_dq_kernel) launch of a 16K-token row, after warm-up
 # (scripts/ncu_attention.py brackets the profiled call with cudaProfilerStart/Stop). About a minute on an H100.
 #
 #   PYTHONPATH=kernels OUT=/tmp/ncu bash scripts/ncu_attention.sh [VARIANT ...]     (variants: SWEEP_VARIANTS names)
@@ -46,7 +46,7 @@ echo "# $NCU; metrics: $METRICS"
 for VARIANT in "${@:-default}"; do
   REP="$OUT/ncu_${VARIANT}_${LAYOUT}"
   "$NCU" --clock-control none --profile-from-start off \
-    --kernel-name regex:'^_(fwd|fwd_packed|bwd_kv|bwd_dq)_kernel$' --launch-skip 0 --launch-count 3 \
+    --kernel-name regex:'^(fwd|bwd_kv|bwd_dq)_kernel$' --launch-skip 0 --launch-count 3 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
     --section WarpStateStats --metrics "$METRICS" \
     --export "$REP" --force-overwrite \

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from conftest import ARCHS, make_pairs, make_tokenizer, tiny_model
-from prefix_attn import PrefixLayout, attention_tables, prefix_attention
+from prefix_attn import PrefixLayout, attention_tables, position_ids, prefix_attention, use_tables
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 from prefixdpo.data.collator import PrefixPackingCollator
 from test_exactness import VOCAB, dpo_loss, packed_logps, packed_model, random_examples, rel
@@ -57,11 +57,32 @@ def test_triton_tables_have_the_same_shapes_for_every_row_of_one_length(groups):
     for prefix, branches in LAYOUTS + [([30, 2], [[10, 10], [5, 1]])]:
         padded = PrefixLayout.from_lengths(prefix, branches).padded(total)
         tables = attention_tables(padded, "triton", torch.float32, 16, groups)
-        flat = {k: [t.shape for t in (v if isinstance(v, tuple) else (v,))] for k, v in tables.items()}
-        assert "position_ids" in flat and "triton_tok" in flat
-        shapes.append(flat)
+        assert tables.tokens.position_ids.shape == (total,) and tables.tokens.ranges.shape == (3, total)
+        shapes.append([t.shape for t in tables.tensors()])
     assert all(s == shapes[0] for s in shapes)
     assert attention_tables(PrefixLayout.from_lengths([3], [[2, 2]]), "reference", torch.float32, 16, 1) is None
+
+
+def test_a_layout_reads_the_tables_it_is_given():
+    # What a graph does with the tables (prefixdpo.modeling.graphs._Tables): a copy of a padded layout reads tensors of
+    # its own (use_tables), refilled from another row's tables of the same length (copy_); the attention then
+    # computes that row's output and derives nothing else on the layout (cached_keys).
+    from prefix_attn.triton import triton_prefix_attention
+
+    total = 64
+    a, b = (PrefixLayout.from_lengths(p, br).padded(total) for p, br in LAYOUTS[:2])
+    static = PrefixLayout.from_dict(a.to_dict())
+    tables = attention_tables(a, "triton", torch.float32, 16, 2).clone()
+    use_tables(static, tables)
+    derived = static.cached_keys()
+    tables.copy_(attention_tables(b, "triton", torch.float32, 16, 2))
+    assert torch.equal(position_ids(static), b.position_ids)
+    q, k, v = (torch.randn(total, h, 16, generator=torch.Generator().manual_seed(0)) for h in (4, 2, 2))
+    torch.testing.assert_close(triton_prefix_attention(q, k, v, static), triton_prefix_attention(q, k, v, b),
+                               rtol=0, atol=0)
+    assert static.cached_keys() == derived
+    with pytest.raises(ValueError, match="built tables of its own"):
+        use_tables(static, tables)
 
 
 def test_ref_cuda_graphs_on_the_cpu_trains_as_without(tmp_path):

@@ -1,7 +1,7 @@
-"""CPU tests of the FP8 forward (``triton_fp8``): its pure-torch quantization reference, and the Triton kernels in
-Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it on machines without a GPU).
+"""CPU tests of the FP8 forward (``prefix_attn.triton.fp8``): its pure-torch quantization reference, and the Triton
+kernels in Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it on machines without a GPU).
 
-Bounds are derived (DESIGN.md, style 7):
+Bounds are derived, not tuned:
 - Quantization round trip, per element: ``|deq - x| <= 2^-4 |x| + 2^-10 scale`` (e4m3 has 3 mantissa bits: half a
   step is 2^-4 of the value's binade start, so at most 2^-4 |x|; below 2^-6 * scale the subnormal step is
   2^-9 * scale, half of it 2^-10 * scale), plus fp32 slack (``fp8_reference.quantization_error_bound``).
@@ -13,8 +13,9 @@ Bounds are derived (DESIGN.md, style 7):
   epsilons. The shared quantization error dominates both; the factor 2 leaves room for the kernel's different
   rounding order of P (running max instead of the row max), not for a wrong scale or mask.
 fp8 ``tl.dot`` works in the interpreter; its fp32 -> e4m3 conversion does not at binade carries, so the kernels
-round on the e4m3 grid in fp32 first there (``EXACT_CAST``, triton_fp8 module doc). Small tiles (32-row query
-tiles, 16-key tiles) so that short rows cross many tiles.
+round on the e4m3 grid in fp32 first there (``EXACT_CAST``, the fp8 module's doc). The attention kernel is the
+GPU's (GQA-packed, one loop per tile, document-ordered launch, TMA loads) with small tiles (16-token query tiles,
+16-key tiles) so that short rows cross many tiles.
 """
 
 from __future__ import annotations
@@ -150,11 +151,13 @@ def test_rotation_lowers_error_on_outlier_channels(seed):
 # -------------------------------------------------------------------------------- Triton kernels (the interpreter)
 
 triton = pytest.importorskip("triton")
-from prefix_attn import triton_fp8 as tf  # noqa: E402
+from prefix_attn import triton as tf  # noqa: E402
+from prefix_attn.triton import fp8 as fp8_kernels  # noqa: E402
 
-_INTERPRETED = type(tf._fp8_fwd_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not _INTERPRETED, reason="triton_fp8 was imported before TRITON_INTERPRET=1 "
-                                       "was set (or a GPU machine: tests/gpu/test_fp8_gpu.py covers it)")
+_INTERPRETED = type(fp8_kernels.fp8_fwd_kernel).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(not _INTERPRETED, reason="prefix_attn.triton was imported before "
+                                       "TRITON_INTERPRET=1 was set (or a GPU machine: tests/gpu/test_fp8_gpu.py "
+                                       "covers it)")
 
 
 def _qkv(T, hq, hkv, d, dtype, seed):
@@ -249,10 +252,11 @@ def test_attention_gqa_and_rotation(hq, hkv, rotate):
 @needs_interpreter
 @pytest.mark.parametrize(
     "cfg",
-    [tf.FP8AttentionConfig(32, 16, 4, 1, tma=True), tf.FP8AttentionConfig(16, 32, 4, 1, tma=True, merged=True),
-     tf.FP8AttentionConfig(32, 32, 4, 1, tma=False, merged=True, doc_order=True),
-     tf.FP8AttentionConfig(16, 16, 4, 1, tma=True, doc_order=True)],
-    ids=["tma", "tma_merged_bm_lt_bn", "merged_doc_order", "tma_doc_order"],
+    [tf.FP8AttentionConfig(block_m=32, block_n=16, warps=4, stages=1, tma=True),
+     tf.FP8AttentionConfig(block_m=8, block_n=32, warps=4, stages=1, tma=True),
+     tf.FP8AttentionConfig(block_m=16, block_n=32, warps=4, stages=1, tma=False),
+     tf.FP8AttentionConfig(block_m=16, block_n=16, warps=4, stages=1, tma=False)],
+    ids=["tma_bm_gt_bn", "tma_bm_lt_bn", "plain_loads", "plain_loads_16x16"],
 )
 def test_attention_configs(cfg):
     layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
@@ -306,13 +310,10 @@ def test_grad_requiring_call_raises():
 
 
 def test_unsupported_falls_back_with_a_warning(monkeypatch, caplog):
-    import prefix_attn.ops as ops
-
     monkeypatch.setattr(tf, "fp8_supported", lambda device, dtype=None, head_dim=None: (False, "no FP8 here (test)"))
-    monkeypatch.setattr(ops, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="prefix_attn.ops"):
         name = resolve_backend("triton_fp8", torch.device("cpu"), torch.float16, 32)
-    triton_runs = ops._triton_backend()[1](torch.device("cpu"), torch.float16, 32)[0]  # the interpreter: yes
+    triton_runs = tf.triton_supported(torch.device("cpu"), torch.float16, 32)[0]  # the interpreter: yes
     assert name == ("triton" if triton_runs else "reference")
     assert "no FP8 here (test)" in caplog.text and "falling back" in caplog.text
 
@@ -325,41 +326,35 @@ def test_supported():
 
 
 def test_config_list_roundtrip():
-    cfg = tf.FP8AttentionConfig(64, 128, 4, 4, tma=False, merged=True, doc_order=True, quant_warps=4)
+    cfg = tf.FP8AttentionConfig(block_m=64, block_n=128, warps=4, stages=4, tma=False, quant_warps=4)
     assert tf.FP8AttentionConfig.from_list(cfg.as_list()) == cfg
 
 
-# ------------------------------------------------------------------------------------------- GQA packing (pack_gqa)
+# ------------------------------------------------------------------------------------------- GQA groups
 
 # (hq, hkv, config): group sizes 1, 3 (padded to 4 rows per token), 4 and 8; block_m counts TOKENS (the MMA has
-# block_m x next_pow2(group) rows); merged loop and eight loops, TMA and plain loads, both launch orders.
+# block_m x next_pow2(group) rows); TMA and plain loads.
 PACKED = {
-    "g4_merged_tma": (4, 1, tf.FP8AttentionConfig(8, 16, 4, 1, tma=True, merged=True, pack_gqa=True)),
-    "g3_walk8": (6, 2, tf.FP8AttentionConfig(8, 32, 4, 1, tma=False, pack_gqa=True)),
-    "g3_merged_doc": (3, 1, tf.FP8AttentionConfig(8, 32, 4, 1, tma=True, merged=True, doc_order=True, pack_gqa=True)),
-    "g1": (2, 2, tf.FP8AttentionConfig(32, 16, 4, 1, tma=True, merged=True, pack_gqa=True)),
-    "g8_walk8_tma": (8, 1, tf.FP8AttentionConfig(8, 32, 4, 1, tma=True, doc_order=True, pack_gqa=True)),
+    "g4_tma": (4, 1, tf.FP8AttentionConfig(block_m=8, block_n=16, warps=4, stages=1, tma=True)),
+    "g3_plain": (6, 2, tf.FP8AttentionConfig(block_m=8, block_n=32, warps=4, stages=1, tma=False)),
+    "g3_tma": (3, 1, tf.FP8AttentionConfig(block_m=8, block_n=32, warps=4, stages=1, tma=True)),
+    "g1": (2, 2, tf.FP8AttentionConfig(block_m=32, block_n=16, warps=4, stages=1, tma=True)),
+    "g8_tma": (8, 1, tf.FP8AttentionConfig(block_m=8, block_n=32, warps=4, stages=1, tma=True)),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("variant", list(PACKED), ids=list(PACKED))
 def test_attention_packed(variant):
-    """Derived tolerance vs float64 (poisoned output) AND bit-equality with the unpacked kernel at the same tiles:
-    the packed kernel must quantize and compute every row exactly as the unpacked one (per-(tile, head) q scales)."""
-    from dataclasses import replace
-
+    """Derived tolerance vs float64, poisoned output: every group size quantizes and computes each row with its own
+    head's per-(tile, head) q scale."""
     hq, hkv, cfg = PACKED[variant]
     layout = PrefixLayout.from_lengths(*AWKWARD[1][1:])  # tile_pm1: many branch ends inside tiles
-    got = _check_attention(layout, hq, hkv, 32, torch.bfloat16, seed=11, rotate=variant == "g3_walk8", config=cfg)
-    q, k, v = _qkv(layout.total_tokens, hq, hkv, 32, torch.bfloat16, seed=11)
-    flat = tf.triton_fp8_prefix_attention(q, k, v, layout, rotate=variant == "g3_walk8",
-                                          config=replace(cfg, pack_gqa=False))
-    assert torch.equal(got, flat)
+    _check_attention(layout, hq, hkv, 32, torch.bfloat16, seed=11, rotate=variant == "g3_plain", config=cfg)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("name,prefix,branches", [AWKWARD[0], AWKWARD[2]], ids=[AWKWARD[0][0], AWKWARD[2][0]])
 def test_attention_packed_awkward(name, prefix, branches):
     layout = PrefixLayout.from_lengths(prefix, branches)
-    _check_attention(layout, 6, 2, 32, torch.float16, seed=2, config=PACKED["g3_merged_doc"][2])
+    _check_attention(layout, 6, 2, 32, torch.float16, seed=2, config=PACKED["g3_tma"][2])

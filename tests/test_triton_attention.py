@@ -1,16 +1,18 @@
 """CPU tests of the `triton` attention backend through Triton's interpreter (TRITON_INTERPRET=1).
 
 Outputs and dq, dk, dv are compared with a float64 computation of the mask (``attention_math`` on float64 inputs).
-Tolerances are derived (DESIGN.md, style 7): the kernel's relative error against float64 must be at most twice the
+Tolerances are derived, not tuned: the kernel's relative error against float64 must be at most twice the
 error of the same computation done by torch in the kernel's dtype (``attention_math`` in fp32 / fp16), plus a floor
 of four fp32 epsilons (relative to max(|truth|, |dO|)). fp32 and fp16 only: bf16 ``tl.dot`` is broken in the CPU interpreter.
-Small tiles (the CPU default config: 32-row query tiles, 16-key tiles) so that short rows cross many tiles.
+The kernels are the GPU's (GQA-packed forward and dq, one loop per tile, document-ordered launch, TMA loads), with
+small tiles (the CPU default config: 16-token query tiles, 16-key tiles) so that short rows cross many tiles.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -21,10 +23,12 @@ pytest.importorskip("triton")
 
 from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
 from prefix_attn.reference import attention_math  # noqa: E402
-from prefix_attn import triton_attention as ta  # noqa: E402
+from prefix_attn.schedule import backward_schedule, forward_schedule, token_tables  # noqa: E402
+from prefix_attn import triton as ta  # noqa: E402
+from prefix_attn.triton import forward  # noqa: E402
 
-if type(ta._fwd_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
-    pytest.skip("triton_attention was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if type(forward.fwd_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 def _rel(a: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
     return ((a.double() - ref).norm() / max(ref.norm().item(), scale)).item()
@@ -84,14 +88,16 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype,hq,hkv", [(torch.float32, 4, 2), (torch.float16, 4, 2), (torch.float16, 4, 1)],
+                         ids=["fp32_g2", "fp16_g2", "fp16_g4"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
-def test_awkward_layouts(name, prefix, branches, dtype):
+def test_awkward_layouts(name, prefix, branches, dtype, hq, hkv):
     layout = PrefixLayout.from_lengths(prefix, branches)
-    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=dtype, seed=len(name))
+    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=dtype, seed=len(name))
 
 
-@pytest.mark.parametrize("hq,hkv", [(3, 1), (3, 3), (6, 2), (1, 1)])
+# GQA groups 1, 3 (padded to 4 rows per token), 4 and 8, one head and several KV heads.
+@pytest.mark.parametrize("hq,hkv", [(3, 1), (3, 3), (6, 2), (1, 1), (8, 1), (8, 2)])
 def test_heads_and_gqa(hq, hkv):
     layout = PrefixLayout.from_lengths([20, 3], [[13, 30], [1, 5, 8]])
     _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq * 10 + hkv)
@@ -111,106 +117,50 @@ def test_head_dims(d):
     _check_against_float64(layout, hq=2, hkv=1, d=d, dtype=torch.float16, seed=d, scale=0.3)
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        # deterministic dq (query-major dq kernel) with its own tiles
-        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 16, 32, 4, 1, deterministic=True),
-        # query tiles smaller than key tiles (forward) and KV tiles smaller than query tiles (backward)
-        ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
-        # forward K/V through TMA tensor descriptors (the interpreter emulates them)
-        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, fwd_tma=True, bwd_tma=True),
-        ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, deterministic=True, fwd_tma=True,
-                                 bwd_tma=True),
-    ],
-    ids=["deterministic", "bm_lt_bn", "tma_atomic", "tma_deterministic"],
-)
-def test_configs(cfg):
-    layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
-    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=torch.float32, seed=7, config=cfg)
-
-
-# The speed variants (config fields fwd_pack_gqa, fwd_merged, bwd_merged, dq_pack_gqa; scripts/bench_attention.py
-# --sweep times them on a GPU). Packed kernels count fwd_block_m / dq_block_m in tokens (x groups MMA rows).
-_V = dict(fwd_block_m=16, fwd_block_n=16, kv_block_m=16, kv_block_n=32, dq_block_m=16, dq_block_n=16)
-VARIANTS = {
-    "pack_fwd": dict(fwd_pack_gqa=True),
-    "merged_fwd": dict(fwd_merged=True),
-    "pack_merged_fwd_tma": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_tma=True),
-    "merged_bwd_atomic": dict(bwd_merged=True),
-    "merged_bwd_atomic_tma": dict(bwd_merged=True, bwd_tma=True, kv_block_m=32, kv_block_n=16),
-    "merged_bwd_det": dict(bwd_merged=True, deterministic=True),
-    "pack_dq": dict(deterministic=True, dq_pack_gqa=True),
-    "all_tma": dict(fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True, dq_pack_gqa=True,
-                    fwd_tma=True, bwd_tma=True),
-    "doc_order_det": dict(doc_order=True, deterministic=True),
-    "doc_order_all": dict(doc_order=True, fwd_pack_gqa=True, fwd_merged=True, bwd_merged=True, deterministic=True,
-                          dq_pack_gqa=True),
-    # next key tile's QK^T issued before the current tile's softmax (P@V deferred one iteration), packed and not
-    "pack_merged_prefetch_tma": dict(fwd_pack_gqa=True, fwd_merged=True, fwd_prefetch_qk=True, fwd_tma=True),
-    "merged_prefetch": dict(fwd_merged=True, fwd_prefetch_qk=True),
+_CPU = ta.default_config(16, torch.float32, torch.device("cpu"))
+CONFIGS = {
+    # plain loads instead of TMA descriptors (GPUs before Hopper, rows not 16-byte aligned)
+    "no_tma": replace(_CPU, fwd_tma=False, bwd_tma=False),
+    # query tiles narrower than key tiles (forward, dq), KV tiles narrower than query tiles (backward)
+    "bm_lt_bn": replace(_CPU, fwd_block_m=8, fwd_block_n=32, kv_block_m=32, kv_block_n=16, dq_block_m=8,
+                        dq_block_n=32),
+    # the dq kernel with tiles of its own, larger than the forward's
+    "dq_tiles": replace(_CPU, dq_block_m=32, dq_block_n=32),
 }
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 1), (2, 2)], ids=["g2", "g3_padded", "g1"])
-@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
-def test_speed_variants(variant, hq, hkv):
-    cfg = ta.TritonAttentionConfig(**{**_V, "fwd_warps": 4, "fwd_stages": 1, "kv_warps": 4, "kv_stages": 1,
-                                      "dq_warps": 4, "dq_stages": 1, **VARIANTS[variant]})
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_configs(name, hq, hkv):
     layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
-    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + 7, config=cfg)
+    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + 7, config=CONFIGS[name])
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["base", "prefetch_qk"])
-@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
-def test_speed_variants_awkward(name, prefix, branches, prefetch):
-    """Every new path at once (packed + merged forward and dq, merged KV-major, document order) on the awkward
-    layouts, fp16; and the same with the forward's QK^T prefetch (``fwd_prefetch_qk``: one-tile walks, tiles that
-    are all masked, the last tile's P@V after the loop)."""
-    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"], "doc_order": True, "fwd_prefetch_qk": prefetch})
-    layout = PrefixLayout.from_lengths(prefix, branches)
-    _check_against_float64(layout, hq=4, hkv=1, d=16, dtype=torch.float16, seed=len(name), config=cfg)
-
-
-@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
-def test_prefetch_empty_and_partial_walks(pack):
-    """``fwd_prefetch_qk`` on hand-made schedules: an empty walk (no key tile: out = 0, no NaN), and
-    walks of one tile or ending at the row's last (partial) tile, equal to the plain merged loop's (fp32; same tiles,
-    same order, so to rounding)."""
-    T, hq, hkv, d, bm, bn = 45, 4, 2, 16, 16, 16
+@pytest.mark.parametrize("tma", [False, True], ids=["plain", "tma"])
+def test_empty_and_partial_walks(tma):
+    """The forward on hand-made schedules, every tile masked: an empty walk (no key tile: out = 0, no NaN), a walk of
+    one tile, walks ending at the row's last (partial) key tile; but for the empty one, the attention itself."""
+    T, hq, hkv, d, bm, bn = 45, 4, 2, 16, 8, 16
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
     layout = PrefixLayout.from_lengths([0], [[T]])  # one causal document: lo1 = hi1 = 0, lo2 = 0
-    tok = ta._tok_ranges(layout)
+    tok = token_tables(layout).ranges
     nqt = -(-T // bm)
     # per query tile: range 1 empty; range 2 = [s4, s9) masked only (so every tile takes the masked path)
-    walks = [(0, 0), (0, 1), (0, 3)]  # tile 0 empty (its queries then see nothing), tile 1 one tile, tile 2 all
+    walks = [(0, 0), (0, 1)] + [(0, (t * bm + bm - 1) // bn + 1) for t in range(2, nqt)]
     sched = torch.zeros(nqt, 10, dtype=torch.int32)
     for t, (a, b) in enumerate(walks):
         sched[t, 4:] = torch.tensor([a, b, b, b, b, b], dtype=torch.int32)
-    order = torch.arange(nqt, dtype=torch.int32)
-    base = dict(fwd_block_m=bm, fwd_block_n=bn, fwd_warps=4, fwd_stages=1, fwd_merged=True, fwd_pack_gqa=pack)
-    if pack:
-        base["fwd_block_m"] = bm // 2  # 8 tokens x 2 heads: schedule tiles of 8 tokens
-        sched = sched.repeat_interleave(2, 0)[: -(-T // 8)]
-        order = torch.arange(sched.shape[0], dtype=torch.int32)
-    outs = []
-    for prefetch in (False, True):
-        cfg = ta.TritonAttentionConfig(**{**base, "fwd_prefetch_qk": prefetch})
-        outs.append(ta._launch_fwd(q, k, v, sched, order, tok, d**-0.5, cfg))
-    (o0, l0), (o1, l1) = outs
-    assert torch.isfinite(o1).all() and torch.isfinite(l1).all()
-    rows0 = slice(0, bm)  # the empty walk's queries
-    assert (o1[rows0] == 0).all()
-    torch.testing.assert_close(o1, o0, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    cfg = replace(_CPU, fwd_block_m=bm, fwd_block_n=bn, fwd_tma=tma)
+    o, lse = forward.launch_forward(q, k, v, sched, tok, d**-0.5, cfg)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert (o[:bm] == 0).all()  # the empty walk's queries
+    torch.testing.assert_close(o[bm:], attention_math(q, k, v, layout)[bm:], rtol=1e-5, atol=1e-5)
 
 
 def test_config_list_roundtrip():
-    cfg = ta.TritonAttentionConfig(**{**_V, **VARIANTS["all_tma"]})
-    assert ta.TritonAttentionConfig.from_list(cfg.as_list()) == cfg
-    base = ta.TritonAttentionConfig()
-    assert ta.TritonAttentionConfig.from_list(base.as_list()) == base
+    for cfg in (_CPU, *CONFIGS.values(), ta.TritonAttentionConfig()):
+        assert ta.TritonAttentionConfig.from_list(cfg.as_list()) == cfg
 
 
 def test_query_sees_only_itself():
@@ -221,13 +171,12 @@ def test_query_sees_only_itself():
     torch.testing.assert_close(out, v, rtol=0, atol=0)
 
 
-def test_deterministic_is_reproducible():
+def test_gradients_are_reproducible():
     layout = PrefixLayout.from_lengths([20], [[30, 15]])
-    cfg = ta.TritonAttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, deterministic=True)
     q, k, v = (torch.randn(layout.total_tokens, 2, 16, requires_grad=True) for _ in range(3))
     grads = []
     for _ in range(2):
-        o = ta.triton_prefix_attention(q, k, v, layout, config=cfg)
+        o = ta.triton_prefix_attention(q, k, v, layout)
         grads.append(torch.autograd.grad(o.sum(), (q, k, v)))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -288,17 +237,15 @@ def test_schedules_cover_mask_exactly(seed, bm, bn):
     qvalid[:T] = True
     all_allowed = (pad | ~qvalid[:, None]).view(nqt, bm, nkt, bn).all(3).all(1) & kvalid.view(nkt, bn).all(1)[None]
 
-    sched, order = ta.forward_schedule(layout, bm, bn)
+    sched = forward_schedule(layout, bm, bn)
     visited, full = _visited(sched, nkt, FWD_SEGMENTS)
     assert visited.max() <= 1, "a key tile is visited twice"
     assert (visited.bool() | ~any_allowed).all(), "an allowed pair is never visited"
     assert (~full | all_allowed).all(), "a tile run without mask has masked pairs"
-    assert sorted(order.tolist()) == list(range(nqt))
 
     # Backward: per key tile (rows), the query tiles (columns); transpose the tile grid with key tiles of bn, query bm.
-    ksched, korder = ta.backward_schedule(layout, bn, bm)
+    ksched = backward_schedule(layout, bn, bm)
     kvisited, kfull = _visited(ksched, nqt, BWD_SEGMENTS)
     assert kvisited.max() <= 1
     assert (kvisited.bool() | ~any_allowed.t()).all()
     assert (~kfull | all_allowed.t()).all()
-    assert sorted(korder.tolist()) == list(range(nkt))

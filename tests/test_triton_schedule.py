@@ -1,8 +1,8 @@
-"""The fused schedule builder (``prefix_attn.triton_schedule``) against the torch path, through Triton's interpreter.
+"""The fused table builder (``prefix_attn.triton.tables``) against the torch path, through Triton's interpreter.
 
-Every tensor ``build_schedules`` returns, and ``position_ids``, must be bit-identical to the torch reference (same
-integers, shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the H100 tiles
-(64/128), deterministic or not. Rows stay at a few hundred tokens: the interpreter runs every op in numpy.
+Every tensor of ``build_tables`` (position ids included) must be bit-identical to the torch reference (same integers,
+shapes, dtypes), on awkward and random layouts, with the CPU interpreter's tiles and the GPU's (64/128). Rows
+stay at a few hundred tokens: the interpreter runs every op in numpy.
 """
 
 from __future__ import annotations
@@ -18,42 +18,45 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from prefix_attn import PrefixLayout, prefix_attention  # noqa: E402
-from prefix_attn import triton_attention as ta  # noqa: E402
-from prefix_attn import triton_schedule as tsch  # noqa: E402
+from prefix_attn import PrefixLayout, position_ids, prefix_attention  # noqa: E402
+from prefix_attn import schedule as sch  # noqa: E402
+from prefix_attn import triton as ta  # noqa: E402
+from prefix_attn.triton import tables as tsch  # noqa: E402
+from prefix_attn.triton.config import CONFIGS  # noqa: E402
 
-if type(tsch._token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
-    pytest.skip("triton_schedule was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if type(tsch.token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 32x16, kv 32 keys x 16, dq 32x16
-H100_CFG = ta._CONFIGS[(128, True)]  # fwd 64x64, kv 128 keys x 64, deterministic dq 128x64
-H100_ATOMIC = dataclasses.replace(H100_CFG, deterministic=False)
-FP32_GPU_CFG = ta.TritonAttentionConfig(64, 32, 4, 2, 32, 64, 4, 1, 64, 32, 4, 1)
-# query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), deterministic
-SKEWED_CFG = ta.TritonAttentionConfig(16, 32, 4, 1, 32, 16, 4, 1, 16, 64, 4, 1, deterministic=True)
-CONFIGS = [CPU_CFG, H100_CFG, H100_ATOMIC, FP32_GPU_CFG, SKEWED_CFG]
-CFG_IDS = ["cpu", "h100", "h100_atomic", "fp32_gpu", "skewed"]
+CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 16x16, kv 32 keys x 16, dq 16x16
+GPU_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
+GPU_G1_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
+FP32_GPU_CFG = CONFIGS["cuda_fp32"]
+# query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
+SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
+                                 dq_block_m=16, dq_block_n=64)
+CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
+
+
+NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq")
 
 
 @pytest.fixture(autouse=True)
 def _fused_on(monkeypatch):
-    monkeypatch.setenv(tsch.ENV_FLAG, "1")
+    monkeypatch.setenv(sch.ENV_FLAG, "1")
 
 
 def _reference(prefix, branches, cfg, monkeypatch):
-    """The torch path's tensors (the fused path switched off for this layout only)."""
-    monkeypatch.setenv(tsch.ENV_FLAG, "0")
+    """The torch path's tables (the fused path switched off for this layout only)."""
+    monkeypatch.setenv(sch.ENV_FLAG, "0")
     layout = PrefixLayout.from_lengths(prefix, branches)
-    out = dict(ta.build_schedules(layout, cfg))
-    out["position_ids"] = layout.position_ids
-    monkeypatch.setenv(tsch.ENV_FLAG, "1")
+    out = sch.build_tables(layout, cfg.tile_shape)
+    monkeypatch.setenv(sch.ENV_FLAG, "1")
     return out
 
 
-def _assert_same(got: dict, ref: dict, what: str):
-    assert got.keys() == ref.keys()
-    for k in ref:
-        a, b = got[k], ref[k]
+def _assert_same(got: sch.AttentionTables, ref: sch.AttentionTables, what: str):
+    assert got.tile == ref.tile
+    for k, a, b in zip(NAMES, got.tensors(), ref.tensors(), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{what} {k}: {a.dtype} {a.shape} != {b.dtype} {b.shape}"
         assert a.is_contiguous(), f"{what} {k}: not contiguous"
         if not torch.equal(a, b):
@@ -61,19 +64,23 @@ def _assert_same(got: dict, ref: dict, what: str):
             raise AssertionError(f"{what} {k}: differs at {bad}\nfused {a.tolist()}\ntorch {b.tolist()}")
 
 
+def _fused_only(layout, *tiles):
+    """Nothing but the fused builder's tables was derived: the torch path's per-token and per-tile tables never were."""
+    assert layout.cached_keys() == {tsch.Segments, sch.TokenTables, *tiles}, layout.cached_keys()
+
+
 def _check(prefix, branches, cfg, monkeypatch, position_ids_first=False):
     ref = _reference(prefix, branches, cfg, monkeypatch)
     layout = PrefixLayout.from_lengths(prefix, branches)
     if position_ids_first:  # the model forward asks for positions before any attention call
-        pos = layout.position_ids
-        got = dict(ta.build_schedules(layout, cfg))
-        got["position_ids"] = pos
+        pos = position_ids(layout)
+        _fused_only(layout)
+        got = sch.build_tables(layout, cfg.tile_shape)
+        assert got.tokens.position_ids is pos
     else:
-        got = dict(ta.build_schedules(layout, cfg))
-        got["position_ids"] = layout.position_ids
-    # The torch path's per-token and per-tile tables were never built.
-    assert not {"tok", "offsets"} & layout._cache.keys()
-    assert not any(isinstance(k, tuple) and k[0] in ("qtiles", "ktiles") for k in layout._cache)
+        got = sch.build_tables(layout, cfg.tile_shape)
+        assert position_ids(layout) is got.tokens.position_ids
+    _fused_only(layout, cfg.tile_shape)
     _assert_same(got, ref, f"prefix={prefix} branches={branches} cfg={cfg}")
     return layout
 
@@ -103,7 +110,7 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("cfg", [CPU_CFG, H100_CFG], ids=["cpu", "h100"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_awkward_layouts(name, prefix, branches, cfg, monkeypatch):
     _check(prefix, branches, cfg, monkeypatch)
@@ -136,43 +143,43 @@ def test_position_ids_first_then_two_configs(monkeypatch):
     """position_ids before any attention (two launches, per-token tables only), then the schedules of two configs
     from the cached segment table (two launches each)."""
     prefix, branches = [20, 0, 33], [[13, 30, 1], [64], [1, 5, 8, 2]]
-    layout = _check(prefix, branches, H100_ATOMIC, monkeypatch, position_ids_first=True)
-    segs = layout._cache["fused_segments"]
-    got = dict(ta.build_schedules(layout, SKEWED_CFG))
-    got["position_ids"] = layout.position_ids
-    assert layout._cache["fused_segments"] is segs
+    layout = _check(prefix, branches, GPU_G1_CFG, monkeypatch, position_ids_first=True)
+    segs, tokens = layout.cached(tsch.Segments), layout.cached(sch.TokenTables)
+    got = sch.build_tables(layout, SKEWED_CFG.tile_shape)
+    assert layout.cached(tsch.Segments) is segs and got.tokens is tokens
+    _fused_only(layout, GPU_G1_CFG.tile_shape, SKEWED_CFG.tile_shape)
     _assert_same(got, _reference(prefix, branches, SKEWED_CFG, monkeypatch), "second config")
 
 
 def test_position_ids_match_definition(monkeypatch):
     layout = PrefixLayout.from_lengths([3, 0], [[2, 1], [4]])
-    assert layout.position_ids.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3]
-    assert "tok" not in layout._cache and layout.position_ids.dtype == torch.int64
+    pos = position_ids(layout)
+    assert pos.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3] and pos.dtype == torch.int64
+    _fused_only(layout)
+    assert torch.equal(layout.position_ids, pos)  # the layout's own definition
 
 
-def test_cached_schedules_are_reused(monkeypatch):
+def test_cached_tables_are_reused(monkeypatch):
     layout = PrefixLayout.from_lengths([9], [[4, 6]])
-    a = ta.build_schedules(layout, CPU_CFG)
-    b = ta.build_schedules(layout, CPU_CFG)
-    assert all(a[k] is b[k] for k in a)
+    assert sch.build_tables(layout, CPU_CFG.tile_shape) is sch.build_tables(layout, CPU_CFG.tile_shape)
 
 
 def test_flag(monkeypatch):
     cpu = torch.device("cpu")
-    assert tsch.fused_enabled(cpu)  # "1" under the interpreter
-    monkeypatch.setenv(tsch.ENV_FLAG, "0")
-    assert not tsch.fused_enabled(cpu) and not tsch.fused_enabled(torch.device("cuda"))
-    monkeypatch.delenv(tsch.ENV_FLAG)
-    assert not tsch.fused_enabled(cpu) and tsch.fused_enabled(torch.device("cuda"))
+    assert sch.fused_enabled(cpu)  # "1" under the interpreter
+    monkeypatch.setenv(sch.ENV_FLAG, "0")
+    assert not sch.fused_enabled(cpu) and not sch.fused_enabled(torch.device("cuda"))
+    monkeypatch.delenv(sch.ENV_FLAG)
+    assert not sch.fused_enabled(cpu) and sch.fused_enabled(torch.device("cuda"))
     layout = PrefixLayout.from_lengths([2], [[1, 3]])
-    layout.position_ids
-    assert "tok" in layout._cache and "fused_segments" not in layout._cache  # the torch path
+    position_ids(layout)
+    assert tsch.Segments not in layout.cached_keys() and "tok" in layout.cached_keys()  # the torch path
 
 
 # ----------------------------------------------------------------------------------------------- through the kernels
 
 
-@pytest.mark.parametrize("cfg", [CPU_CFG, SKEWED_CFG], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, SKEWED_CFG], ids=["cpu", "skewed"])
 def test_attention_is_bitwise_the_same(cfg, monkeypatch):
     """Same schedules, same kernels: output and gradients equal the torch-scheduled run bit for bit."""
     prefix, branches = [31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]]
@@ -181,12 +188,12 @@ def test_attention_is_bitwise_the_same(cfg, monkeypatch):
     q, k, v, do = (torch.randn(T, h, 16, generator=g) for h in (4, 2, 2, 4))
 
     def run(flag):
-        monkeypatch.setenv(tsch.ENV_FLAG, flag)
+        monkeypatch.setenv(sch.ENV_FLAG, flag)
         layout = PrefixLayout.from_lengths(prefix, branches)
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         o = ta.triton_prefix_attention(*xs, layout, config=cfg)
         o.backward(do)
-        assert ("fused_segments" in layout._cache) == (flag == "1")
+        assert (tsch.Segments in layout.cached_keys()) == (flag == "1")
         return [o.detach()] + [x.grad for x in xs]
 
     for name, a, b in zip(("out", "dq", "dk", "dv"), run("1"), run("0")):
@@ -197,6 +204,6 @@ def test_prefix_attention_dispatch(monkeypatch):
     layout = PrefixLayout.from_lengths([9, 0], [[4, 6], [3]])
     q, k, v = (torch.randn(layout.total_tokens, 2, 16) for _ in range(3))
     out = prefix_attention(q, k, v, layout, backend="triton")
-    assert "fused_segments" in layout._cache
+    assert tsch.Segments in layout.cached_keys()
     ref = prefix_attention(q, k, v, PrefixLayout.from_lengths([9, 0], [[4, 6], [3]]), backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ def build_block_mask(layout: PrefixLayout, block_size: int = BLOCK_SIZE):
             seq_lengths=(T, T),
         )
 
-    return layout._cached(("flex_block_mask", block_size), build)
+    return layout.cached(("flex_block_mask", block_size), build)
 
 
 def flex_prefix_attention(q, k, v, layout: PrefixLayout, softmax_scale: float | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Pure-torch references for the FP8 forward (``triton_fp8.py``): the rotation, the quantization, the whole math.
+"""Pure-torch references for the FP8 forward (``prefix_attn.triton.fp8``): the rotation, the quantization, the math.
 
-The tests hold the Triton kernels to these (DESIGN.md, style 5).
+The tests hold the Triton kernels to these: every kernel has a pure-torch reference of its arithmetic.
 
 - ``rotation_matrix(D)``: ``R = diag(s) @ H_D / sqrt(D)``, H_D the Sylvester Hadamard matrix (+-1 entries), s a
   seeded vector of random signs. R is orthogonal, so ``(q R)(k R)^T = q k^T``; ``x R`` flips the signs of x's

@@ -4,20 +4,21 @@ A packed row is a list of documents laid end to end. A document is a shared pref
 k >= 1 branches (each at least one token). Tokens are ordered document by document: the prefix, then branch 0,
 branch 1, ...
 
-Attention (see ``shared/DESIGN.md``): a prefix token sees the earlier tokens of its own prefix (causal); a branch token
+Attention: a prefix token sees the earlier tokens of its own prefix (causal); a branch token
 sees its document's whole prefix plus the earlier tokens of its own branch (causal). So query ``q`` may attend to the
 keys in ``[lo1[q], hi1[q]) U [lo2[q], q]`` (for a prefix token the first range is empty), and key ``k`` is seen by the
 queries ``[k, q_hi[k])`` (one contiguous range: a prefix key by the rest of its document, a branch key by the rest of
 its branch).
 
 Everything here is computed from the lengths with vectorized tensor ops on the layout's device: no Python loop over
-tokens and no S x S work. Per-token and per-tile quantities are computed lazily and cached on the object, so the
-layers of one model forward share them.
+tokens and no S x S work. Per-token and per-tile quantities are computed lazily and cached on the object
+(``cached``), as are the tables other modules derive from them (the kernels' schedules, FlexAttention's block mask),
+so the layers of one model forward share them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +62,6 @@ class PrefixLayout:
     total_tokens: int
     max_doc_span: int
     _cache: dict = field(default_factory=dict, repr=False)
-
-    # A faster builder of the per-token tables, or None. ``prefix_attn.triton_schedule`` installs one on import (this
-    # module stays torch-only); called with the layout, it fills ``_cache["position_ids"]`` where it applies (a CUDA
-    # layout) and does nothing elsewhere. Not a dataclass field (no annotation).
-    _token_builder = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -177,16 +173,26 @@ class PrefixLayout:
     def num_branches(self) -> int:
         return self.branch_lens.numel()
 
-    def _cached(self, key, fn):
+    def cached(self, key: Hashable, build: Callable[[], Any] | None = None) -> Any:
+        """What ``build()`` returned for ``key`` on this layout, built now if it was not yet; with ``build=None``
+        only a look (None if absent). The tables derived from the lengths live here, one per key, for the layout's
+        lifetime; each key belongs to the module that builds its value (a string for this module's own tables)."""
         if key not in self._cache:
-            self._cache[key] = fn()
+            if build is None:
+                return None
+            self._cache[key] = build()
         return self._cache[key]
+
+    def cached_keys(self) -> frozenset:
+        """The keys of everything derived and cached so far (e.g. to check that a captured computation built
+        nothing of its own)."""
+        return frozenset(self._cache)
 
     # ------------------------------------------------------------------ per-document / per-branch offsets
     @property
     def branch_doc(self) -> torch.Tensor:
         """[NB] document index of each branch."""
-        return self._cached(
+        return self.cached(
             "branch_doc",
             lambda: torch.repeat_interleave(
                 torch.arange(self.num_docs, device=self.device), self.branches_per_doc, output_size=self.num_branches
@@ -221,21 +227,21 @@ class PrefixLayout:
     @property
     def doc_starts(self) -> torch.Tensor:
         """[D] first token of each document."""
-        return self._cached("offsets", self._offsets)["doc_start"]
+        return self.cached("offsets", self._offsets)["doc_start"]
 
     @property
     def doc_lens(self) -> torch.Tensor:
         """[D] tokens of each document (prefix + all branches)."""
-        return self._cached("offsets", self._offsets)["doc_len"]
+        return self.cached("offsets", self._offsets)["doc_len"]
 
     @property
     def branch_starts(self) -> torch.Tensor:
         """[NB] first token of each branch."""
-        return self._cached("offsets", self._offsets)["branch_start"]
+        return self.cached("offsets", self._offsets)["branch_start"]
 
     # ------------------------------------------------------------------ per-token quantities
     def _per_token(self):
-        off = self._cached("offsets", self._offsets)
+        off = self.cached("offsets", self._offsets)
         D, NB, T = self.num_docs, self.num_branches, self.total_tokens
         nseg = D + NB
         dev = self.device
@@ -274,32 +280,28 @@ class PrefixLayout:
 
     @property
     def position_ids(self) -> torch.Tensor:
-        """[T] position ids: a prefix counts 0..P-1, every branch restarts at P (DESIGN.md)."""
-        if "position_ids" not in self._cache:
-            if "tok" not in self._cache and PrefixLayout._token_builder is not None:
-                PrefixLayout._token_builder(self)
-            if "position_ids" not in self._cache:
-                self._cache["position_ids"] = self._cached("tok", self._per_token)["position_ids"]
-        return self._cache["position_ids"]
+        """[T] position ids: a prefix counts 0..P-1, every branch restarts at P, as if the document stood alone with
+        that branch (``prefix_attn.position_ids`` gives the same from the attention's tables)."""
+        return self.cached("tok", self._per_token)["position_ids"]
 
     @property
     def token_doc(self) -> torch.Tensor:
         """[T] document index of each token."""
-        return self._cached("tok", self._per_token)["doc"]
+        return self.cached("tok", self._per_token)["doc"]
 
     @property
     def token_branch(self) -> torch.Tensor:
         """[T] global branch index of each token, -1 for prefix tokens."""
-        return self._cached("tok", self._per_token)["branch"]
+        return self.cached("tok", self._per_token)["branch"]
 
     def query_key_ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(lo1, hi1, lo2), each [T]: query q may attend to keys [lo1, hi1) U [lo2, q]."""
-        pt = self._cached("tok", self._per_token)
+        pt = self.cached("tok", self._per_token)
         return pt["lo1"], pt["hi1"], pt["lo2"]
 
     def key_query_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_lo, q_hi), each [T]: key k is seen by queries [q_lo, q_hi) = [k, q_hi)."""
-        pt = self._cached("tok", self._per_token)
+        pt = self.cached("tok", self._per_token)
         return torch.arange(self.total_tokens, device=self.device), pt["q_hi"]
 
     def allowed_pairs(self) -> int:
@@ -317,7 +319,7 @@ class PrefixLayout:
             k = torch.arange(self.total_tokens, device=self.device)[None, :]
             return ((k >= lo1[:, None]) & (k < hi1[:, None])) | ((k >= lo2[:, None]) & (k <= q))
 
-        return self._cached("dense", build)
+        return self.cached("dense", build)
 
     # ------------------------------------------------------------------ tile schedules
     def query_tile_ranges(self, block_m: int, block_n: int) -> dict[str, torch.Tensor]:
@@ -332,7 +334,7 @@ class PrefixLayout:
         (``query_key_ranges``) makes them exact. Work is O(T + tiles).
         """
         key = ("qtiles", block_m, block_n)
-        return self._cached(key, lambda: self._query_tile_ranges(block_m, block_n))
+        return self.cached(key, lambda: self._query_tile_ranges(block_m, block_n))
 
     def _query_tile_ranges(self, bm: int, bn: int) -> dict[str, torch.Tensor]:
         T = self.total_tokens
@@ -405,7 +407,7 @@ class PrefixLayout:
                 "hi": ((q_hi_max + block_m - 1) // block_m).to(torch.int32),
             }
 
-        return self._cached(key, build)
+        return self.cached(key, build)
 
     def block_mask_tables(self, block_size: int) -> dict[str, torch.Tensor]:
         """Dense per-tile tables in FlexAttention's ``BlockMask.from_kv_blocks`` format (square tiles).
@@ -440,4 +442,4 @@ class PrefixLayout:
             assert kv_idx.shape == (nqt, nkt)
             return {"kv_num_blocks": kv_num, "kv_indices": kv_idx, "full_kv_num_blocks": f_num, "full_kv_indices": f_idx}
 
-        return self._cached(("blocktables", block_size), build)
+        return self.cached(("blocktables", block_size), build)

@@ -1,30 +1,94 @@
 """``prefix_attention``: the one public entry point, dispatching to a backend.
 
-Backends (all take the same layout and must agree; DESIGN.md):
+Backends (all take the same layout and must agree):
 - ``reference``: dense-mask SDPA (CPU, tests, tiny models).
 - ``flex``: FlexAttention with a BlockMask from the layout's tile tables (the paper's method; baseline, fallback).
 - ``triton``: our Triton kernels (Hopper-tuned).
 - ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
-- ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``triton_fp8.py``), without / with the random
-  Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference model):
-  a call whose inputs require grad in grad mode raises. Where FP8 does not run (``fp8_supported``: CUDA compute
-  capability >= 8.9, float16/bfloat16, head_dim 64 or 128) it falls back to ``triton`` (else ``auto``'s choice),
-  logging a warning that names why (once per reason). Two names rather than a flag, so that a config's
-  ``fp8_rotation`` reaches the kernel through the same backend string as everything else.
+- ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``prefix_attn.triton.fp8``), without / with the
+  random Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference
+  model): a call whose inputs require grad in grad mode raises. Where FP8 does not run (``fp8_supported``: CUDA
+  compute capability >= 8.9, float16/bfloat16, head_dim 64 or 128) it falls back to ``triton`` (else ``auto``'s
+  choice), logging a warning that names why (once per reason). The rotation is part of the name, not a flag, so that
+  a trainer config's ``fp8_rotation`` reaches the kernel through the one backend string the model's attention layers
+  are given.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .layout import PrefixLayout
+from .schedule import AttentionTables, build_tables
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "flex", "reference", "triton_fp8", "triton_fp8_rotate")
-FP8_BACKENDS = ("triton_fp8", "triton_fp8_rotate")
+
+def _reference(q, k, v, layout, scale):
+    from .reference import reference_attention
+
+    return reference_attention(q, k, v, layout, scale)
+
+
+def _flex(q, k, v, layout, scale):
+    from .flex import flex_prefix_attention
+
+    return flex_prefix_attention(q, k, v, layout, scale)
+
+
+def _triton(q, k, v, layout, scale):
+    try:
+        from .triton import triton_prefix_attention
+    except ImportError as e:
+        raise ValueError(f"attention backend 'triton' is not available in this install ({e})") from e
+    return triton_prefix_attention(q, k, v, layout, scale)
+
+
+def _fp8(rotate: bool):
+    def run(q, k, v, layout, scale):
+        from .triton import triton_fp8_prefix_attention
+
+        return triton_fp8_prefix_attention(q, k, v, layout, scale, rotate=rotate)
+
+    return run
+
+
+def _triton_supported(device, dtype, head_dim) -> tuple[bool, str]:
+    try:
+        from .triton import triton_supported
+    except ImportError as e:  # triton missing
+        return False, f"the triton backend cannot be imported ({e})"
+    return triton_supported(device, dtype, head_dim)
+
+
+def _fp8_supported(device, dtype, head_dim) -> tuple[bool, str]:
+    try:
+        from .triton import fp8_supported
+    except ImportError as e:  # triton missing
+        return False, f"triton_fp8 cannot be imported ({e})"
+    return fp8_supported(device, dtype, head_dim)
+
+
+@dataclass(frozen=True)
+class _Backend:
+    run: Callable  # (q, k, v, layout, softmax_scale) -> out
+    supported: Callable | None = None  # (device, dtype, head_dim) -> (runs here, why not); None: runs everywhere
+    forward_only: bool = False  # no backward: refuses inputs that require grad, falls back where it does not run
+
+
+_BACKENDS = {
+    "reference": _Backend(_reference),
+    "flex": _Backend(_flex),
+    "triton": _Backend(_triton, _triton_supported),
+    "triton_fp8": _Backend(_fp8(rotate=False), _fp8_supported, forward_only=True),
+    "triton_fp8_rotate": _Backend(_fp8(rotate=True), _fp8_supported, forward_only=True),
+}
+BACKENDS = ("auto", *_BACKENDS)
+FP8_BACKENDS = tuple(name for name, b in _BACKENDS.items() if b.forward_only)
 _warned: set[str] = set()
 
 
@@ -35,66 +99,46 @@ def _warn_once(msg: str, *args) -> None:
         logger.warning(msg, *args)
 
 
-def _triton_backend():
-    try:
-        from .triton_attention import triton_prefix_attention, triton_supported
-    except ImportError:  # triton missing, or the backend module not built into this install
-        return None, None
-    return triton_prefix_attention, triton_supported
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None) -> str:
     """The concrete backend ``backend`` means for tensors on ``device`` (``auto`` picks the best that runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend in FP8_BACKENDS:
-        try:
-            from .triton_fp8 import fp8_supported
-        except ImportError as e:  # triton missing
-            ok, why = False, f"triton_fp8 cannot be imported ({e})"
-        else:
-            ok, why = fp8_supported(device, dtype, head_dim)
-        if ok:
-            return backend
-        fn, supported = _triton_backend()
-        fallback = "triton" if fn is not None and supported(device, dtype, head_dim)[0] else resolve_backend(
-            "auto", device, dtype, head_dim)
-        _warn_once("prefix_attn: %s does not run here (%s); falling back to the %s backend (no FP8)", backend, why,
-                   fallback)
-        return fallback
-    if backend != "auto":
-        return backend
-    if device.type != "cuda":
-        return "reference"
-    fn, supported = _triton_backend()
-    if fn is not None:
-        ok, why = supported(device, dtype, head_dim)
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        ok, why = _triton_supported(device, dtype, head_dim)
         if ok:
             return "triton"
-        logger.warning("prefix_attn: the triton backend does not run here (%s); using flex", why)
-    return "flex"
+        _warn_once("prefix_attn: the triton backend does not run here (%s); using flex", why)
+        return "flex"
+    b = _BACKENDS[backend]
+    if not b.forward_only or b.supported is None:
+        return backend
+    ok, why = b.supported(device, dtype, head_dim)
+    if ok:
+        return backend
+    fallback = "triton" if _triton_supported(device, dtype, head_dim)[0] else resolve_backend("auto", device, dtype,
+                                                                                              head_dim)
+    _warn_once("prefix_attn: %s does not run here (%s); falling back to the %s backend (no FP8)", backend, why,
+               fallback)
+    return fallback
 
 
 def attention_tables(layout: PrefixLayout, backend: str, dtype: torch.dtype, head_dim: int, groups: int
-                     ) -> dict | None:
+                     ) -> AttentionTables | None:
     """Everything ``backend`` reads from ``layout`` when it runs q/k/v of ``dtype``, ``head_dim`` and ``groups`` query
-    heads per KV head: built now (and cached on the layout), returned as {cache key: tensor or tuple of tensors}.
+    heads per KV head, built now (and cached on the layout).
 
     For the ``triton`` backend these are the per-token ranges, the position ids and the tile schedules; their shapes
     depend only on ``layout.total_tokens`` (tiles are fixed-size pieces of the row), so two layouts of one length can
-    swap them by copying, which is what a CUDA graph captured for one row length needs. None for the other backends
-    (their tables' shapes follow the documents)."""
-    name = resolve_backend(backend, layout.device, dtype, head_dim)
-    if name != "triton":
+    swap them by copying (``use_tables``, ``AttentionTables.copy_``), which is what a CUDA graph captured for one row
+    length needs. None for the other backends (their tables' shapes follow the documents)."""
+    if resolve_backend(backend, layout.device, dtype, head_dim) != "triton":
         return None
-    from .triton_attention import build_schedules, default_config
+    from .triton import default_config
 
-    cfg = default_config(head_dim, dtype, layout.device, groups)
-    build_schedules(layout, cfg)
-    _ = layout.position_ids
-    from .triton_schedule import _TOKEN_KEYS, _tile_keys
-
-    return {key: layout._cache[key] for key in (*_TOKEN_KEYS, *_tile_keys(cfg))}
+    return build_tables(layout, default_config(head_dim, dtype, layout.device, groups).tile_shape)
 
 
 def _check(q, k, v, layout):
@@ -144,25 +188,10 @@ def prefix_attention(
     grad in grad mode, also where they fall back).
     """
     _check(q, k, v, layout)
-    if backend in FP8_BACKENDS and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if (backend in _BACKENDS and _BACKENDS[backend].forward_only and torch.is_grad_enabled()
+            and any(x.requires_grad for x in (q, k, v))):
         raise RuntimeError(
             f"attention backend {backend!r} is forward-only (for the frozen reference model): it has no backward. "
             "Call it under torch.no_grad() / inference_mode, or with inputs that do not require grad; use 'triton' "
             "to train.")
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    if name in FP8_BACKENDS:
-        from .triton_fp8 import triton_fp8_prefix_attention
-
-        return triton_fp8_prefix_attention(q, k, v, layout, softmax_scale, rotate=name == "triton_fp8_rotate")
-    if name == "reference":
-        from .reference import reference_attention
-
-        return reference_attention(q, k, v, layout, softmax_scale)
-    if name == "flex":
-        from .flex import flex_prefix_attention
-
-        return flex_prefix_attention(q, k, v, layout, softmax_scale)
-    fn, supported = _triton_backend()
-    if fn is None:
-        raise ValueError("attention backend 'triton' is not available in this install (is triton installed?)")
-    return fn(q, k, v, layout, softmax_scale)
+    return _BACKENDS[resolve_backend(backend, q.device, q.dtype, q.shape[-1])].run(q, k, v, layout, softmax_scale)

@@ -2,7 +2,8 @@
 
 ``reference_attention`` is the `reference` backend: dense-mask SDPA, differentiable, for CPU, tests and tiny models.
 ``attention_math`` spells the computation out (scores, mask, softmax, weighted sum) in whatever dtype it is given:
-tests run it in float64 as the truth and in the kernel's dtype to derive tolerances (DESIGN.md, style 7).
+tests run it in float64 as the truth and in the kernel's dtype to derive their tolerances (a kernel may err at most a
+small multiple of what the same computation in its dtype errs; no tolerance is tuned to pass).
 All functions take q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv) and return [T, Hq, D].
 """
 

@@ -1,21 +1,21 @@
 """The fused schedule builder compiled for the GPU against the torch path (the CPU tests run it in the interpreter).
 
-Every table ``build_schedules`` returns, and ``position_ids``, must be bit-identical, for the GPU's own configs and
+Every table of ``build_tables`` (position ids included) must be bit-identical, for the GPU's own configs and
 for rows far larger than the interpreter can take (16K tokens, thousands of documents).
 Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
 import torch
 
 from prefix_attn import PrefixLayout
-from prefix_attn import triton_attention as ta
-from prefix_attn import triton_schedule as tsch
+from prefix_attn import schedule as sch
+from prefix_attn import triton as ta
+from prefix_attn.triton import tables as tsch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,11 +26,10 @@ DEV = torch.device("cuda")
 
 
 def _tables(prefix, branches, cfg, flag, monkeypatch):
-    monkeypatch.setenv(tsch.ENV_FLAG, flag)
+    monkeypatch.setenv(sch.ENV_FLAG, flag)
     layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
-    out = dict(ta.build_schedules(layout, cfg))
-    out["position_ids"] = layout.position_ids
-    assert ("fused_segments" in layout._cache) == (flag == "1")
+    out = sch.build_tables(layout, cfg.tile_shape)
+    assert (tsch.Segments in layout.cached_keys()) == (flag == "1")
     return out
 
 
@@ -54,18 +53,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("groups", [4, 1], ids=["g4", "g1"])
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (64, torch.float32)],
                          ids=["d128-bf16", "d64-bf16", "d64-fp32"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_equals_torch_path(case, d, dtype, deterministic, monkeypatch):
+def test_fused_equals_torch_path(case, d, dtype, groups, monkeypatch):
     prefix, branches = CASES[case](random.Random(list(CASES).index(case)))
-    cfg = dataclasses.replace(ta.default_config(d, dtype, DEV), deterministic=deterministic)
+    cfg = ta.default_config(d, dtype, DEV, groups)
     got = _tables(prefix, branches, cfg, "1", monkeypatch)
     ref = _tables(prefix, branches, cfg, "0", monkeypatch)
-    assert got.keys() == ref.keys()
-    for k in ref:
-        a, b = got[k], ref[k]
+    names = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq")
+    for k, a, b in zip(names, got.tensors(), ref.tensors(), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{k}: {a.dtype} {tuple(a.shape)} != {b.dtype} {tuple(b.shape)}"
         assert a.is_contiguous() and a.device.type == "cuda", k
         assert torch.equal(a, b), f"{k}: differs at {(a != b).nonzero()[:5].tolist()}"

@@ -17,8 +17,8 @@ A graph needs fixed shapes and addresses. Rows are padded up to a multiple of ``
 document (``PrefixLayout.padded``: it attends only to itself, so the real tokens' outputs do not change, and in the
 backward its tokens get zero gradient, so they add exactly zero to the weights' gradients), and the layout's tables
 (``prefix_attn.attention_tables``: per-token ranges, position ids, tile schedules; their shapes depend on the row
-length only) are copied into the tensors the graph was captured with. The LM head and log-probs stay outside (TRL's
-head indexes by a boolean mask, which needs the host).
+length only) are copied into the tensors the graph was captured with (``prefix_attn.use_tables``). The LM head and
+log-probs stay outside (TRL's head indexes by a boolean mask, which needs the host).
 
 Used only where it applies: a CUDA model, the ``triton`` attention backend, a row of at most ``max_tokens`` tokens,
 plain ``input_ids`` without a cache; for the reference, no autograd; for the policy, autograd in training mode with
@@ -37,7 +37,7 @@ import logging
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from prefix_attn import PrefixLayout, attention_tables
+from prefix_attn import AttentionTables, PrefixLayout, attention_tables, position_ids, use_tables
 
 logger = logging.getLogger(__name__)
 
@@ -89,61 +89,44 @@ class _Tables:
     """A copy of ``layout`` whose tables are tensors of its own, refilled from another layout of the same length
     before each replay (the position ids are one of them)."""
 
-    def __init__(self, layout: PrefixLayout, tables: dict):
+    def __init__(self, layout: PrefixLayout, tables: AttentionTables):
         self.layout = PrefixLayout.from_dict(layout.to_dict())
-        self.layout._cache.update(_clone(tables))
-        self.tables = {k: self.layout._cache[k] for k in tables}
+        self.tables = tables.clone()
+        use_tables(self.layout, self.tables)
+        self.derived = self.layout.cached_keys()
 
-    def fill(self, tables: dict) -> None:
-        _copy(self.tables, tables)
+    def fill(self, tables: AttentionTables) -> None:
+        self.tables.copy_(tables)
 
     def check_captured(self) -> None:
         """After a capture: the graph read only the tables that ``fill`` refreshes. A table the model built during
         the capture (other q/k/v dtype or head size than the tables were made for) would be replayed stale."""
-        if set(self.layout._cache) != set(self.tables):
-            raise RuntimeError(f"the captured forward built layout tables of its own "
-                               f"({sorted(map(str, set(self.layout._cache) - set(self.tables)))[:2]})")
+        built = self.layout.cached_keys() - self.derived
+        if built:
+            raise RuntimeError(f"the captured forward built layout tables of its own ({sorted(map(str, built))[:2]})")
 
 
 class _Graph:
     """One captured backbone forward for rows of ``total`` tokens."""
 
-    def __init__(self, backbone_forward, layout: PrefixLayout, tables: dict, total: int, backend: str, pool):
+    def __init__(self, backbone_forward, layout: PrefixLayout, tables: AttentionTables, total: int, backend: str,
+                 pool):
         self.ids = torch.zeros((1, total), dtype=torch.long, device=layout.device)
         self.static = _Tables(layout, tables)
         layout = self.static.layout
-        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=layout.position_ids[None],
+        run = functools.partial(backbone_forward, input_ids=self.ids, position_ids=position_ids(layout)[None],
                                 prefix_layout=layout, prefix_attn_backend=backend, use_cache=False)
         self.graph, out = _capture(run, pool)
         self.static.check_captured()
         self.out = out.last_hidden_state
 
-    def __call__(self, input_ids: torch.Tensor, tables: dict) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, tables: AttentionTables) -> torch.Tensor:
         T = input_ids.shape[1]
         self.ids[:, :T].copy_(input_ids)
         self.ids[:, T:].zero_()
         self.static.fill(tables)
         self.graph.replay()
         return self.out[:, :T].clone()  # the graph's output is overwritten by the next replay
-
-
-def _clone(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return type(x)(_clone(v) for v in x)
-
-
-def _copy(dst, src):
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _copy(dst[k], src[k])
-    else:
-        for a, b in zip(dst, src):
-            _copy(a, b)
 
 
 def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
@@ -268,7 +251,7 @@ class _Stack:
         self.out = out.last_hidden_state
 
     def run(self, layout: PrefixLayout):
-        return self._forward(position_ids=layout.position_ids[None], prefix_layout=layout)
+        return self._forward(position_ids=position_ids(layout)[None], prefix_layout=layout)
 
     @contextlib.contextmanager
     def _recording(self):
@@ -297,7 +280,7 @@ class _Stack:
             for h in handles:
                 h.remove()
 
-    def replay(self, h0: torch.Tensor, tables: dict | None, layout: PrefixLayout):
+    def replay(self, h0: torch.Tensor, tables: AttentionTables | None, layout: PrefixLayout):
         """Run the stack on ``h0`` [1, T <= total, hidden]; returns (the stack's output [1, T, hidden], every
         segment's input [segments, total, hidden], every segment's other arguments), all the caller's to keep."""
         T = h0.shape[1]

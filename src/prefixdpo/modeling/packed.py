@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from prefix_attn import PrefixLayout
+from prefix_attn import PrefixLayout, position_ids
 
 from ..data.collator import PACKED_KEY
 from .attention import ATTN_NAME, install
@@ -45,7 +45,7 @@ def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, in
         layout = packed["_layout"] = PrefixLayout.from_dict(packed["layout"], device)
     out = inner_forward(
         input_ids=packed["input_ids"],
-        position_ids=layout.position_ids.unsqueeze(0),
+        position_ids=position_ids(layout).unsqueeze(0),
         shift_labels=packed["shift_labels"],
         fused_lm_head=True,
         use_cache=False,

@@ -1,48 +1,35 @@
-"""The layout's per-token tables and tile schedules, built on the GPU in three Triton launches.
+"""The layout's per-token tables and tile schedules (``prefix_attn.schedule``), built on the GPU in two Triton launches.
 
-``triton_attention.build_schedules`` reads, for one packed row: ``tok`` [3, T] int32 (lo1, hi1, lo2 per query),
-``q_hi`` [T] int32, and per tile size the forward / dq schedule [n_q_tiles, 10] and the KV-major backward schedule
-[n_k_tiles, 4], each with its launch order; the model forward also needs ``position_ids`` [T] int64. The torch
-path (``PrefixLayout`` and ``triton_attention.forward_schedule`` / ``backward_schedule``) is the reference: about
-200 small ops, 3.7-5.5 ms of host launch overhead on an H100 for a 16K-token row. Here the same integers come from:
+The torch builders of ``prefix_attn.schedule`` are the reference: about 200 small ops, several ms of host launch
+overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
 
-1. ``_segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
+1. ``segments_kernel`` (one program): from the three length tensors, each document's start and prefix end and
    each branch's start and end (cumulative sums in chunks with a carry, so any number of documents works).
-2. ``_token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
+2. ``token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
    the starts at or below it (a binary search bounds the starts a chunk can hit), which gives lo1, hi1, lo2, q_hi
    and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
    of every tile size, so no tile straddles two programs).
-3. ``_order_kernel``: each schedule's launch order, the stable descending argsort of the tiles' work, as a rank
-   count (a tile's rank is the number of tiles ordered before it).
 
-A launch cannot read what other programs of the same launch write, hence three. Outputs are views into one int32
-buffer plus the int64 position ids. ``fused_build`` fills the layout's cache under the keys the torch path uses, so
-``build_schedules`` and ``PrefixLayout.position_ids`` find them there; importing this module installs
-``PrefixLayout._token_builder`` so that ``position_ids``, asked for before any attention call, takes this path too
-(kernels 1 and 2, per-token tables only; the schedules then cost kernels 2 and 3 from the cached segment table).
-The work is O(T) for kernel 2 and O(tiles^2) small integer compares for kernel 3; its GPU time is still to be
-measured (scripts/bench_attention.py times ``build_schedules``).
-
-Used for layouts on a CUDA device; ``PREFIX_ATTN_FUSED_SCHEDULE=0`` turns it off (the torch path everywhere), and
-``=1`` turns it on under ``TRITON_INTERPRET=1`` for CPU layouts (the tests).
+A launch cannot read what other programs of the same launch write, hence two. Outputs are views into one int32
+buffer plus the int64 position ids. The segment table of kernel 1 is cached on the layout (``Segments``): the
+position ids, asked for before any attention call, cost both kernels (per-token tables only); each tile shape's
+schedules then cost kernel 2 alone. The work is O(T).
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import PrefixLayout
-
-ENV_FLAG = "PREFIX_ATTN_FUSED_SCHEDULE"
+from ..layout import PrefixLayout
+from ..schedule import TileShape, TokenTables
 
 _SEG_BLOCK_A = 1024  # kernel 1: lengths per loop step
 _SEG_BLOCK = 32  # kernel 2: document / branch starts compared per loop step (a [CHUNK, _SEG_BLOCK] compare)
 _MIN_CHUNK = 256  # kernel 2: tokens per program (at least twice the largest tile)
-_ORDER_BLOCK = 64  # kernel 3: tiles ranked per program, and tiles compared per loop step
 _MAX_TOKENS = 1 << 28  # int32 index arithmetic inside (3 * T and the buffer offsets stay below 2**31)
 
 
@@ -52,7 +39,7 @@ _MAX_TOKENS = 1 << 28  # int32 index arithmetic inside (3 * T and the buffer off
 
 
 @triton.jit(do_not_specialize=["D", "NB", "T"])  # they change with every row: no recompiles
-def _segments_kernel(
+def segments_kernel(
     PL, BPD, BL,  # prefix_lens [D], branches_per_doc [D], branch_lens [NB] (any integer dtype)
     BC, ADD,  # scratch [NB] int32: branch tokens before each branch; prefix lengths scattered to first branches
     DS, PE, BS, BE,  # out int32: doc start [D + 1] (DS[D] = T), prefix end [D], branch start [NB], branch end [NB]
@@ -143,13 +130,13 @@ def _locate(starts, first, last, t, SEG_BLOCK: tl.constexpr):
 
 @triton.jit
 def _query_tiles(
-    SCHED, WORK, lo1, hi1, lo2, valid, pid, T,
+    SCHED, lo1, hi1, lo2, valid, pid, T,
     CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BM whole query tiles
     BM: tl.constexpr,  # query rows per tile
     BN: tl.constexpr,  # keys per tile
 ):
     """Forward (or dq) schedule rows of this program's query tiles: ``PrefixLayout.query_tile_ranges`` followed by
-    ``forward_schedule``'s clipping, with the same padding values for rows past T; and each tile's work."""
+    ``forward_schedule``'s clipping, with the same padding values for rows past T."""
     big = T + 1
     has_r1 = valid & (hi1 > lo1)
     no_r1 = valid & (hi1 <= lo1)
@@ -197,18 +184,17 @@ def _query_tiles(
     tl.store(row + 7, c2, mask=ok)
     tl.store(row + 8, d2, mask=ok)
     tl.store(row + 9, t_hi2, mask=ok)
-    tl.store(WORK + i, (t_hi1 - t_lo1) + (t_hi2 - t_lo2), mask=ok)
 
 
 @triton.jit
 def _key_tiles(
-    SCHED, WORK, q_hi, valid, pid, T,
+    SCHED, q_hi, valid, pid, T,
     CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BN whole key tiles
     BN: tl.constexpr,  # keys per tile
     BM: tl.constexpr,  # query rows per tile
 ):
     """KV-major backward schedule rows of this program's key tiles (``PrefixLayout.key_tile_ranges`` and
-    ``backward_schedule``; padding keys make a tile never full) and each tile's work."""
+    ``backward_schedule``; padding keys make a tile never full)."""
     qhi_max = tl.max(tl.reshape(tl.where(valid, q_hi, -1), [CHUNK // BN, BN]), axis=1)
     qhi_min = tl.min(tl.reshape(tl.where(valid, q_hi, 0), [CHUNK // BN, BN]), axis=1)
     j = pid * (CHUNK // BN) + tl.arange(0, CHUNK // BN)
@@ -223,14 +209,13 @@ def _key_tiles(
     tl.store(row + 1, flo, mask=ok)
     tl.store(row + 2, fhi, mask=ok)
     tl.store(row + 3, hi, mask=ok)
-    tl.store(WORK + j, hi - lo, mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter"])
-def _token_tile_kernel(
-    DS, PE, BS, BE,  # from _segments_kernel
+def token_tile_kernel(
+    DS, PE, BS, BE,  # from segments_kernel
     TOK, QHI, POS,  # out (WRITE_TOK): [3, T] int32 lo1/hi1/lo2, [T] int32 q_hi, [T] int64 position ids
-    FWD, FWD_W, KV, KV_W, DQ, DQ_W,  # out (TILES): schedules [n, 10] / [n, 4] int32 and their tiles' work [n]
+    FWD, KV, DQ,  # out (TILES): schedules [n, 10] / [n, 4] / [n, 10] int32
     T, D, NB,
     bs_off,  # BS - DS in elements (both views of one buffer): the searches treat them as one array
     n_iter,  # binary-search steps: the bit length of max(D, NB)
@@ -238,12 +223,12 @@ def _token_tile_kernel(
     SEG_BLOCK: tl.constexpr,
     WRITE_TOK: tl.constexpr,  # False when the per-token tables are already cached (only tiles wanted)
     TILES: tl.constexpr,  # False when only the per-token tables are wanted (position_ids before any attention)
-    DQ_TILES: tl.constexpr,  # the deterministic dq kernel's schedule (its own tile sizes)
     FWD_BM: tl.constexpr, FWD_BN: tl.constexpr,
     KV_BN: tl.constexpr, KV_BM: tl.constexpr,
     DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
 ):
-    """Per token: lo1, hi1, lo2, q_hi and position id (``PrefixLayout._per_token``); per tile: the schedule rows.
+    """Per token: lo1, hi1, lo2, q_hi and position id (as ``PrefixLayout.query_key_ranges`` and ``position_ids``);
+    per tile: the schedule rows.
 
     A prefix token of document d sees [doc_start, q] and is seen until the document ends; a branch token sees the
     prefix [doc_start, prefix_end) and [branch_start, q] and is seen until its branch ends.
@@ -275,34 +260,9 @@ def _token_tile_kernel(
         pos = tl.where(pre, t - ds, (pe - ds) + (t - bs))  # branches restart at the prefix length
         tl.store(POS + t, pos.to(tl.int64), mask=valid)
     if TILES:
-        _query_tiles(FWD, FWD_W, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
-        _key_tiles(KV, KV_W, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
-        if DQ_TILES:
-            _query_tiles(DQ, DQ_W, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
-
-
-@triton.jit(do_not_specialize=["w0", "o0", "n0", "w1", "o1", "n1", "w2", "o2", "n2"])
-def _order_kernel(
-    BUF,  # the int32 buffer holding the work arrays and the orders
-    w0, o0, n0, w1, o1, n1, w2, o2, n2,  # per schedule (grid axis 1): offsets of work and order, number of tiles
-    BLOCK: tl.constexpr,  # tiles ranked per program and compared per loop step
-):
-    """order[rank[i]] = i with rank[i] = #{j: w[j] > w[i] or (w[j] == w[i] and j < i)}: the stable descending
-    argsort of the tiles' work (``torch.argsort(work, descending=True, stable=True)``), one schedule per grid row."""
-    kind = tl.program_id(1)
-    w_off = tl.where(kind == 0, w0, tl.where(kind == 1, w1, w2))
-    o_off = tl.where(kind == 0, o0, tl.where(kind == 1, o1, o2))
-    n = tl.where(kind == 0, n0, tl.where(kind == 1, n1, n2))
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mi = i < n
-    wi = tl.load(BUF + w_off + i, mask=mi, other=0)
-    rank = tl.zeros([BLOCK], dtype=tl.int32)
-    for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        wj = tl.load(BUF + w_off + j, mask=j < n, other=-1)  # work >= 1 on real tiles: -1 never ranks first
-        before = (wj[None, :] > wi[:, None]) | ((wj[None, :] == wi[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum(before.to(tl.int32), axis=1)
-    tl.store(BUF + o_off + rank, i, mask=mi)
+        _query_tiles(FWD, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
+        _key_tiles(KV, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
+        _query_tiles(DQ, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
 
 
 # =====================================================================================================================
@@ -310,29 +270,19 @@ def _order_kernel(
 # =====================================================================================================================
 
 
-def fused_enabled(device: torch.device) -> bool:
-    """Whether ``fused_build`` serves layouts on ``device`` (see the module docstring for the flag)."""
-    flag = os.environ.get(ENV_FLAG, "")
-    if flag == "0":
-        return False
-    if device.type == "cuda":
-        return True
-    return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _tile_keys(cfg) -> list[tuple]:
-    keys = [("triton_fwd_sched", cfg.fwd_block_m, cfg.fwd_block_n),
-            ("triton_bwd_sched", cfg.kv_block_n, cfg.kv_block_m)]
-    if cfg.deterministic:
-        keys.append(("triton_fwd_sched", cfg.dq_block_m, cfg.dq_block_n))
-    return keys
+@dataclass(frozen=True)
+class Segments:
+    """Kernel 1's output, cached on the layout under this class: int32 views of document starts [D + 1] (the last
+    is T), prefix ends [D], branch starts and ends [NB] (branch starts right after the document starts in memory)."""
 
-
-_TOKEN_KEYS = ("triton_tok", "triton_qhi", "position_ids")
+    doc_start: torch.Tensor
+    prefix_end: torch.Tensor
+    branch_start: torch.Tensor
+    branch_end: torch.Tensor
 
 
 class _Arena:
@@ -348,98 +298,63 @@ class _Arena:
         return off
 
 
-def fused_build(layout: PrefixLayout, cfg=None) -> bool:
-    """Fill ``layout``'s cache with the per-token tables, position ids and (given a ``TritonAttentionConfig``) the
-    schedules of ``cfg``, under the torch path's keys. Entries already cached are kept. Returns False (and does
-    nothing) where this path does not apply: T outside [1, 2**28), tile sizes not powers of two."""
-    cache = layout._cache
+def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTables | None):
+    """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq) at ``tile`` (None:
+    none), as ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside
+    [1, 2**28), tile sizes not powers of two."""
+    if tile is None and tokens is not None:
+        return tokens, None
     T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
-    if not 0 < T < _MAX_TOKENS:
-        return False
-    want_tok = any(k not in cache for k in _TOKEN_KEYS)
-    want_tiles = cfg is not None and any(k not in cache for k in _tile_keys(cfg))
-    if not (want_tok or want_tiles):
-        return True
-    det = cfg is not None and cfg.deterministic
-    sizes = []
-    if cfg is not None:
-        sizes = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n]
-        sizes += [cfg.dq_block_m, cfg.dq_block_n] if det else []
-        if not all(_pow2(s) for s in sizes):
-            return False
+    sizes = [] if tile is None else [tile.fwd_m, tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_m, tile.dq_n]
+    if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
+        return None
     # A power of two, so a multiple of every tile size; at least two tiles per program (no [1]-shaped reductions).
-    chunk = max([_MIN_CHUNK] + [2 * s for s in sizes])
+    chunk = max([_MIN_CHUNK] + [2 * x for x in sizes])
 
     dev = layout.device
     arena = _Arena()
-    segs = cache.get("fused_segments")
+    segs = layout.cached(Segments)
     if segs is None:
         o_bc, o_add, o_ds, o_pe, o_bs, o_be = (arena.take(n) for n in (NB, NB, D + 1, D, NB, NB))
-    if want_tok:
+    if tokens is None:
         o_tok, o_qhi = arena.take(3 * T), arena.take(T)
-    if want_tiles:
-        nqt, nkt = -(-T // cfg.fwd_block_m), -(-T // cfg.kv_block_n)
-        ndq = -(-T // cfg.dq_block_m) if det else 0
-        o_fs, o_fo, o_fw = arena.take(10 * nqt), arena.take(nqt), arena.take(nqt)
-        o_ks, o_ko, o_kw = arena.take(4 * nkt), arena.take(nkt), arena.take(nkt)
-        o_ds_, o_do, o_dw = arena.take(10 * ndq), arena.take(ndq), arena.take(ndq)
+    if tile is not None:
+        nqt, nkt, ndq = -(-T // tile.fwd_m), -(-T // tile.kv_n), -(-T // tile.dq_m)
+        o_fs, o_ks, o_qs = arena.take(10 * nqt), arena.take(4 * nkt), arena.take(10 * ndq)
     buf = torch.empty(arena.size, dtype=torch.int32, device=dev)
 
     def view(off, n):
         return buf[off : off + n]
 
     if segs is None:
-        segs = tuple(view(o, n) for o, n in ((o_ds, D + 1), (o_pe, D), (o_bs, NB), (o_be, NB)))
-        _segments_kernel[(1,)](
+        new = Segments(view(o_ds, D + 1), view(o_pe, D), view(o_bs, NB), view(o_be, NB))
+        segments_kernel[(1,)](
             layout.prefix_lens.contiguous(), layout.branches_per_doc.contiguous(), layout.branch_lens.contiguous(),
-            view(o_bc, NB), view(o_add, NB), *segs, D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
+            view(o_bc, NB), view(o_add, NB), new.doc_start, new.prefix_end, new.branch_start, new.branch_end,
+            D, NB, T, BLOCK=_SEG_BLOCK_A, num_warps=4,
         )
-        cache["fused_segments"] = segs
-    if want_tok:
+        segs = layout.cached(Segments, lambda: new)
+    if tokens is None:
         tok, qhi = view(o_tok, 3 * T).view(3, T), view(o_qhi, T)
         pos = torch.empty(T, dtype=torch.int64, device=dev)
     else:
         tok = qhi = pos = buf  # unused
-    if want_tiles:
-        fs, fo, fw = view(o_fs, 10 * nqt).view(nqt, 10), view(o_fo, nqt), view(o_fw, nqt)
-        ks, ko, kw = view(o_ks, 4 * nkt).view(nkt, 4), view(o_ko, nkt), view(o_kw, nkt)
-        if det:
-            qs, qo, qw = view(o_ds_, 10 * ndq).view(ndq, 10), view(o_do, ndq), view(o_dw, ndq)
-        else:
-            qs, qw = fs, fw  # unused
-        bm, bn, kbn, kbm = cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_n, cfg.kv_block_m
-        dbm, dbn = cfg.dq_block_m, cfg.dq_block_n
+    if tile is not None:
+        fs, ks = view(o_fs, 10 * nqt).view(nqt, 10), view(o_ks, 4 * nkt).view(nkt, 4)
+        qs = view(o_qs, 10 * ndq).view(ndq, 10)
+        t = tile
     else:
-        fs = fw = ks = kw = qs = qw = buf  # unused
-        bm = bn = kbn = kbm = dbm = dbn = 16
-    _token_tile_kernel[(-(-T // chunk),)](
-        *segs, tok, qhi, pos, fs, fw, ks, kw, qs, qw,
-        T, D, NB, (segs[2].data_ptr() - segs[0].data_ptr()) // 4, max(D, NB).bit_length(),
-        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=want_tok, TILES=want_tiles, DQ_TILES=det,
-        FWD_BM=bm, FWD_BN=bn, KV_BN=kbn, KV_BM=kbm, DQ_BM=dbm, DQ_BN=dbn, num_warps=4,
+        fs = ks = qs = buf  # unused
+        t = TileShape(16, 16, 16, 16, 16, 16)
+    token_tile_kernel[(-(-T // chunk),)](
+        segs.doc_start, segs.prefix_end, segs.branch_start, segs.branch_end, tok, qhi, pos, fs, ks, qs,
+        T, D, NB, (segs.branch_start.data_ptr() - segs.doc_start.data_ptr()) // 4, max(D, NB).bit_length(),
+        CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=tokens is None, TILES=tile is not None,
+        FWD_BM=t.fwd_m, FWD_BN=t.fwd_n, KV_BN=t.kv_n, KV_BM=t.kv_m, DQ_BM=t.dq_m, DQ_BN=t.dq_n, num_warps=4,
     )
-    if want_tiles:
-        n_max = max(nqt, nkt, ndq)
-        _order_kernel[(-(-n_max // _ORDER_BLOCK), 3 if det else 2)](
-            buf, o_fw, o_fo, nqt, o_kw, o_ko, nkt, o_dw, o_do, ndq, BLOCK=_ORDER_BLOCK, num_warps=4,
-        )
-        cache.setdefault(("triton_fwd_sched", bm, bn), (fs, fo))
-        cache.setdefault(("triton_bwd_sched", kbn, kbm), (ks, ko))
-        if det:
-            cache.setdefault(("triton_fwd_sched", dbm, dbn), (qs, qo))
-    if want_tok:
-        cache.setdefault("triton_tok", tok)
-        cache.setdefault("triton_qhi", qhi)
-        cache.setdefault("position_ids", pos)
-    return True
+    if tokens is None:
+        tokens = TokenTables(tok, qhi, pos)
+    return tokens, (None if tile is None else (fs, ks, qs))
 
 
-def _token_builder(layout: PrefixLayout) -> None:
-    """``PrefixLayout.position_ids``'s hook: the per-token tables in two launches, where this path applies."""
-    if fused_enabled(layout.device) and not torch.compiler.is_compiling():
-        fused_build(layout)
-
-
-PrefixLayout._token_builder = staticmethod(_token_builder)
-
-__all__ = ["ENV_FLAG", "fused_build", "fused_enabled"]
+__all__ = ["Segments", "fused_tables", "segments_kernel", "token_tile_kernel"]

@@ -1,0 +1,161 @@
+"""Tile sizes and launch parameters of the Triton kernels, and the tuned defaults.
+
+``TritonAttentionConfig``: the 16-bit forward and backward. ``FP8AttentionConfig``: the FP8 forward (and its
+quantization). Both are frozen dataclasses of int/bool fields that travel through ``torch.library.custom_op`` as
+``list[int]``. ``default_config`` / ``fp8_default_config`` pick from the tuned tables below (the sweeps behind them:
+scripts/bench_attention.py, docs/PERFORMANCE.md); ``set_default_config`` / ``set_fp8_default_config`` override them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields, replace
+
+import torch
+import triton
+
+from ..schedule import TileShape
+
+
+class IntFieldsConfig:
+    """A frozen dataclass of int/bool fields that travels through a ``torch.library.custom_op`` as ``list[int]``."""
+
+    def as_list(self) -> list[int]:
+        return [int(getattr(self, f.name)) for f in fields(self)]
+
+    @classmethod
+    def from_list(cls, xs):
+        return cls(**{f.name: bool(int(x)) if isinstance(f.default, bool) else int(x) for f, x in zip(fields(cls), xs)})
+
+
+@dataclass(frozen=True)
+class TritonAttentionConfig(IntFieldsConfig):
+    """Tile sizes and launch parameters. ``fwd_*``: the forward (``fwd_block_m`` query TOKENS per tile: the kernel
+    packs all query heads of a KV head, so its MMA has ``fwd_block_m x next_pow2(Hq / Hkv)`` rows); ``kv_*``: the
+    KV-major backward (``kv_block_n`` keys per program, ``kv_block_m`` queries per step); ``dq_*``: the dq kernel
+    (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` / ``bwd_tma``: the forward's K/V and the backward's
+    q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere)."""
+
+    fwd_block_m: int = 16
+    fwd_block_n: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 3
+    kv_block_m: int = 64
+    kv_block_n: int = 128
+    kv_warps: int = 8
+    kv_stages: int = 2
+    dq_block_m: int = 32
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    fwd_tma: bool = True
+    bwd_tma: bool = True
+
+    @property
+    def tile_shape(self) -> TileShape:
+        """The tile sizes the schedules are built for."""
+        return TileShape(self.fwd_block_m, self.fwd_block_n, self.kv_block_m, self.kv_block_n, self.dq_block_m,
+                         self.dq_block_n)
+
+
+# The configs ``default_config`` chooses from. On a GPU the packed kernels' *_block_m (query tokens per tile) is then
+# sized from the GQA group; the values here are those of a group of 4.
+CONFIGS = {
+    # 16-bit inputs on a GPU (head dims 64 and 128 alike): the fastest of the sweep of scripts/bench_attention.py
+    # --sweep on Hopper (docs/PERFORMANCE.md, "doc_order_all_pack16").
+    "cuda_16bit": TritonAttentionConfig(
+        fwd_block_m=16, fwd_block_n=64, fwd_warps=4, fwd_stages=3, kv_block_m=64, kv_block_n=128, kv_warps=8,
+        kv_stages=2, dq_block_m=32, dq_block_n=64, dq_warps=8, dq_stages=2, fwd_tma=True, bwd_tma=True),
+    # fp32 inputs on a GPU: smaller tiles (twice the bytes per element).
+    "cuda_fp32": TritonAttentionConfig(
+        fwd_block_m=16, fwd_block_n=32, fwd_warps=4, fwd_stages=2, kv_block_m=32, kv_block_n=64, kv_warps=4,
+        kv_stages=1, dq_block_m=16, dq_block_n=32, dq_warps=4, dq_stages=1, fwd_tma=False, bwd_tma=False),
+    # The CPU interpreter: small tiles keep the tests fast and make short rows cross many tiles.
+    "interpreter": TritonAttentionConfig(
+        fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, kv_block_m=16, kv_block_n=32, kv_warps=4,
+        kv_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4, dq_stages=1, fwd_tma=True, bwd_tma=True),
+}
+# MMA rows the packed kernels aim at on a GPU (tokens = rows / next_pow2(group), at least 16): 64 in the forward
+# (16 tokens x 4 heads: the sweep's fastest), 64 in the fp32 dq kernel, 128 in the 16-bit one; 8 warps beyond.
+_PACKED_ROWS = {"cuda_16bit": (64, 128), "cuda_fp32": (64, 64)}
+_OVERRIDE: TritonAttentionConfig | None = None
+
+
+def set_default_config(cfg: TritonAttentionConfig | None) -> None:
+    """Use ``cfg`` for every call that passes no config (None restores the table)."""
+    global _OVERRIDE
+    _OVERRIDE = cfg
+
+
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, groups: int = 4) -> TritonAttentionConfig:
+    """The config for ``dtype`` and ``groups`` query heads per KV head on ``device`` (``set_default_config``
+    overrides it). ``head_dim`` does not choose among the tuned configs today (64 and 128 got the same one)."""
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    if device.type != "cuda":
+        return CONFIGS["interpreter"]
+    return _gpu_config("cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32", max(1, groups))
+
+
+@functools.lru_cache(maxsize=None)  # called once per attention call: no dataclass built per layer
+def _gpu_config(kind: str, groups: int) -> TritonAttentionConfig:
+    g = triton.next_power_of_2(groups)
+    fwd_rows, dq_rows = _PACKED_ROWS[kind]
+    fwd_m, dq_m = max(fwd_rows // g, 16), max(dq_rows // g, 16)
+    cfg = CONFIGS[kind]
+    return replace(cfg, fwd_block_m=fwd_m, fwd_warps=cfg.fwd_warps if fwd_m * g <= fwd_rows else 8,
+                   dq_block_m=dq_m, dq_warps=cfg.dq_warps if dq_m * g <= dq_rows else 8)
+
+
+@dataclass(frozen=True)
+class FP8AttentionConfig(IntFieldsConfig):
+    """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
+
+    ``block_m``: query TOKENS per tile (q's quantization tile per head); one program computes all Hq/Hkv query heads
+    of a KV head, so the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows. ``block_n``: keys per tile (k's and v's
+    quantization tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA
+    descriptors (Hopper; ignored elsewhere). ``quant_warps``: the quantize launch's warps (4 spill registers at 128-row
+    tiles of D=128)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 4
+    tma: bool = True
+    quant_warps: int = 8
+
+
+# The FP8 configs ``fp8_default_config`` chooses from. On a GPU ``block_m`` is then sized from the GQA group (64 MMA
+# rows); the value here is that of a group of 4.
+FP8_CONFIGS = {
+    # Head dims 64 and 128 alike: the fastest of the sweep of scripts/bench_attention.py --fp8-sweep on Hopper
+    # (docs/PERFORMANCE.md).
+    "cuda": FP8AttentionConfig(block_m=16, block_n=64, warps=4, stages=4, tma=True, quant_warps=8),
+    # The CPU interpreter: small tiles keep the tests fast and make short rows cross many tiles.
+    "interpreter": FP8AttentionConfig(block_m=16, block_n=16, warps=4, stages=1, tma=True, quant_warps=8),
+}
+_FP8_OVERRIDE: FP8AttentionConfig | None = None
+
+
+def set_fp8_default_config(cfg: FP8AttentionConfig | None) -> None:
+    """Use ``cfg`` for every FP8 call that passes no config (None restores the table)."""
+    global _FP8_OVERRIDE
+    _FP8_OVERRIDE = cfg
+
+
+def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> FP8AttentionConfig:
+    """The FP8 config for ``groups`` query heads per KV head on ``device`` (``set_fp8_default_config`` overrides it):
+    on a GPU the packed tile holds as many query tokens as make 64 MMA rows (at least 16; 8 warps beyond 64).
+    ``head_dim`` does not choose among the tuned configs today (64 and 128 got the same one)."""
+    if _FP8_OVERRIDE is not None:
+        return _FP8_OVERRIDE
+    if device.type != "cuda":
+        return FP8_CONFIGS["interpreter"]
+    return _fp8_gpu_config(max(1, groups))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_gpu_config(groups: int) -> FP8AttentionConfig:
+    g = triton.next_power_of_2(groups)
+    bm = max(64 // g, 16)
+    return replace(FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
