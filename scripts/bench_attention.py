@@ -1,10 +1,11 @@
-"""Attention kernel benchmark: our Triton kernel vs FlexAttention (same layout) vs cuDNN dense causal SDPA.
+"""Attention kernel benchmark: our Triton kernel vs FlashAttention-4 on the same layout (the `fa4` backend's
+decomposition) vs FlexAttention (same layout) vs dense causal attention (cuDNN SDPA, and FlashAttention-4's own).
 
 One GPU, one packed row of ~16K tokens, Llama-3-8B attention shape by default (32 query heads, 8 KV heads, head dim
-128, bf16). For each layout it times the forward and forward+backward (triton.testing.do_bench, median, after
-warm-up, random inputs) and prints effective TFLOP/s over the (query, key) pairs each computation is asked for:
-the layout's allowed pairs for ours and Flex (forward 4*Hq*D*pairs, backward 2.5x that, DESIGN.md), T(T+1)/2 for
-dense causal. It also times the layout/schedule build next to FlexAttention's ``create_block_mask``. A CSV row per
+128, bf16; a layout may name its own heads). For each layout it times the forward and forward+backward
+(triton.testing.do_bench, median, after warm-up, random inputs) and prints effective TFLOP/s over the (query, key)
+pairs each computation is asked for: the layout's allowed pairs for ours, fa4 and Flex (forward 4*Hq*D*pairs,
+backward 2.5x that), T(T+1)/2 for dense causal. FlashAttention-4 rows appear where ``flash_attn.cute`` imports. It also times the layout/schedule build next to FlexAttention's ``create_block_mask``. A CSV row per
 (layout, implementation) is appended to ``--csv`` (default ``$OUT/bench_attention.csv`` when OUT is set, else
 ``bench_attention.csv``), with the GPU name, versions, date and command.
 
@@ -26,21 +27,28 @@ import time
 
 import torch
 
-# Layouts: name -> (prompt length P, response lengths). A document is prefix P-1 + branches 1+R each (DESIGN.md);
-# documents are repeated until the next one would exceed the row's token budget.
+# Layouts: name -> (prompt length P, response lengths[, (query heads, KV heads)]). A document is prefix P-1 + branches
+# 1+R each (the last prompt token opens each branch); documents are repeated until the next one would exceed the row's
+# token budget. Without heads, --heads / --kv-heads apply.
 LAYOUTS = {
     "p2048_r256x2": (2048, [256, 256]),
     "p128_r768x2": (128, [768, 768]),
     "p512_r128x8": (512, [128] * 8),
     "p1024_r64x2": (1024, [64, 64]),
-    "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: the layout-build check of issue 2
+    "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: many small documents for the table build
+    "p700_r300x2_g7": (700, [300, 300], (28, 4)),  # Qwen2.5-7B heads: a GQA group of 7
 }
+
+
+def layout_heads(name: str, args) -> tuple[int, int]:
+    spec = LAYOUTS[name]
+    return spec[2] if len(spec) > 2 else (args.heads, args.kv_heads)
 
 
 def make_layout(name: str, tokens: int, device):
     from prefix_attn import PrefixLayout
 
-    P, resp = LAYOUTS[name]
+    P, resp = LAYOUTS[name][:2]
     doc = (P - 1) + sum(1 + r for r in resp)
     n = max(1, tokens // doc)
     return PrefixLayout.from_lengths([P - 1] * n, [[1 + r for r in resp]] * n, device=device)
@@ -345,7 +353,7 @@ def run_fp8(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--layouts", nargs="+", default=["p2048_r256x2", "p128_r768x2", "p512_r128x8"],
+    ap.add_argument("--layouts", nargs="+", default=["p2048_r256x2", "p128_r768x2", "p512_r128x8", "p700_r300x2_g7"],
                     choices=sorted(LAYOUTS))
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -385,6 +393,11 @@ def main(argv=None):
     csv_path = args.csv or os.path.join(os.environ.get("OUT", "."), "bench_attention.csv")
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} Hq={Hq} Hkv={Hkv} D={D}")
+    from prefix_attn.fa4 import fa4_supported
+
+    has_fa4, why_not_fa4 = fa4_supported(dev, dtype, D)
+    if not has_fa4:
+        print(f"# no FlashAttention-4 rows: {why_not_fa4}")
 
     def inputs(T, seed):
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -419,15 +432,17 @@ def main(argv=None):
         T = lay.total_tokens
         pairs = lay.allowed_pairs()
         dense_pairs = T * (T + 1) // 2
+        Hq, Hkv = layout_heads(name, args)
         q, k, v, do = inputs(T, 1)
-        f_ours = lambda q, k, v: ta.triton_prefix_attention(q, k, v, lay, config=best)  # noqa: E731
+        cfg = ta.default_config(D, dtype, dev, Hq // Hkv) if best is base else best
+        f_ours = lambda q, k, v: ta.triton_prefix_attention(q, k, v, lay, config=cfg)  # noqa: E731
         f_flex = lambda q, k, v: flex_prefix_attention(q, k, v, lay)  # noqa: E731
 
         # Build times: our layout + schedule from device-side lengths; Flex's create_block_mask over S x S.
         d = lay.to_dict()
 
         def build_ours():
-            build_tables(PrefixLayout.from_dict(d), best.tile_shape)
+            build_tables(PrefixLayout.from_dict(d), cfg.tile_shape)
 
         build_ours()
         t_build = host_median_ms(build_ours, 50)
@@ -455,6 +470,12 @@ def main(argv=None):
         o1 = f_ours(q, k, v)
         res = {}
         res["ours"] = time_fwd_bwd(f_ours, q, k, v, do)
+        if has_fa4:
+            from prefix_attn.fa4 import fa4_prefix_attention
+
+            f_fa4 = lambda q, k, v: fa4_prefix_attention(q, k, v, lay)  # noqa: E731
+            print(f"{name}: ours vs fa4 rel diff {rel_err(o1, f_fa4(q, k, v)):.1e}")
+            res["fa4"] = time_fwd_bwd(f_fa4, q, k, v, do)
         if not args.no_flex:
             o2 = f_flex(q, k, v)
             print(f"{name}: ours vs flex rel diff {rel_err(o1, o2):.1e}")
@@ -470,11 +491,17 @@ def main(argv=None):
                 return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
 
         res["cudnn_dense_causal"] = time_fwd_bwd(f_dense, qd, kd, vd, dod)
+        if has_fa4:
+            from flash_attn.cute import flash_attn_func
+
+            qb, kb, vb = (x.detach().unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
+            res["fa4_dense_causal"] = time_fwd_bwd(lambda a, b, c: flash_attn_func(a, b, c, causal=True)[0], qb, kb,
+                                                   vb, do.unsqueeze(0))
 
         fl = 4 * Hq * D
         for impl, (tf_ms, tfb_ms) in res.items():
-            p = dense_pairs if impl.startswith("cudnn") else pairs
-            rows.append(dict(layout=name, T=T, impl=impl, pairs=p, fwd_ms=tf_ms, fwdbwd_ms=tfb_ms,
+            p = dense_pairs if "dense" in impl else pairs
+            rows.append(dict(layout=name, T=T, Hq=Hq, Hkv=Hkv, impl=impl, pairs=p, fwd_ms=tf_ms, fwdbwd_ms=tfb_ms,
                              fwd_tflops=fl * p / tf_ms * 1e-9, fwdbwd_tflops=3.5 * fl * p / tfb_ms * 1e-9,
                              build_ms=t_build if impl == "ours" else (t_cbm if impl == "flex" else float("nan")),
                              flex_from_kv_blocks_ms=t_kvb if impl == "flex" else float("nan"),
@@ -486,7 +513,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ print, CSV
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=stamp, command=command,
-                dtype=args.dtype, Hq=Hq, Hkv=Hkv, D=D, config=str(best.as_list()))
+                dtype=args.dtype, D=D, config=str(best.as_list()))
     new = not os.path.exists(csv_path)
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
@@ -498,17 +525,21 @@ def main(argv=None):
     print(f"\n# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {stamp}")
     print(f"# {command}")
     print(f"# config {best.as_list()}")
-    hdr = (f"{'layout':<14}{'T':>6} {'impl':<19}{'fwd ms':>8}{'TF/s':>6}{'x cuDNN':>8}{'f+b ms':>8}{'TF/s':>6}"
-           f"{'x cuDNN':>8}{'x flex':>7}{'build ms':>9}")
+    hdr = (f"{'layout':<16}{'T':>6} {'impl':<19}{'fwd ms':>8}{'TF/s':>6}{'x cuDNN':>8}{'f+b ms':>8}{'TF/s':>6}"
+           f"{'x cuDNN':>8}{'x flex':>7}{'fa4/f':>6}{'fa4/fb':>7}{'build ms':>9}")
     print(hdr)
     for name in args.layouts:
         rs = {r["impl"]: r for r in rows if r["layout"] == name}
         dn = rs["cudnn_dense_causal"]
         for impl, r in rs.items():
             xf = (rs["flex"]["fwdbwd_ms"] / r["fwdbwd_ms"]) if "flex" in rs else float("nan")
-            print(f"{name:<14}{r['T']:>6} {impl:<19}{r['fwd_ms']:>8.3f}{r['fwd_tflops']:>6.0f}"
+            # fa4/f, fa4/fb: the fa4 decomposition's time over this row's (> 1: faster than fa4)
+            x4f = rs["fa4"]["fwd_ms"] / r["fwd_ms"] if "fa4" in rs else float("nan")
+            x4b = rs["fa4"]["fwdbwd_ms"] / r["fwdbwd_ms"] if "fa4" in rs else float("nan")
+            print(f"{name:<16}{r['T']:>6} {impl:<19}{r['fwd_ms']:>8.3f}{r['fwd_tflops']:>6.0f}"
                   f"{r['fwd_tflops'] / dn['fwd_tflops']:>8.2f}{r['fwdbwd_ms']:>8.3f}{r['fwdbwd_tflops']:>6.0f}"
-                  f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{r['build_ms']:>9.3f}")
+                  f"{r['fwdbwd_tflops'] / dn['fwdbwd_tflops']:>8.2f}{xf:>7.2f}{x4f:>6.2f}{x4b:>7.2f}"
+                  f"{r['build_ms']:>9.3f}")
     print("(build ms: ours = PrefixLayout.from_dict + build_tables from device lengths; flex = create_block_mask;"
           f" flex via from_kv_blocks: {[round(r['flex_from_kv_blocks_ms'], 3) for r in rows if r['impl'] == 'flex']};"
           f" ours through the torch path: {[round(r['build_torch_path_ms'], 3) for r in rows if r['impl'] == 'ours']};"

@@ -51,9 +51,11 @@ class PrefixLayout:
     - ``branches_per_doc`` [D]: number of branches of each document (>= 1).
     - ``branch_lens`` [NB]: lengths of all branches, document by document (>= 1 each).
 
-    Host-side integers (known without a device sync): ``total_tokens``, ``num_docs``, ``num_branches`` and
+    Host-side integers (known without a device sync): ``total_tokens``, ``num_docs``, ``num_branches``,
     ``max_doc_span`` (the longest document in its *unshared* form, prefix + longest branch: the largest position
-    id + 1, which sliding-window checks need).
+    id + 1, which sliding-window checks need) and ``unshared_tokens`` (the row's tokens with each branch given its own
+    copy of its document's prefix: what running each prompt + response alone costs, and the size of the keys a
+    per-branch decomposition gathers).
     """
 
     prefix_lens: torch.Tensor
@@ -61,6 +63,7 @@ class PrefixLayout:
     branch_lens: torch.Tensor
     total_tokens: int
     max_doc_span: int
+    unshared_tokens: int
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -88,7 +91,7 @@ class PrefixLayout:
             )
         flat: list[int] = []
         per_doc: list[int] = []
-        max_span = 0
+        max_span = unshared = 0
         for d, (p, bl) in enumerate(zip(prefix, branch_lens)):
             if p < 0:
                 raise ValueError(f"document {d}: prefix length must be >= 0, got {p}")
@@ -106,6 +109,7 @@ class PrefixLayout:
             flat.extend(bl)
             per_doc.append(len(bl))
             max_span = max(max_span, p + max(bl))
+            unshared += p * len(bl) + sum(bl)
         total = sum(prefix) + sum(flat)
         return cls(
             prefix_lens=torch.tensor(prefix, dtype=_INT, device=device),
@@ -113,6 +117,7 @@ class PrefixLayout:
             branch_lens=torch.tensor(flat, dtype=_INT, device=device),
             total_tokens=total,
             max_doc_span=max_span,
+            unshared_tokens=unshared,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +128,7 @@ class PrefixLayout:
             "branch_lens": self.branch_lens,
             "total_tokens": self.total_tokens,
             "max_doc_span": self.max_doc_span,
+            "unshared_tokens": self.unshared_tokens,
         }
 
     @classmethod
@@ -135,6 +141,7 @@ class PrefixLayout:
             branch_lens=mv(d["branch_lens"]),
             total_tokens=int(d["total_tokens"]),
             max_doc_span=int(d["max_doc_span"]),
+            unshared_tokens=int(d["unshared_tokens"]),
         )
 
     def to(self, device: torch.device | str) -> "PrefixLayout":
@@ -158,6 +165,7 @@ class PrefixLayout:
             branch_lens=torch.cat([self.branch_lens, one * pad]),
             total_tokens=total_tokens,
             max_doc_span=max(self.max_doc_span, pad),
+            unshared_tokens=self.unshared_tokens + pad,
         )
 
     # ------------------------------------------------------------------ basic properties

@@ -4,6 +4,8 @@ Backends (all take the same layout and must agree):
 - ``reference``: dense-mask SDPA (CPU, tests, tiny models).
 - ``flex``: FlexAttention with a BlockMask from the layout's tile tables (the paper's method; baseline, fallback).
 - ``triton``: our Triton kernels (Hopper-tuned).
+- ``fa4``: FlashAttention-4's causal varlen kernels on a per-branch decomposition of the layout (``prefix_attn.fa4``;
+  the optional ``flash-attn-4`` package, Hopper or newer).
 - ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
 - ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``prefix_attn.triton.fp8``), without / with the
   random Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference
@@ -48,6 +50,18 @@ def _triton(q, k, v, layout, scale):
     return triton_prefix_attention(q, k, v, layout, scale)
 
 
+def _fa4(q, k, v, layout, scale):
+    from .fa4 import fa4_prefix_attention
+
+    return fa4_prefix_attention(q, k, v, layout, scale)
+
+
+def _fa4_supported(device, dtype, head_dim) -> tuple[bool, str]:
+    from .fa4 import fa4_supported
+
+    return fa4_supported(device, dtype, head_dim)
+
+
 def _fp8(rotate: bool):
     def run(q, k, v, layout, scale):
         from .triton import triton_fp8_prefix_attention
@@ -84,6 +98,7 @@ _BACKENDS = {
     "reference": _Backend(_reference),
     "flex": _Backend(_flex),
     "triton": _Backend(_triton, _triton_supported),
+    "fa4": _Backend(_fa4, _fa4_supported),
     "triton_fp8": _Backend(_fp8(rotate=False), _fp8_supported, forward_only=True),
     "triton_fp8_rotate": _Backend(_fp8(rotate=True), _fp8_supported, forward_only=True),
 }
@@ -113,11 +128,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         _warn_once("prefix_attn: the triton backend does not run here (%s); using flex", why)
         return "flex"
     b = _BACKENDS[backend]
-    if not b.forward_only or b.supported is None:
+    if b.supported is None:
         return backend
     ok, why = b.supported(device, dtype, head_dim)
     if ok:
         return backend
+    if not b.forward_only:
+        raise ValueError(f"attention backend {backend!r} does not run here: {why}")
     fallback = "triton" if _triton_supported(device, dtype, head_dim)[0] else resolve_backend("auto", device, dtype,
                                                                                               head_dim)
     _warn_once("prefix_attn: %s does not run here (%s); falling back to the %s backend (no FP8)", backend, why,

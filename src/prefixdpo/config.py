@@ -9,7 +9,7 @@ from trl import DPOConfig
 
 from .data.ranked import RULES as PAIRS_FROM_RANKS
 
-ATTN_BACKENDS = ("auto", "triton", "flex", "reference")
+ATTN_BACKENDS = ("auto", "triton", "fa4", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
@@ -50,8 +50,9 @@ class PrefixDPOConfig(DPOConfig):
         default="auto",
         metadata={
             "help": "Attention backend for the packed rows: 'auto' (triton on a CUDA GPU where it runs, else flex on "
-            "CUDA, else reference), 'triton' (our kernels), 'flex' (FlexAttention, the prefix-sharing paper's "
-            "method), 'reference' (dense-mask SDPA: CPU, tests, tiny models).",
+            "CUDA, else reference), 'triton' (our kernels), 'fa4' (FlashAttention-4 on a per-branch decomposition; "
+            "pip install \"prefixdpo[fa4]\"), 'flex' (FlexAttention, the prefix-sharing paper's method), "
+            "'reference' (dense-mask SDPA: CPU, tests, tiny models).",
             "choices": list(ATTN_BACKENDS),
         },
     )

@@ -1,0 +1,54 @@
+"""The `fa4` backend's decomposition of the layout into causal varlen sequences, checked without FlashAttention-4:
+the gather index and sequence lengths against the layout's definition, and the decomposition run through the plain
+torch meaning of the varlen call (``varlen_causal_reference``) against float64 attention on the layout's mask,
+output and all three gradients. The real kernel is held to float64 on the GPU (tests/gpu/test_fa4_gpu.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import random_layout
+
+from prefix_attn import PrefixLayout, prefix_attention
+from prefix_attn.fa4 import fa4_prefix_attention, varlen_causal_reference, varlen_plan
+from prefix_attn.reference import attention_math
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_len, scale):
+    return varlen_causal_reference(q, k, v, cu_q, cu_k, scale)
+
+
+def test_plan_follows_the_layout():
+    layout = PrefixLayout.from_lengths([3, 0, 2], [[2, 1, 4], [5], [1, 1]])
+    plan = varlen_plan(layout)
+    # Sequences in row order: doc 0 prefix+b0 (5), b1 (1), b2 (4); doc 1 b0 (5); doc 2 prefix+b0 (3), b1 (1).
+    assert plan.cu_q.tolist() == [0, 5, 6, 10, 15, 18, 19]
+    assert plan.cu_k.tolist() == [0, 5, 9, 16, 21, 24, 27]
+    assert plan.kv_index.tolist() == [0, 1, 2, 3, 4,  0, 1, 2, 5,  0, 1, 2, 6, 7, 8, 9,  10, 11, 12, 13, 14,
+                                      15, 16, 17,  15, 16, 18]
+    assert plan.kv_index.numel() == layout.unshared_tokens and plan.max_len == layout.max_doc_span
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decomposition_equals_the_layout_mask(seed):
+    rng = random.Random(seed)
+    layout = random_layout(rng, tokens=300, device="cpu")
+    hq, hkv, d = [(4, 2, 16), (3, 3, 8), (6, 2, 32)][seed]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = [torch.randn(layout.total_tokens, h, d, generator=g, dtype=torch.float64).requires_grad_()
+               for h in (hq, hkv, hkv)]
+    do = torch.randn(layout.total_tokens, hq, d, generator=g, dtype=torch.float64)
+    got = fa4_prefix_attention(q, k, v, layout, varlen=_reference_varlen)
+    want = attention_math(q, k, v, layout)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_asking_for_fa4_where_it_does_not_run_is_one_clear_error():
+    layout = PrefixLayout.from_lengths([2], [[1, 1]])
+    x = torch.randn(layout.total_tokens, 2, 16)
+    with pytest.raises(ValueError, match="attention backend 'fa4' does not run here: .*(not installed|CUDA GPU)"):
+        prefix_attention(x, x, x, layout, backend="fa4")
