@@ -27,31 +27,7 @@ import time
 
 import torch
 
-# Layouts: name -> (prompt length P, response lengths[, (query heads, KV heads)]). A document is prefix P-1 + branches
-# 1+R each (the last prompt token opens each branch); documents are repeated until the next one would exceed the row's
-# token budget. Without heads, --heads / --kv-heads apply.
-LAYOUTS = {
-    "p2048_r256x2": (2048, [256, 256]),
-    "p128_r768x2": (128, [768, 768]),
-    "p512_r128x8": (512, [128] * 8),
-    "p1024_r64x2": (1024, [64, 64]),
-    "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: many small documents for the table build
-    "p700_r300x2_g7": (700, [300, 300], (28, 4)),  # Qwen2.5-7B heads: a GQA group of 7
-}
-
-
-def layout_heads(name: str, args) -> tuple[int, int]:
-    spec = LAYOUTS[name]
-    return spec[2] if len(spec) > 2 else (args.heads, args.kv_heads)
-
-
-def make_layout(name: str, tokens: int, device):
-    from prefix_attn import PrefixLayout
-
-    P, resp = LAYOUTS[name][:2]
-    doc = (P - 1) + sum(1 + r for r in resp)
-    n = max(1, tokens // doc)
-    return PrefixLayout.from_lengths([P - 1] * n, [[1 + r for r in resp]] * n, device=device)
+from prefixdpo.benchmarks import LAYOUTS, SWEEP_VARIANTS, layout_heads, make_layout
 
 
 def bench(fn, warmup=25, rep=100):
@@ -88,26 +64,6 @@ def device_median_ms(fn, n):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-# Config variants timed by --sweep: name -> fields replaced on the default config (``default_config`` for a GQA group of
-# 4: forward 16 tokens x 64 keys, 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; dq 32
-# tokens x 64 keys, 8 warps, 2 stages). *_block_m of the forward and dq kernels count TOKENS: the MMA has
-# block_m x (Hq / Hkv) rows. The comments say what each is predicted to move (scripts/check_sm90_compile.py shows the
-# compiles: registers, spills, shared memory).
-SWEEP_VARIANTS = {
-    "default": {},
-    # 32 tokens x 4 heads = 128 rows over 2 warpgroups
-    "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
-    # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
-    "fwd_pack32_merged_n128_w8_s2": dict(fwd_block_m=32, fwd_block_n=128, fwd_warps=8, fwd_stages=2),
-    # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages
-    "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
-    # 32-key forward tiles: 3 stages in 64 KB of shared memory, so 3 programs per SM instead of 2 (more softmax/MMA
-    # overlap between programs, the one kind of overlap Triton 3.6 gives on Hopper without warp specialization)
-    "doc_order_pack16_merged_n32": dict(fwd_block_n=32),
-    "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3),
-}
 
 
 def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):

@@ -47,75 +47,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import gc
-import itertools
-import math
 import os
-import random
-import sys
-import time
 
 import torch
 
-SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
-    "hh-rlhf": (186, 2.15),
-    "capybara": (1160, 1.59),
-    "metamath-dpo": (872, 3.91),
-    "tldr": (416, 11.14),
-    "tulu-helpsteer": (775, 6.34),
-    "ultrafeedback": (409, 0.42),
-}
-# Shapes with several completions per prompt and every pair of them: name -> (lengths of, completions per prompt).
-ALL_PAIRS_SHAPES = {"ultrafeedback-allpairs": ("ultrafeedback", 4)}
-MODELS = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                     max_position_embeddings=8192),
-    # Llama-3-8B: 8.0B parameters; 16 GB of bf16 weights, so a full fine-tune with AdamW states and a separate
-    # reference copy does not fit an 80 GB GPU: run it with --lora (the reference is the base, adapters off).
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
-                     max_position_embeddings=8192),
-}
-WORDS = 30000
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(WORDS)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-
-
-def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
-    """``n`` pairs of the shape (an all-pairs shape: whole prompts, so up to a prompt's pairs more)."""
-    lengths_of, completions = ALL_PAIRS_SHAPES.get(shape, (shape, 2))
-    total, ratio = SHAPES[lengths_of]
-    p_med, c_med = total * ratio / (1 + ratio), total / (1 + ratio)
-    rng = random.Random(seed)
-    words = lambda k: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(k))  # noqa: E731
-    draw = lambda med: max(1, int(round(med * math.exp(rng.gauss(0, sigma)))))  # noqa: E731
-    data = []
-    while len(data) < n:
-        prompt = words(draw(p_med))
-        responses = [" " + words(draw(c_med)) for _ in range(completions)]  # ranked best first
-        data += [{"prompt": prompt, "chosen": responses[a], "rejected": responses[b]}
-                 for a, b in itertools.combinations(range(completions), 2)]
-    return data
-
-
-def unique_tokens_per_pair(data, tok) -> float:
-    """Tokens of the data counted once each (every prompt, every distinct response to it, +1 eos per response), per
-    pair: what a pair costs when nothing is run twice."""
-    prompts = {d["prompt"] for d in data}
-    responses = {(d["prompt"], d[k]) for d in data for k in ("chosen", "rejected")}
-    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-    return (sum(map(count, prompts)) + sum(count(r) + 1 for _, r in responses)) / len(data)
+from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, StepTimer, append_csv, make_data, make_tokenizer,
+                                  matmul_params, matmul_tflops, run_metadata, unique_tokens_per_pair)
 
 
 def dry_run(args, tok):
@@ -138,41 +76,6 @@ def dry_run(args, tok):
         print(f"{shape:24s} {len(data)} pairs, {len(groups)} prompts, {unique_tokens_per_pair(data, tok):.0f} unique "
               f"tokens/pair; {args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, "
               f"responses_deduplicated_frac {f.responses_deduplicated_frac:.3f}", flush=True)
-
-
-def matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
-
-
-def matmul_params(model):
-    emb = model.get_input_embeddings().weight.numel()
-    n = sum(p.numel() for p in model.parameters())
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return n - emb + (emb if tied else 0)  # the LM head multiplies activations even when tied to the embedding
-
-
-class StepTimer:
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class CB(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                torch.cuda.synchronize()
-                timer.times.append(time.perf_counter())
-
-        self.times = []
-        self.callback = CB()
 
 
 def run_one(trainer_name, shape, args, tok, peak_tflops):
@@ -232,7 +135,7 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
 
         backend = trainer_name.split("-", 1)[1].split("@")[0].split("+")[0]  # "triton", "flex", "reference"
         extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
-        if "fp8ref" in opts:  # the reference model's attention in FP8 (issue 6)
+        if "fp8ref" in opts:  # the reference model's attention in FP8
             extra["ref_attn_backend"] = "triton_fp8"
         if "refgraph" in opts or "graphs" in opts:  # the reference backbone as CUDA graphs (rows up to 4096 tokens)
             extra["ref_cuda_graphs"] = True
@@ -289,15 +192,7 @@ def main(argv=None):
     args.tmp = "/tmp/bench_e2e"  # trainer output dirs (nothing is saved)
     peak = matmul_tflops()
     print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
-    try:
-        import transformers
-        import trl
-
-        meta.update(transformers=transformers.__version__, trl=trl.__version__)
-    except ImportError:
-        pass
+    meta = run_metadata()
     path = os.path.join(args.out, "bench_e2e.csv")
     from transformers.models.llama import modeling_llama
     rows = []
@@ -319,11 +214,7 @@ def main(argv=None):
                       flush=True)
                 if rnd == args.repeat - 1:
                     rows.append(r)
-                with open(path, "a", newline="") as f:  # a row at a time: a run cut short keeps what it measured
-                    w = csv.DictWriter(f, fieldnames=list(r) + ["pairs"] + list(meta))
-                    if f.tell() == 0:
-                        w.writeheader()
-                    w.writerow({**r, "pairs": args.pairs, **meta})
+                append_csv(path, {**r, "pairs": args.pairs, **meta})
     print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | speedup vs TRL |")
     print("|---|---|---|---|---|---|---|")
     base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}  # TRL at its defaults

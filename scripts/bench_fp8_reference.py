@@ -30,8 +30,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_e2e  # noqa: E402
+from prefixdpo import benchmarks
 
 
 def build(args, tok, data, ref_backend, fp8_rotation, steps):
@@ -42,7 +41,7 @@ def build(args, tok, data, ref_backend, fp8_rotation, steps):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**bench_e2e.MODELS[args.model]), dtype=torch.bfloat16,
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**benchmarks.MODELS[args.model]), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     cfg = PrefixDPOConfig(output_dir=f"/tmp/bench_fp8_ref/{ref_backend}-{fp8_rotation}", report_to="none", bf16=True,
@@ -56,8 +55,8 @@ def build(args, tok, data, ref_backend, fp8_rotation, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-1b", choices=list(bench_e2e.MODELS))
-    ap.add_argument("--dataset", default="capybara", choices=list(bench_e2e.SHAPES))
+    ap.add_argument("--model", default="llama-1b", choices=list(benchmarks.MODELS))
+    ap.add_argument("--dataset", default="capybara", choices=list(benchmarks.SHAPES))
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batches", type=int, default=8, help="batches for the per-sequence log-prob comparison")
     ap.add_argument("--steps", type=int, default=50)
@@ -65,8 +64,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    tok = bench_e2e.make_tokenizer()
-    data = bench_e2e.make_data(args.dataset, args.pairs * max(args.steps, args.batches), seed=0)
+    tok = benchmarks.make_tokenizer()
+    data = benchmarks.make_data(args.dataset, args.pairs * max(args.steps, args.batches), seed=0)
     gpu = torch.cuda.get_device_name()
     import transformers
     import triton

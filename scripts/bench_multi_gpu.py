@@ -2,7 +2,7 @@
 
 Every run is the user's command, ``accelerate launch --config_file recipes/accelerate/<topology>.yaml recipes/dpo.py
 --config <run>.yaml``, on a random-init model of a real architecture's shape (default Llama-3.2-1B) saved to a local
-directory with an offline tokenizer, and synthetic preference data of a public dataset's shape (scripts/bench_e2e.py)
+directory with an offline tokenizer, and synthetic preference data of a public dataset's shape (prefixdpo.benchmarks)
 in a local JSONL file. The script then reads each run's TensorBoard log and prints, per run: pairs/s (median of the
 logged ``throughput/pairs_per_second`` over the steps after warm-up; counted over all processes), peak GPU memory
 per GPU (polled through NVML: what nvidia-smi shows, CUDA context and PyTorch's cache included), and
@@ -36,9 +36,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
 
-from bench_e2e import MODELS, SHAPES, make_data, make_tokenizer  # noqa: E402
+from prefixdpo.benchmarks import MODELS, SHAPES, make_data, make_tokenizer  # noqa: E402
 
 # "tiny": a smoke test of this script on the CPU (one process; no NVML there, so no memory figures).
 MODELS = dict(MODELS, tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

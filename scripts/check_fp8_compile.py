@@ -1,5 +1,5 @@
 """Compile the FP8 forward's kernels (``prefix_attn.triton.fp8``) for Hopper (sm_90a) without a GPU; report what
-the compiler did, as scripts/check_sm90_compile.py does for the 16-bit kernels (whose helpers this reuses).
+the compiler did, as scripts/check_sm90_compile.py does for the 16-bit kernels (with the same compile helpers, prefixdpo.benchmarks).
 
 Per variant: wgmma instructions (and how many are e4m3), TMA loads, e4m3 conversions (``cvt...e4m3x2``), shared
 memory, ptxas registers and spills. Head dims 64 and 128, Llama-3-8B heads (32 query, 8 KV).
@@ -11,16 +11,14 @@ memory, ptxas registers and spills. Head dims 64 and 128, Llama-3-8B heads (32 q
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 from dataclasses import replace
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import check_sm90_compile as c  # noqa: E402
+import triton
 
-from prefix_attn.triton.config import FP8_CONFIGS, FP8AttentionConfig  # noqa: E402
-from prefix_attn.triton.fp8 import fp8_fwd_kernel, fp8_quantize_kernel  # noqa: E402
+from prefix_attn.triton.config import FP8_CONFIGS, FP8AttentionConfig
+from prefix_attn.triton.fp8 import fp8_fwd_kernel, fp8_quantize_kernel
+from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 HQ, HKV = 32, 8
 
@@ -81,14 +79,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="")
     args = ap.parse_args(argv)
-    print(f"# triton {c.triton.__version__}, target sm_90a, Hq={HQ} Hkv={HKV}")
+    print(f"# triton {triton.__version__}, target sm_90a, Hq={HQ} Hkv={HKV}")
     print(f"{'variant':<46}{'wgmma':>6}{'e4m3':>5}{'tma ld':>7}{'cvt e4m3':>9}{'smem KB':>8}{'regs':>5}"
           f"{'spill st/ld B':>15}")
     for name, fn, types, consts, w, s in variants():
         if args.only not in name:
             continue
         try:
-            k = c.compile_sm90(fn, types, consts, w, s)
+            k = compile_sm90(fn, types, consts, w, s)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<46} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -97,7 +95,7 @@ def main(argv=None):
         e4 = len(re.findall(r"wgmma\.mma_async[^;]*e4m3", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cvt = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx))
-        regs, sst, sld, err, _serialized = c.ptxas_stats(ptx)
+        regs, sst, sld, err, _serialized = ptxas_stats(ptx)
         print(f"{name:<46}{wg:>6}{e4:>5}{tma:>7}{cvt:>9}{k.metadata.shared / 1024:>8.1f}{regs:>5}{sst:>8}/{sld:<6}")
         if err:
             print("   ptxas:", err[:300])

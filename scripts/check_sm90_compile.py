@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
-import sys
-import tempfile
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+
+from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
@@ -37,38 +34,6 @@ DT = "bf16"
 
 def _desc(rows):
     return f"tensordesc<{DT}[{rows}, {D}]>"
-
-
-def compile_sm90(fn, types, consts, num_warps, num_stages):
-    """types: arg name -> signature type (constexprs are filled in from consts)."""
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = types[name]
-            if (sig[name].startswith("*") or name.startswith("stride")) and name != "T":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-
-
-def ptxas_stats(ptx: str):
-    """(registers, spill store bytes, spill load bytes, ptxas's output if it failed, whether it reports C7514)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.ptx")
-        with open(p, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.path.join(d, "k.cubin")], capture_output=True,
-                           text=True)
-    out = r.stdout + r.stderr
-    regs = re.search(r"Used (\d+) registers", out)
-    spill_st = re.search(r"(\d+) bytes spill stores", out)
-    spill_ld = re.search(r"(\d+) bytes spill loads", out)
-    return (int(regs.group(1)) if regs else -1, int(spill_st.group(1)) if spill_st else -1,
-            int(spill_ld.group(1)) if spill_ld else -1, out if r.returncode else "", "C7514" in out)
 
 
 def _ex2_in_flight(ptx: str) -> int:
@@ -159,7 +124,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             print(f"{name:<44} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+        ptx = k.asm["ptx"]
         wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         cpa = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))

@@ -10,14 +10,11 @@ the compiles happen during the warm-up, outside the profiled range.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import LAYOUTS, SWEEP_VARIANTS, make_layout  # noqa: E402
+from prefixdpo.benchmarks import LAYOUTS, SWEEP_VARIANTS, make_layout
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Profile PrefixDPOTrainer training steps on one GPU (torch profiler) and print where the time goes.
 
-Uses bench_e2e's model and data shapes. Prints the wall time per step, then the top ops by self CUDA time and by
+Uses the benchmarks' model and data shapes (prefixdpo.benchmarks). Prints the wall time per step, then the top ops by self CUDA time and by
 self CPU time over the profiled steps.
 
     python scripts/profile_step.py --dataset hh-rlhf --pairs 8
@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_e2e  # noqa: E402
+from prefixdpo import benchmarks
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dataset", default="hh-rlhf", choices=list(bench_e2e.SHAPES))
-    ap.add_argument("--model", default="llama-1b", choices=list(bench_e2e.MODELS))
+    ap.add_argument("--dataset", default="hh-rlhf", choices=list(benchmarks.SHAPES))
+    ap.add_argument("--model", default="llama-1b", choices=list(benchmarks.MODELS))
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--warmup", type=int, default=3)
@@ -51,12 +49,12 @@ def main(argv=None):
 
     from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
-    tok = bench_e2e.make_tokenizer()
+    tok = benchmarks.make_tokenizer()
     n = args.pairs * (args.warmup + args.steps) * (16 if args.max_tokens else 1)
-    data = bench_e2e.make_data(args.dataset, n, seed=0)
+    data = benchmarks.make_data(args.dataset, n, seed=0)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**bench_e2e.MODELS[args.model]), dtype=torch.bfloat16,
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**benchmarks.MODELS[args.model]), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if args.compile == "regions" else "0"

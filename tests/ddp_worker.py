@@ -19,14 +19,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_all_pairs, make_pairs, make_tokenizer, tiny_model
+from datasets import Dataset
 
-from conftest import make_all_pairs, make_pairs, make_tokenizer, tiny_model  # noqa: E402
-from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback
 
-from transformers import TrainerCallback  # noqa: E402
-
-from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer  # noqa: E402
+from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
 
 class SigtermAt(TrainerCallback):

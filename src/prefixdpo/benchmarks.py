@@ -1,0 +1,225 @@
+"""The set-up the benchmark scripts share (scripts/bench_e2e.py, bench_scale.py, bench_multi_gpu.py, profile_step.py,
+bench_fp8_reference.py, bench_attention.py, ncu_attention.py): attention layouts and kernel config variants, model
+shapes, synthetic preference data of public datasets' shapes with an offline
+tokenizer, the bf16 matmul rate a run is measured against, a step timer, and CSV rows with the GPU, versions, date and
+command. Nothing here runs in training."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import itertools
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+# Layouts: name -> (prompt length P, response lengths[, (query heads, KV heads)]). A document is prefix P-1 + branches
+# 1+R each (the last prompt token opens each branch); documents are repeated until the next one would exceed the row's
+# token budget. Without heads, --heads / --kv-heads apply.
+LAYOUTS = {
+    "p2048_r256x2": (2048, [256, 256]),
+    "p128_r768x2": (128, [768, 768]),
+    "p512_r128x8": (512, [128] * 8),
+    "p1024_r64x2": (1024, [64, 64]),
+    "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: many small documents for the table build
+    "p700_r300x2_g7": (700, [300, 300], (28, 4)),  # Qwen2.5-7B heads: a GQA group of 7
+}
+
+
+def layout_heads(name: str, args) -> tuple[int, int]:
+    spec = LAYOUTS[name]
+    return spec[2] if len(spec) > 2 else (args.heads, args.kv_heads)
+
+
+def make_layout(name: str, tokens: int, device):
+    from prefix_attn import PrefixLayout
+
+    P, resp = LAYOUTS[name][:2]
+    doc = (P - 1) + sum(1 + r for r in resp)
+    n = max(1, tokens // doc)
+    return PrefixLayout.from_lengths([P - 1] * n, [[1 + r for r in resp]] * n, device=device)
+
+
+# Config variants timed by --sweep: name -> fields replaced on the default config (``default_config`` for a GQA group of
+# 4: forward 16 tokens x 64 keys, 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; dq 32
+# tokens x 64 keys, 8 warps, 2 stages). *_block_m of the forward and dq kernels count TOKENS: the MMA has
+# block_m x (Hq / Hkv) rows. The comments say what each is predicted to move (scripts/check_sm90_compile.py shows the
+# compiles: registers, spills, shared memory).
+SWEEP_VARIANTS = {
+    "default": {},
+    # 32 tokens x 4 heads = 128 rows over 2 warpgroups
+    "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
+    # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
+    "fwd_pack32_merged_n128_w8_s2": dict(fwd_block_m=32, fwd_block_n=128, fwd_warps=8, fwd_stages=2),
+    # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages
+    "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
+    # 32-key forward tiles: 3 stages in 64 KB of shared memory, so 3 programs per SM instead of 2 (more softmax/MMA
+    # overlap between programs, the one kind of overlap Triton 3.6 gives on Hopper without warp specialization)
+    "doc_order_pack16_merged_n32": dict(fwd_block_n=32),
+    "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3),
+}
+
+
+SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
+    "hh-rlhf": (186, 2.15),
+    "capybara": (1160, 1.59),
+    "metamath-dpo": (872, 3.91),
+    "tldr": (416, 11.14),
+    "tulu-helpsteer": (775, 6.34),
+    "ultrafeedback": (409, 0.42),
+}
+# Shapes with several completions per prompt and every pair of them: name -> (lengths of, completions per prompt).
+ALL_PAIRS_SHAPES = {"ultrafeedback-allpairs": ("ultrafeedback", 4)}
+MODELS = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+    # Llama-3-8B: 8.0B parameters; 16 GB of bf16 weights, so a full fine-tune with AdamW states and a separate
+    # reference copy does not fit an 80 GB GPU: run it with --lora (the reference is the base, adapters off).
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+}
+WORDS = 30000
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
+    """``n`` pairs of the shape (an all-pairs shape: whole prompts, so up to a prompt's pairs more)."""
+    lengths_of, completions = ALL_PAIRS_SHAPES.get(shape, (shape, 2))
+    total, ratio = SHAPES[lengths_of]
+    p_med, c_med = total * ratio / (1 + ratio), total / (1 + ratio)
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(k))  # noqa: E731
+    draw = lambda med: max(1, int(round(med * math.exp(rng.gauss(0, sigma)))))  # noqa: E731
+    data = []
+    while len(data) < n:
+        prompt = words(draw(p_med))
+        responses = [" " + words(draw(c_med)) for _ in range(completions)]  # ranked best first
+        data += [{"prompt": prompt, "chosen": responses[a], "rejected": responses[b]}
+                 for a, b in itertools.combinations(range(completions), 2)]
+    return data
+
+
+def unique_tokens_per_pair(data, tok) -> float:
+    """Tokens of the data counted once each (every prompt, every distinct response to it, +1 eos per response), per
+    pair: what a pair costs when nothing is run twice."""
+    prompts = {d["prompt"] for d in data}
+    responses = {(d["prompt"], d[k]) for d in data for k in ("chosen", "rejected")}
+    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
+    return (sum(map(count, prompts)) + sum(count(r) + 1 for _, r in responses)) / len(data)
+
+
+def matmul_tflops():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def matmul_params(model):
+    emb = model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return n - emb + (emb if tied else 0)  # the LM head multiplies activations even when tied to the embedding
+
+
+class StepTimer:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                timer.times.append(time.perf_counter())
+
+        self.times = []
+        self.callback = CB()
+
+
+def run_metadata() -> dict:
+    """The GPU, versions, date and command of this run, for every CSV row."""
+    meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
+    for name in ("transformers", "trl", "triton"):
+        try:
+            meta[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return meta
+
+
+def append_csv(path: str, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` (header first if new): a row at a time, so a run cut short keeps what it
+    measured."""
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if f.tell() == 0:
+            w.writeheader()
+        w.writerow(row)
+
+
+def compile_sm90(fn, types, consts, num_warps, num_stages):
+    """Compile the Triton kernel ``fn`` for Hopper (sm_90a) without a GPU. ``types``: arg name -> signature type
+    (constexprs are filled in from ``consts``); pointers and strides are marked 16-divisible and ``T`` not, as the
+    runtime specializes them (scripts/check_sm90_compile.py)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = types[name]
+            if (sig[name].startswith("*") or name.startswith("stride")) and name != "T":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def ptxas_stats(ptx: str):
+    """(registers, spill store bytes, spill load bytes, ptxas's output if it failed, whether it reports C7514) of
+    ``ptx`` assembled by Triton's bundled ptxas for sm_90a."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.path.join(d, "k.cubin")], capture_output=True,
+                           text=True)
+    out = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill_st = re.search(r"(\d+) bytes spill stores", out)
+    spill_ld = re.search(r"(\d+) bytes spill loads", out)
+    return (int(regs.group(1)) if regs else -1, int(spill_st.group(1)) if spill_st else -1,
+            int(spill_ld.group(1)) if spill_ld else -1, out if r.returncode else "", "C7514" in out)
