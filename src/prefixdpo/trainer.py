@@ -41,7 +41,7 @@ from . import checkpoints
 from .config import PrefixDPOConfig, uses_fsdp
 from .data.batching import TokenBudgetBatchSampler, dataset_pair_shapes, packed_lengths
 from .data.collator import PACKED_KEY, PrefixPackingCollator
-from .data.formats import normalize_for_training, set_chat_template
+from .data.formats import ensure_pad_token, normalize_for_training, set_chat_template
 from .data.grouping import PromptGroupedSampler, prompt_groups, use_prompt_groups
 from .data.sharing import sharing_fractions
 from .data.stats import report_prepared_dataset
@@ -217,11 +217,7 @@ class PrefixDPOTrainer(DPOTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("processing_class must be a tokenizer (or a processor holding one)")
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
-            logger.warning("The tokenizer has no pad token; using its eos token %r (as TRL does)", tokenizer.eos_token)
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
         if args.chat_template_path is not None:
             set_chat_template(processing_class, args.chat_template_path)
         # The same layout detection, normalization and bad-row accounting as the command line, for every dataset.
@@ -360,10 +356,7 @@ class PrefixDPOTrainer(DPOTrainer):
         self._metrics[mode]["prefix_sharing/tokens_saved_frac"].append(saved)
         self._metrics[mode]["prefix_sharing/responses_deduplicated_frac"].append(deduplicated)
         self._metrics[mode]["prefix_sharing/shared_pairs_frac"].append(shared / pairs)
-        # Padding in the packed row (the collator packs without any), and what TRL's padded batch would have had.
-        packed_row = inputs[PACKED_KEY]
-        padding = 1.0 - packed_row["layout"]["total_tokens"] / packed_row["input_ids"].shape[1]
-        self._metrics[mode]["packing/padding_frac"].append(padding)
+        # The padding TRL's batch of the same pairs would have had (packed rows have none).
         self._metrics[mode]["packing/trl_padding_frac"].append(1.0 - unshared / padded)
         if self.args.batching == "token_budget":
             self._metrics[mode]["batching/pairs_per_micro_batch"].append(pairs / rows)

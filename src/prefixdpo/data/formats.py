@@ -506,8 +506,8 @@ def set_chat_template(processing_class, template: str) -> None:
         processing_class.chat_template = template
 
 
-def ensure_pad_token(tokenizer, model=None) -> None:
-    """Give a tokenizer without a pad token the eos token as pad (and tell the model), logging that it did.
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token the eos token as pad, logging that it did (the trainer tells the model).
 
     Raises:
         PreferenceDataError: when there is neither a pad nor an eos token.
@@ -524,12 +524,6 @@ def ensure_pad_token(tokenizer, model=None) -> None:
             "The tokenizer has no pad token; using its eos token %r (id %d) as pad. Packed rows carry no padding, "
             "so this only affects padded evaluation and the reference path.", tok.eos_token, tok.eos_token_id
         )
-    if model is not None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = tok.pad_token_id
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and gen.pad_token_id is None:
-            gen.pad_token_id = tok.pad_token_id
+
 
 

@@ -39,6 +39,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from prefix_attn import AttentionTables, PrefixLayout, attention_tables, position_ids, use_tables
 
+from .attention import text_config
+
 logger = logging.getLogger(__name__)
 
 BUCKET = 256  # rows are padded up to a multiple of this many tokens: at most BUCKET - 1 tokens of extra work
@@ -66,7 +68,7 @@ def _capture(run, pool) -> tuple[torch.cuda.CUDAGraph, object]:
 
 def _attention_shape(model) -> tuple[int, int]:
     """(head_dim, query heads per KV head) of ``model``'s attention: what its layout tables are built for."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return head_dim, config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
                                                      or config.num_attention_heads)
@@ -336,7 +338,7 @@ def _policy_graphs_unsupported(model, backbone) -> str | None:
     outside = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in covered]
     if outside:
         return f"trainable parameters outside the decoder layers ({outside[0]}, ...)"
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in backbone.modules()) or (
         getattr(config, "attention_dropout", 0.0) or 0.0
     ) > 0:

@@ -35,7 +35,7 @@ def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape
     return flat.index_put((dst,), x[0, src]).view(shape)
 
 
-def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
+def packed_forward(packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
     """Run ``inner_forward`` (TRL's fused-head forward) on a packed row; return its output in TRL's view shape."""
     device = packed["input_ids"].device
     # The policy's and the reference's forward get the same batch dict: build the layout (and, lazily, the
@@ -122,7 +122,7 @@ def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None 
             kwargs.pop(unused, None)
         view_shape = (view_ids.shape[0], view_ids.shape[1] - 1)
         backend = self._prefixdpo_ref_backend if is_reference_call(self) else self._prefixdpo_backend
-        return packed_forward(self, packed, backend=backend, view_shape=view_shape, inner_forward=inner, **kwargs)
+        return packed_forward(packed, backend=backend, view_shape=view_shape, inner_forward=inner, **kwargs)
 
     model.forward = types.MethodType(forward, model)
 
