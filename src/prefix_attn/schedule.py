@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -32,10 +33,10 @@ from .layout import PrefixLayout
 ENV_FLAG = "PREFIX_ATTN_FUSED_SCHEDULE"
 
 
-@dataclass(frozen=True)
-class TileShape:
+class TileShape(NamedTuple):
     """The kernels' tile sizes: the forward's ``fwd_m`` query tokens x ``fwd_n`` keys; the KV-major backward's
-    ``kv_n`` keys x ``kv_m`` queries; the dq kernel's ``dq_m`` query tokens x ``dq_n`` keys."""
+    ``kv_n`` keys x ``kv_m`` queries; the dq kernel's ``dq_m`` query tokens x ``dq_n`` keys. (A named tuple: the
+    tables are keyed on it, also inside torch.compile, which traces tuples but not frozen dataclasses' __init__.)"""
 
     fwd_m: int
     fwd_n: int
