@@ -52,8 +52,8 @@ import os
 
 import torch
 
-from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, StepTimer, append_csv, make_data, make_tokenizer,
-                                  matmul_params, matmul_tflops, run_metadata, unique_tokens_per_pair)
+from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, StepTimer, append_csv, build_trainer,
+                                  llama_module_restored, make_data, make_tokenizer, matmul_params, matmul_tflops, run_metadata, unique_tokens_per_pair)
 
 
 def dry_run(args, tok):
@@ -79,7 +79,6 @@ def dry_run(args, tok):
 
 
 def run_one(trainer_name, shape, args, tok, peak_tflops):
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     # "ours-triton@16384": token-budget batching with that many packed tokens per micro-batch (pairs per step vary,
@@ -105,46 +104,9 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
                   per_device_train_batch_size=args.pairs, max_steps=args.steps + args.warmup, logging_steps=1,
                   save_strategy="no", gradient_checkpointing=True, max_length=None, disable_tqdm=True,
                   dataloader_num_workers=2)
-    # Options after '+': nogc (no gradient checkpointing), compile (TrainingArguments.torch_compile), fp8ref.
-    opts = trainer_name.split("@")[0].split("+")[1:]
-    if "nogc" in opts:
-        common["gradient_checkpointing"] = False
-    if "reentrant" in opts:  # checkpointing's reentrant kind (PrefixDPOConfig's default; TRL's is non-reentrant)
-        common["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
-    if "nonreentrant" in opts:
-        common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    if "liger" in opts:
-        # Liger-Kernel's RMSNorm, RoPE and SwiGLU (TrainingArguments.use_liger_kernel; TRL keeps its own log-prob
-        # head). Liger replaces transformers' Llama classes and rotary function module-wide; main() puts them back
-        # after each run, so later runs without this option are not changed.
-        common["use_liger_kernel"] = True
-    if "compile" in opts or "rcompile" in opts:
-        common["torch_compile"] = True
-    # rcompile: accelerate's regional compilation (each decoder layer compiled on its own, the checkpointed
-    # recomputation inside the compiled graph) instead of Trainer's whole-model torch.compile. accelerate reads the
-    # switch from the environment when the trainer builds its accelerator.
-    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if "rcompile" in opts else "0"
     timer = StepTimer()
-    if trainer_name.split("+")[0] == "trl":
-        from trl import DPOConfig, DPOTrainer
-
-        trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common), peft_config=peft_config,
-                             train_dataset=Dataset.from_list(data), processing_class=tok, callbacks=[timer.callback])
-    else:
-        from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
-
-        backend = trainer_name.split("-", 1)[1].split("@")[0].split("+")[0]  # "triton", "flex", "reference"
-        extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
-        if "fp8ref" in opts:  # the reference model's attention in FP8
-            extra["ref_attn_backend"] = "triton_fp8"
-        if "refgraph" in opts or "graphs" in opts:  # the reference backbone as CUDA graphs (rows up to 4096 tokens)
-            extra["ref_cuda_graphs"] = True
-        if "polgraph" in opts or "graphs" in opts:  # the policy's checkpointed forward as CUDA graphs
-            extra["policy_cuda_graphs"] = True
-        trainer = PrefixDPOTrainer(model=model, ref_model=ref, peft_config=peft_config,
-                                   args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
-                                   train_dataset=Dataset.from_list(data), processing_class=tok,
-                                   callbacks=[timer.callback])
+    trainer = build_trainer(trainer_name, model, ref, data, tok, common, peft_config, callbacks=[timer.callback],
+                            budget=budget)
     gc.collect()
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -194,20 +156,16 @@ def main(argv=None):
     print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
     meta = run_metadata()
     path = os.path.join(args.out, "bench_e2e.csv")
-    from transformers.models.llama import modeling_llama
     rows = []
     for shape in args.datasets:
         for rnd in range(args.repeat):
             for name in args.trainers:
-                saved = dict(vars(modeling_llama))  # what Liger (the ``liger`` option) replaces module-wide
                 try:
-                    r = run_one(name, shape, args, tok, peak)
+                    with llama_module_restored():
+                        r = run_one(name, shape, args, tok, peak)
                 except Exception as e:  # keep the other measurements; say what failed
                     print(f"FAILED {name} {shape}: {type(e).__name__}: {e}", flush=True)
                     continue
-                finally:
-                    for key, value in saved.items():
-                        setattr(modeling_llama, key, value)
                 r["round"] = rnd
                 print(f"{shape:15s} {name:12s} round {rnd}: {r['pairs_per_s']:8.2f} pairs/s "
                       f"{r['unique_tokens_per_s']:9.0f} tok/s {r['peak_mem_gib']:6.1f} GiB  MFU {100 * r['mfu']:5.1f}%",

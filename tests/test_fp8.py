@@ -358,3 +358,12 @@ def test_attention_packed(variant):
 def test_attention_packed_awkward(name, prefix, branches):
     layout = PrefixLayout.from_lengths(prefix, branches)
     _check_attention(layout, 6, 2, 32, torch.float16, seed=2, config=PACKED["g3_tma"][2])
+
+
+def test_fp8_tables_share_the_16bit_tables_but_the_forward_tiles():
+    # The FP8 forward's tables are the 16-bit config's with the forward's tile replaced (built once per layout).
+    layout = PrefixLayout.from_lengths([40, 3], [[20, 17], [9]])
+    cfg = tf.fp8_default_config(64, torch.device("cpu"), 2)
+    t = fp8_kernels.fp8_tables(layout, cfg, 64, torch.float16, 2)
+    base = tf.default_config(64, torch.float16, torch.device("cpu"), 2).tile_shape
+    assert t.tile == base._replace(fwd_m=cfg.block_m, fwd_n=cfg.block_n)

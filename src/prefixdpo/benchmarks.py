@@ -6,6 +6,7 @@ command. Nothing here runs in training."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import itertools
@@ -156,6 +157,75 @@ class StepTimer:
 
         self.times = []
         self.callback = CB()
+
+
+TRAINER_OPTIONS = ("fp8ref", "nogc", "reentrant", "nonreentrant", "liger", "refgraph", "polgraph", "graphs", "compile",
+                   "rcompile")
+
+
+def build_trainer(name: str, model, ref, data: list[dict], tok, common: dict, peft_config=None, callbacks=None,
+                  budget: int | None = None):
+    """A trainer as a benchmark names it: ``trl`` or ``ours-<backend>`` (triton, fa4, flex, reference), options after
+    ``+`` (scripts/bench_e2e.py's docstring lists them), ``budget``: token-budget batching with that many packed tokens
+    per micro-batch. ``common``: the DPOConfig fields both trainers share."""
+    from datasets import Dataset
+
+    common = dict(common)
+    opts = name.split("@")[0].split("+")[1:]
+    unknown = set(opts) - set(TRAINER_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown trainer option(s) {sorted(unknown)}; known: {TRAINER_OPTIONS}")
+    if "nogc" in opts:
+        common["gradient_checkpointing"] = False
+    if "reentrant" in opts:  # checkpointing's reentrant kind (PrefixDPOConfig's default; TRL's is non-reentrant)
+        common["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+    if "nonreentrant" in opts:
+        common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if "liger" in opts:
+        # Liger-Kernel's RMSNorm, RoPE and SwiGLU (TrainingArguments.use_liger_kernel; TRL keeps its own log-prob
+        # head). Liger replaces transformers' Llama classes module-wide: run it inside llama_module_restored().
+        common["use_liger_kernel"] = True
+    if "compile" in opts or "rcompile" in opts:
+        common["torch_compile"] = True
+    # rcompile: accelerate's regional compilation (each decoder layer compiled on its own, the checkpointed
+    # recomputation inside the compiled graph) instead of Trainer's whole-model torch.compile. accelerate reads the
+    # switch from the environment when the trainer builds its accelerator.
+    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if "rcompile" in opts else "0"
+    if name.split("+")[0] == "trl":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common), peft_config=peft_config,
+                             train_dataset=Dataset.from_list(data), processing_class=tok, callbacks=callbacks)
+    else:
+        from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
+
+        backend = name.split("-", 1)[1].split("@")[0].split("+")[0]  # "triton", "flex", "reference"
+        extra = dict(batching="token_budget", max_tokens_per_batch=budget) if budget else {}
+        if "fp8ref" in opts:  # the reference model's attention in FP8
+            extra["ref_attn_backend"] = "triton_fp8"
+        if "refgraph" in opts or "graphs" in opts:  # the reference backbone as CUDA graphs (rows up to 4096 tokens)
+            extra["ref_cuda_graphs"] = True
+        if "polgraph" in opts or "graphs" in opts:  # the policy's checkpointed forward as CUDA graphs
+            extra["policy_cuda_graphs"] = True
+        trainer = PrefixDPOTrainer(model=model, ref_model=ref, peft_config=peft_config,
+                                   args=PrefixDPOConfig(attn_backend=backend, **extra, **common),
+                                   train_dataset=Dataset.from_list(data), processing_class=tok,
+                                   callbacks=callbacks)
+    return trainer
+
+
+@contextlib.contextmanager
+def llama_module_restored():
+    """Within the block a run may let Liger replace transformers' Llama classes and rotary function module-wide (the
+    ``liger`` option); after it they are put back, so that later runs without the option are not changed."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(modeling_llama, key, value)
 
 
 def run_metadata() -> dict:

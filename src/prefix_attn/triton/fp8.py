@@ -35,7 +35,6 @@ first (``EXACT_CAST``), so the conversion itself is exact. On a GPU the hardware
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -344,7 +343,7 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
     (the 16-bit config depends on it)."""
     tile = default_config(head_dim, dtype, layout.device, groups).tile_shape
-    return build_tables(layout, replace(tile, fwd_m=cfg.block_m, fwd_n=cfg.block_n))
+    return build_tables(layout, tile._replace(fwd_m=cfg.block_m, fwd_n=cfg.block_n))
 
 
 def fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
