@@ -32,6 +32,14 @@ use (seconds each). Measured on an H100: with one round, TRL's HH-RLHF speed was
 for the ones after it, which share TRL's head.
     python scripts/bench_e2e.py --model llama-8b --lora 16 --datasets capybara hh-rlhf --trainers trl ours-triton
 
+``ultrafeedback-vlm`` (not in the default set; give ``--model qwen2.5-vl-3b``): image preference pairs for a
+Qwen2.5-VL-3B-shaped random-init model: UltraFeedback's text lengths, 1 or 2 images per prompt of 896 x 896 pixels
+(1024 image tokens each, plus the vision tower's forward and backward). TRL runs every prompt's images twice, ours
+once per micro-batch. Unique tokens count image tokens (once per prompt); MFU counts the language model only.
+
+    python scripts/bench_e2e.py --model qwen2.5-vl-3b --datasets ultrafeedback-vlm --trainers trl ours-triton
+    python scripts/bench_e2e.py --dry-run --model qwen2.5-vl-3b --datasets ultrafeedback-vlm   # CPU
+
 Trainer names: ``trl``, ``ours-<backend>`` (triton, flex, reference), ``ours-<backend>@<tokens>`` (token-budget
 batching), each with options after ``+``: ``fp8ref`` (the reference model's attention in FP8,
 ``ref_attn_backend="triton_fp8"``), ``nogc`` (no gradient checkpointing; TRL's default has it on), ``reentrant`` /
@@ -69,6 +77,8 @@ SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
 }
 # Shapes with several completions per prompt and every pair of them: name -> (lengths of, completions per prompt).
 ALL_PAIRS_SHAPES = {"ultrafeedback-allpairs": ("ultrafeedback", 4)}
+# Image shapes: name -> (lengths of, (min, max) images per prompt, image side in pixels: 896 = 32 x 28, 1024 tokens).
+VISION_SHAPES = {"ultrafeedback-vlm": ("ultrafeedback", (1, 2), 896)}
 MODELS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
@@ -79,7 +89,22 @@ MODELS = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),
 }
+# Qwen2.5-VL-3B-Instruct's shapes (text: 36 layers of 2048; vision: 32 blocks of 1280, windows of 112 pixels).
+VLM_MODELS = {
+    "qwen2.5-vl-3b": dict(
+        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                         max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3,
+                           tokens_per_second=2),
+    ),
+}
 WORDS = 30000
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
 def make_tokenizer():
@@ -109,6 +134,78 @@ def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
     return data
 
 
+def make_vlm_processor():
+    """A Qwen2.5-VL processor over the word-level tokenizer (its vision tokens added) with a chat template that puts
+    each image's placeholder before the user's text."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }} {% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% if m['role'] != 'user' %}<eos> {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tok.add_tokens(["user:", "assistant:"])
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1024 * 28 * 28, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                   chat_template=template)
+    except ImportError:  # no torchvision (a CPU dry run): images need no video processor
+
+        class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+            def check_argument_for_proper_class(self, argument_name, argument):
+                if argument_name != "video_processor" or argument is not None:
+                    return super().check_argument_for_proper_class(argument_name, argument)
+
+        return ImageOnlyProcessor(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
+
+
+def make_vlm_model(name: str, processor, device):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    config = Qwen2_5_VLConfig(**VLM_MODELS[name], image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def make_vlm_data(shape: str, n: int, seed: int):
+    """``n`` conversational image pairs: ``make_data``'s texts, each prompt with its images (smooth random images:
+    low-resolution noise scaled up, so they stay small in memory and on disk)."""
+    from PIL import Image
+
+    lengths_of, (lo, hi), side = VISION_SHAPES[shape]
+    rng = random.Random(seed)
+    out = []
+    for d in make_data(lengths_of, n, seed):
+        images = []
+        for _ in range(rng.randint(lo, hi)):
+            noise = bytes(rng.randrange(256) for _ in range(16 * 16 * 3))
+            images.append(Image.frombytes("RGB", (16, 16), noise).resize((side, side), Image.BILINEAR))
+        out.append({"images": images, "prompt": [{"role": "user", "content": d["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": d["chosen"].strip()}],
+                    "rejected": [{"role": "assistant", "content": d["rejected"].strip()}]})
+    return out
+
+
+def vlm_unique_tokens_per_pair(data, processor) -> tuple[float, list[dict]]:
+    """Tokens per pair counted once each (every prompt with its image tokens, every distinct response), and the
+    measured pairs (``prefixdpo.data.vision.measure_vision_pairs``)."""
+    from prefixdpo.data.vision import measure_vision_pairs
+
+    pairs = measure_vision_pairs(data, processor)
+    prompts = {p["prefix_key"]: len(p["prompt_ids"]) for p in pairs}
+    responses = {(p["prefix_key"], tuple(p[k])) for p in pairs for k in ("chosen_ids", "rejected_ids")}
+    return (sum(prompts.values()) + sum(len(r) for _, r in responses)) / len(pairs), pairs
+
+
 def unique_tokens_per_pair(data, tok) -> float:
     """Tokens of the data counted once each (every prompt, every distinct response to it, +1 eos per response), per
     pair: what a pair costs when nothing is run twice."""
@@ -129,6 +226,9 @@ def dry_run(args, tok):
                              per_device_train_batch_size=args.pairs, max_length=None)
     ids = lambda text: tok(text)["input_ids"]  # noqa: E731  (word-level: TRL's tokenization of these texts)
     for shape in args.datasets:
+        if shape in VISION_SHAPES:
+            vlm_dry_run(shape, args)
+            continue
         data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
         tokenized = [{"prompt_ids": ids(d["prompt"]), "chosen_ids": ids(d["chosen"]) + [tok.eos_token_id],
                       "rejected_ids": ids(d["rejected"]) + [tok.eos_token_id]} for d in data]
@@ -138,6 +238,27 @@ def dry_run(args, tok):
         print(f"{shape:24s} {len(data)} pairs, {len(groups)} prompts, {unique_tokens_per_pair(data, tok):.0f} unique "
               f"tokens/pair; {args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, "
               f"responses_deduplicated_frac {f.responses_deduplicated_frac:.3f}", flush=True)
+
+
+def vlm_dry_run(shape, args):
+    """An image shape without a GPU: the model built on the meta device, the data measured with the processor, and
+    the image tokens and images sharing saves in the trainer's micro-batches."""
+    from prefixdpo.data.sharing import predict_sharing
+    from prefixdpo.data.vision import image_statistics
+
+    processor = make_vlm_processor()
+    model = make_vlm_model(args.model if args.model in VLM_MODELS else "qwen2.5-vl-3b", processor, "meta")
+    data = make_vlm_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
+    unique, pairs = vlm_unique_tokens_per_pair(data, processor)
+    batches = [list(range(i, min(i + args.pairs, len(pairs)))) for i in range(0, len(pairs), args.pairs)]
+    f = predict_sharing([[pairs[i] for i in b] for b in batches])
+    im = image_statistics(pairs, batches)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"{shape:24s} {type(model).__name__} ({params:.2f}B parameters, meta device); {len(data)} pairs, "
+          f"{unique:.0f} unique tokens/pair, {im['image_tokens_trl'] / (2 * len(pairs)):.0f} image tokens/prompt; "
+          f"{args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, image tokens "
+          f"{im['image_tokens_trl']} (TRL) -> {im['image_tokens_packed']}, images through the vision tower "
+          f"{im['images_trl']} -> {im['images_packed']}", flush=True)
 
 
 def matmul_tflops():
@@ -183,13 +304,20 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     # so pairs/s is counted from the pairs each timed step really took).
     budget = int(trainer_name.split("@")[1]) if "@" in trainer_name else None
     n_data = args.pairs * (args.steps + args.warmup) * (16 if budget else 1)
-    data = make_data(shape, n_data, seed=0)
-    unique = unique_tokens_per_pair(data, tok)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
-    n_params = matmul_params(model)
+    if shape in VISION_SHAPES:
+        tok = make_vlm_processor()  # the processing class both trainers get
+        data = make_vlm_data(shape, n_data, seed=0)
+        unique = vlm_unique_tokens_per_pair(data, tok)[0]
+        model = make_vlm_model(args.model, tok, "cuda")
+        n_params = matmul_params(model) - sum(p.numel() for p in model.model.visual.parameters())
+    else:
+        data = make_data(shape, n_data, seed=0)
+        unique = unique_tokens_per_pair(data, tok)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+        n_params = matmul_params(model)
     # LoRA: no reference copy; both trainers run the reference forward through the base model with adapters off.
     ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
     peft_config = None
@@ -268,8 +396,10 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
-    ap.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(ALL_PAIRS_SHAPES))
+    ap.add_argument("--model", default="llama-1b", choices=list(MODELS) + list(VLM_MODELS),
+                    help="an image shape (ultrafeedback-vlm) needs a vision-language model (qwen2.5-vl-3b)")
+    ap.add_argument("--datasets", nargs="+", default=list(SHAPES),
+                    choices=list(SHAPES) + list(ALL_PAIRS_SHAPES) + list(VISION_SHAPES))
     ap.add_argument("--trainers", nargs="+", default=["trl", "ours-triton", "ours-flex"])
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (per_device_train_batch_size)")
     ap.add_argument("--steps", type=int, default=4)
