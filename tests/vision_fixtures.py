@@ -10,16 +10,18 @@ import numpy as np
 import torch
 
 WORDS = 60
-FAMILIES = ("llava", "qwen2_5_vl", "idefics3")
+FAMILIES = ("llava", "qwen2_5_vl", "idefics3", "qwen2_vl")
 # What the chat template writes for one image, per family (the processor expands it into the image's tokens).
 _IMAGE_TEXT = {
     "llava": "<image>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "idefics3": "<image>",
 }
 _SPECIALS = {
     "llava": ["<image>"],
     "qwen2_5_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+    "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
     "idefics3": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"],
 }
 
@@ -62,11 +64,13 @@ def make_processor(family: str):
         ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1, chat_template=template)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        base = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+
+        class TinyQwenProcessor(base):
             # Without torchvision there is no video processor to give it; images need none.
             def check_argument_for_proper_class(self, argument_name, argument):
                 if argument_name != "video_processor" or argument is not None:
@@ -74,7 +78,7 @@ def make_processor(family: str):
 
         ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=84 * 84, patch_size=14, merge_size=2,
                                       temporal_patch_size=2)
-        return TinyQwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=template)
+        return TinyQwenProcessor(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=template)
     if family == "idefics3":
         from transformers import Idefics3Processor
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -120,6 +124,18 @@ def make_vision_model(family: str, processor, seed: int = 0, dtype=torch.float32
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         )
         cls = Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        cfg = Qwen2VLConfig(
+            text_config=_text_config(vocab, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 1, 1]}),
+            vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "mlp_ratio": 2, "num_heads": 4,
+                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        cls = Qwen2VLForConditionalGeneration
     elif family == "idefics3":
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 

@@ -15,7 +15,6 @@ from .attention import UnsupportedModelError
 VISION_FAMILIES = {
     "llava": "1-D",
     "idefics3": "1-D",
-    "smolvlm": "1-D",
     "qwen2_vl": "multi-axis",
     "qwen2_5_vl": "multi-axis",
 }
