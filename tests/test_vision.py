@@ -249,3 +249,24 @@ def test_dpo_loss_over_alone_matches(tmp_path):
     # ln 2), a sanity check that the view's sequence order (chosen block, then rejected) is TRL's.
     _, logs = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path, "qwen2_5_vl", max_steps=1)
     assert logs[0]["loss"] == pytest.approx(-F.logsigmoid(torch.tensor(0.0)).item(), abs=1e-6)
+
+
+def test_data_stats_count_image_tokens_as_the_trainer_packs_them(tmp_path):
+    from prefixdpo.data.vision import vision_training_statistics
+
+    processor = make_processor("qwen2_5_vl")
+    args = _args(PrefixDPOConfig, tmp_path, group_by_prompt="always")
+    stats = vision_training_statistics(Dataset.from_list(DATA), processor, args)
+    assert stats["pairs"] == len(DATA)
+    assert 0 < stats["image_tokens_packed"] < stats["image_tokens_trl"] <= stats["tokens_trl"]
+    assert stats["images_packed"] < stats["images_trl"] == 2 * sum(len(r["images"]) for r in DATA)
+    # The packed-token forecast is the collator's count for the same micro-batches.
+    from prefixdpo.data.grouping import training_micro_batches
+    from prefixdpo.data.vision import vision_prompt_groups
+
+    batches = training_micro_batches(measure_vision_pairs(DATA, processor), args,
+                                     groups=vision_prompt_groups(Dataset.from_list(DATA)))
+    collate = VisionPackingCollator(processor)
+    packed = [collate([copy.deepcopy(DATA[i]) for i in b])[PACKED_KEY]["stats"] for b in batches]
+    assert stats["tokens_packed"] == sum(p["packed_tokens"] for p in packed)
+    assert stats["image_tokens_packed"] == sum(p["image_tokens"] for p in packed)

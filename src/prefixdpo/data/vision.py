@@ -277,3 +277,19 @@ def image_statistics(pairs: Sequence[dict], micro_batches: Sequence[Sequence[int
         "images_trl": images_trl,
         "images_packed": images_packed,
     }
+
+
+def vision_training_statistics(dataset, processor, args) -> dict:
+    """``stats.training_statistics`` for an image dataset (what ``prefixdpo data-stats`` reports), plus
+    :func:`image_statistics`: every pair measured with the processor, in the micro-batches the trainer draws in the
+    first epoch. TRL drops no pair of an image dataset for ``max_length`` (it does not tokenize them)."""
+    from .grouping import training_micro_batches
+    from .stats import dataset_statistics
+
+    pairs = measure_vision_pairs(dataset, processor)
+    batches = training_micro_batches(pairs, args, groups=vision_prompt_groups(dataset))
+    stats = dataset_statistics(pairs, batches, batch_size=args.per_device_train_batch_size,
+                               max_length=args.max_length, truncation_mode="keep_start",
+                               prefix_sharing=args.prefix_sharing)
+    stats.update(image_statistics(pairs, batches, args.max_length, args.prefix_sharing))
+    return stats
