@@ -173,6 +173,10 @@ class PrefixDPOTrainer(DPOTrainer):
     stay ``per_device_*_batch_size``. Which pairs share a micro-batch does not change any per-pair loss term, so the
     training is TRL's for the same micro-batches. Metrics: ``prefix_sharing/tokens_saved_frac`` and
     ``prefix_sharing/responses_deduplicated_frac`` (:mod:`prefixdpo.data.sharing` defines both).
+
+    Image datasets (an ``images`` or ``image`` column, a processor as ``processing_class``): the packed rows carry each
+    prompt's image inputs once (:mod:`prefixdpo.data.vision`); supported models and refusals in
+    :mod:`prefixdpo.modeling.vision`.
     """
 
     _tag_names = ["trl", "dpo", "prefixdpo"]
