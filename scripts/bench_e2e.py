@@ -32,6 +32,14 @@ use (seconds each). Measured on an H100: with one round, TRL's HH-RLHF speed was
 for the ones after it, which share TRL's head.
     python scripts/bench_e2e.py --model llama-8b --lora 16 --datasets capybara hh-rlhf --trainers trl ours-triton
 
+``ultrafeedback-vlm`` (not in the default set; give ``--model qwen2.5-vl-3b``): image preference pairs for a
+Qwen2.5-VL-3B-shaped random-init model: UltraFeedback's text lengths, 1 or 2 images per prompt of 896 x 896 pixels
+(1024 image tokens each, plus the vision tower's forward and backward). TRL runs every prompt's images twice, ours
+once per micro-batch. Unique tokens count image tokens (once per prompt); MFU counts the language model only.
+
+    python scripts/bench_e2e.py --model qwen2.5-vl-3b --datasets ultrafeedback-vlm --trainers trl ours-triton
+    python scripts/bench_e2e.py --dry-run --model qwen2.5-vl-3b --datasets ultrafeedback-vlm   # CPU
+
 Trainer names: ``trl``, ``ours-<backend>`` (triton, flex, reference), ``ours-<backend>@<tokens>`` (token-budget
 batching), each with options after ``+``: ``fp8ref`` (the reference model's attention in FP8,
 ``ref_attn_backend="triton_fp8"``), ``nogc`` (no gradient checkpointing; TRL's default has it on), ``reentrant`` /
@@ -52,8 +60,10 @@ import os
 
 import torch
 
-from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, StepTimer, append_csv, build_trainer,
-                                  llama_module_restored, make_data, make_tokenizer, matmul_params, matmul_tflops, run_metadata, unique_tokens_per_pair)
+from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, VISION_SHAPES, VLM_MODELS, StepTimer, append_csv,
+                                  build_trainer, llama_module_restored, make_data, make_tokenizer, make_vlm_data,
+                                  make_vlm_model, make_vlm_processor, matmul_params, matmul_tflops, run_metadata,
+                                  unique_tokens_per_pair, vlm_unique_tokens_per_pair)
 
 
 def dry_run(args, tok):
@@ -67,6 +77,9 @@ def dry_run(args, tok):
                              per_device_train_batch_size=args.pairs, max_length=None)
     ids = lambda text: tok(text)["input_ids"]  # noqa: E731  (word-level: TRL's tokenization of these texts)
     for shape in args.datasets:
+        if shape in VISION_SHAPES:
+            vlm_dry_run(shape, args)
+            continue
         data = make_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
         tokenized = [{"prompt_ids": ids(d["prompt"]), "chosen_ids": ids(d["chosen"]) + [tok.eos_token_id],
                       "rejected_ids": ids(d["rejected"]) + [tok.eos_token_id]} for d in data]
@@ -78,6 +91,27 @@ def dry_run(args, tok):
               f"responses_deduplicated_frac {f.responses_deduplicated_frac:.3f}", flush=True)
 
 
+def vlm_dry_run(shape, args):
+    """An image shape without a GPU: the model built on the meta device, the data measured with the processor, and
+    the image tokens and images sharing saves in the trainer's micro-batches."""
+    from prefixdpo.data.sharing import predict_sharing
+    from prefixdpo.data.vision import image_statistics
+
+    processor = make_vlm_processor()
+    model = make_vlm_model(args.model if args.model in VLM_MODELS else "qwen2.5-vl-3b", processor, "meta")
+    data = make_vlm_data(shape, args.pairs * (args.steps + args.warmup), seed=0)
+    unique, pairs = vlm_unique_tokens_per_pair(data, processor)
+    batches = [list(range(i, min(i + args.pairs, len(pairs)))) for i in range(0, len(pairs), args.pairs)]
+    f = predict_sharing([[pairs[i] for i in b] for b in batches])
+    im = image_statistics(pairs, batches)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"{shape:24s} {type(model).__name__} ({params:.2f}B parameters, meta device); {len(data)} pairs, "
+          f"{unique:.0f} unique tokens/pair, {im['image_tokens_trl'] / (2 * len(pairs)):.0f} image tokens/prompt; "
+          f"{args.pairs} pairs per micro-batch: tokens_saved_frac {f.tokens_saved_frac:.3f}, image tokens "
+          f"{im['image_tokens_trl']} (TRL) -> {im['image_tokens_packed']}, images through the vision tower "
+          f"{im['images_trl']} -> {im['images_packed']}", flush=True)
+
+
 def run_one(trainer_name, shape, args, tok, peak_tflops):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -85,13 +119,20 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
     # so pairs/s is counted from the pairs each timed step really took).
     budget = int(trainer_name.split("@")[1]) if "@" in trainer_name else None
     n_data = args.pairs * (args.steps + args.warmup) * (16 if budget else 1)
-    data = make_data(shape, n_data, seed=0)
-    unique = unique_tokens_per_pair(data, tok)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
-    n_params = matmul_params(model)
+    if shape in VISION_SHAPES:
+        tok = make_vlm_processor()  # the processing class both trainers get
+        data = make_vlm_data(shape, n_data, seed=0)
+        unique = vlm_unique_tokens_per_pair(data, tok)[0]
+        model = make_vlm_model(args.model, tok, "cuda")
+        n_params = matmul_params(model) - sum(p.numel() for p in model.model.visual.parameters())
+    else:
+        data = make_data(shape, n_data, seed=0)
+        unique = unique_tokens_per_pair(data, tok)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+        n_params = matmul_params(model)
     # LoRA: no reference copy; both trainers run the reference forward through the base model with adapters off.
     ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
     peft_config = None
@@ -133,8 +174,10 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
-    ap.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(ALL_PAIRS_SHAPES))
+    ap.add_argument("--model", default="llama-1b", choices=list(MODELS) + list(VLM_MODELS),
+                    help="an image shape (ultrafeedback-vlm) needs a vision-language model (qwen2.5-vl-3b)")
+    ap.add_argument("--datasets", nargs="+", default=list(SHAPES),
+                    choices=list(SHAPES) + list(ALL_PAIRS_SHAPES) + list(VISION_SHAPES))
     ap.add_argument("--trainers", nargs="+", default=["trl", "ours-triton", "ours-flex"])
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (per_device_train_batch_size)")
     ap.add_argument("--steps", type=int, default=4)

@@ -75,6 +75,8 @@ SHAPES = {  # name: (median total tokens, median prompt:completion ratio)
 }
 # Shapes with several completions per prompt and every pair of them: name -> (lengths of, completions per prompt).
 ALL_PAIRS_SHAPES = {"ultrafeedback-allpairs": ("ultrafeedback", 4)}
+# Image shapes: name -> (lengths of, (min, max) images per prompt, image side in pixels: 896 = 32 x 28, 1024 tokens).
+VISION_SHAPES = {"ultrafeedback-vlm": ("ultrafeedback", (1, 2), 896)}
 MODELS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
@@ -85,7 +87,22 @@ MODELS = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),
 }
+# Qwen2.5-VL-3B-Instruct's shapes (text: 36 layers of 2048; vision: 32 blocks of 1280, windows of 112 pixels).
+VLM_MODELS = {
+    "qwen2.5-vl-3b": dict(
+        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                         max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3,
+                           tokens_per_second=2),
+    ),
+}
 WORDS = 30000
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
 def make_tokenizer():
@@ -113,6 +130,78 @@ def make_data(shape: str, n: int, seed: int, sigma: float = 0.5):
         data += [{"prompt": prompt, "chosen": responses[a], "rejected": responses[b]}
                  for a, b in itertools.combinations(range(completions), 2)]
     return data
+
+
+def make_vlm_processor():
+    """A Qwen2.5-VL processor over the word-level tokenizer (its vision tokens added) with a chat template that puts
+    each image's placeholder before the user's text."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }} {% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% if m['role'] != 'user' %}<eos> {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tok.add_tokens(["user:", "assistant:"])
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1024 * 28 * 28, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                   chat_template=template)
+    except ImportError:  # no torchvision (a CPU dry run): images need no video processor
+
+        class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+            def check_argument_for_proper_class(self, argument_name, argument):
+                if argument_name != "video_processor" or argument is not None:
+                    return super().check_argument_for_proper_class(argument_name, argument)
+
+        return ImageOnlyProcessor(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
+
+
+def make_vlm_model(name: str, processor, device):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    config = Qwen2_5_VLConfig(**VLM_MODELS[name], image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def make_vlm_data(shape: str, n: int, seed: int):
+    """``n`` conversational image pairs: ``make_data``'s texts, each prompt with its images (smooth random images:
+    low-resolution noise scaled up, so they stay small in memory and on disk)."""
+    from PIL import Image
+
+    lengths_of, (lo, hi), side = VISION_SHAPES[shape]
+    rng = random.Random(seed)
+    out = []
+    for d in make_data(lengths_of, n, seed):
+        images = []
+        for _ in range(rng.randint(lo, hi)):
+            noise = bytes(rng.randrange(256) for _ in range(16 * 16 * 3))
+            images.append(Image.frombytes("RGB", (16, 16), noise).resize((side, side), Image.BILINEAR))
+        out.append({"images": images, "prompt": [{"role": "user", "content": d["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": d["chosen"].strip()}],
+                    "rejected": [{"role": "assistant", "content": d["rejected"].strip()}]})
+    return out
+
+
+def vlm_unique_tokens_per_pair(data, processor) -> tuple[float, list[dict]]:
+    """Tokens per pair counted once each (every prompt with its image tokens, every distinct response), and the
+    measured pairs (``prefixdpo.data.vision.measure_vision_pairs``)."""
+    from prefixdpo.data.vision import measure_vision_pairs
+
+    pairs = measure_vision_pairs(data, processor)
+    prompts = {p["prefix_key"]: len(p["prompt_ids"]) for p in pairs}
+    responses = {(p["prefix_key"], tuple(p[k])) for p in pairs for k in ("chosen_ids", "rejected_ids")}
+    return (sum(prompts.values()) + sum(len(r) for _, r in responses)) / len(pairs), pairs
 
 
 def unique_tokens_per_pair(data, tok) -> float:

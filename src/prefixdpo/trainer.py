@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from accelerate.utils import is_peft_model
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.trainer_utils import has_length, rotate_checkpoints, seed_worker
 from trl import DPOConfig, DPOTrainer
 
@@ -43,10 +43,13 @@ from .data.batching import TokenBudgetBatchSampler, dataset_pair_shapes, packed_
 from .data.collator import PACKED_KEY, PrefixPackingCollator
 from .data.formats import ensure_pad_token, normalize_for_training, set_chat_template
 from .data.grouping import PromptGroupedSampler, prompt_groups, use_prompt_groups
+from .data.packing import pair_shapes
 from .data.sharing import sharing_fractions
 from .data.stats import report_prepared_dataset
+from .data.vision import VisionPackingCollator, is_vision_dataset, measure_vision_pairs, vision_prompt_groups
 from .modeling.attention import check_config_supported, check_model_supported
 from .modeling.packed import enable_packed_forward, reference_mode
+from .modeling.vision import check_vision_model, check_vision_processor
 from .preemption import StopOnSignal
 
 logger = logging.getLogger(__name__)
@@ -128,6 +131,17 @@ def keep_fsdp2_outputs_as_computed(plugin) -> None:
         plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
 
 
+def _check_vision_run(config, args) -> None:
+    """Refusals for image data, from the config alone (before any weights or data load)."""
+    check_vision_model(config)
+    if args.ref_cuda_graphs or args.policy_cuda_graphs:
+        raise ValueError("images: ref_cuda_graphs and policy_cuda_graphs capture the language model alone, without "
+                         "the image inputs; turn them off for image datasets")
+    if args.max_length is not None and args.truncation_mode == "keep_end":
+        raise ValueError("images: truncation_mode='keep_end' is not supported for vision-language models (TRL refuses "
+                         "it too: it can cut image tokens out of the prompt); use 'keep_start' or max_length=None")
+
+
 class PrefixDPOTrainer(DPOTrainer):
     """Drop-in replacement for ``trl.DPOTrainer`` (same constructor), training on prefix-shared packed rows.
 
@@ -159,6 +173,10 @@ class PrefixDPOTrainer(DPOTrainer):
     stay ``per_device_*_batch_size``. Which pairs share a micro-batch does not change any per-pair loss term, so the
     training is TRL's for the same micro-batches. Metrics: ``prefix_sharing/tokens_saved_frac`` and
     ``prefix_sharing/responses_deduplicated_frac`` (:mod:`prefixdpo.data.sharing` defines both).
+
+    Image datasets (an ``images`` or ``image`` column, a processor as ``processing_class``): the packed rows carry each
+    prompt's image inputs once (:mod:`prefixdpo.data.vision`); supported models and refusals in
+    :mod:`prefixdpo.modeling.vision`.
     """
 
     _tag_names = ["trl", "dpo", "prefixdpo"]
@@ -193,10 +211,15 @@ class PrefixDPOTrainer(DPOTrainer):
             from transformers import AutoConfig
 
             init_kwargs = args.model_init_kwargs or {}
-            check_config_supported(AutoConfig.from_pretrained(
-                model, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code))
+            config = AutoConfig.from_pretrained(model, revision=init_kwargs.get("revision"),
+                                                trust_remote_code=args.trust_remote_code)
+            check_config_supported(config)
         else:
+            config = model.config
             check_model_supported(model)
+        self._vision = is_vision_dataset(train_dataset)  # an images/image column (data/vision.py)
+        if self._vision:
+            _check_vision_run(config, args)
         _check_fsdp_reference_loading(model, ref_model, args, peft_config)
         if isinstance(model, str) or isinstance(ref_model, str):
             _place_models_on_the_process_device(args, quantization_config)
@@ -213,7 +236,10 @@ class PrefixDPOTrainer(DPOTrainer):
         # The collator needs the pad token before TRL's __init__ (which may precompute reference log-probs with it).
         if processing_class is None:
             path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
-            processing_class = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+            auto = AutoProcessor if self._vision else AutoTokenizer
+            processing_class = auto.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if self._vision:
+            check_vision_processor(processing_class)
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("processing_class must be a tokenizer (or a processor holding one)")
@@ -230,12 +256,16 @@ class PrefixDPOTrainer(DPOTrainer):
         else:
             eval_dataset = normalize(eval_dataset, name="eval")
         rows_before = {"train": _rows(train_dataset), "eval": _rows(eval_dataset)}
-        collator = PrefixPackingCollator(
-            pad_token_id=tokenizer.pad_token_id,
-            max_length=args.max_length,
-            truncation_mode=args.truncation_mode,
-            prefix_sharing=args.prefix_sharing,
-        )
+        if self._vision:
+            collator = VisionPackingCollator(processing_class, max_length=args.max_length,
+                                             prefix_sharing=args.prefix_sharing)
+        else:
+            collator = PrefixPackingCollator(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                prefix_sharing=args.prefix_sharing,
+            )
         self._prefix_installed = False
         self._throughput = {"pairs": 0, "tokens": 0, "time": None}
         self._step_pairs = None  # token_budget: pairs of the current optimizer step, summed over processes
@@ -260,7 +290,8 @@ class PrefixDPOTrainer(DPOTrainer):
         # Pairs TRL's max_length rule dropped or will truncate, said now; none left is an error.
         for name, before in rows_before.items():
             prepared = self.train_dataset if name == "train" else self.eval_dataset
-            if before is not None and prepared is not None and not isinstance(prepared, dict):
+            # (TRL tokenizes no image dataset, so it drops none of its pairs for max_length.)
+            if before is not None and prepared is not None and not isinstance(prepared, dict) and not self._vision:
                 report_prepared_dataset(before, prepared, args.max_length, args.truncation_mode, name)
         self.stop_on_signal = StopOnSignal(self.accelerator)
         self.add_callback(self.stop_on_signal)
@@ -537,7 +568,7 @@ class PrefixDPOTrainer(DPOTrainer):
         """The dataset's pairs per prompt when micro-batches keep them together (``group_by_prompt``), else None."""
         if self.args.group_by_prompt == "never":
             return None
-        groups = self._dataset_cached("groups", dataset, prompt_groups)
+        groups = self._dataset_cached("groups", dataset, vision_prompt_groups if self._vision else prompt_groups)
         grouping = use_prompt_groups(self.args.group_by_prompt, groups, self.args.train_sampling_strategy)
         return groups if grouping else None
 
@@ -582,6 +613,15 @@ class PrefixDPOTrainer(DPOTrainer):
                 sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
         return super()._run_epoch(*args, **kwargs)
 
+    def _pair_shapes(self, dataset):
+        """The packed shape of every pair (``packing.pair_shapes``); an image dataset is measured first, with one
+        processor run per pair (``vision.measure_vision_pairs``)."""
+        args = self.args
+        if not self._vision:
+            return dataset_pair_shapes(dataset, args.max_length, args.truncation_mode, args.prefix_sharing)
+        pairs = measure_vision_pairs(dataset, self.processing_class)
+        return [pair_shapes(p, args.max_length, "keep_start", args.prefix_sharing) for p in pairs]
+
     def _token_budget_dataloader(self, dataset, description: str, training: bool) -> DataLoader:
         """A dataloader over ``TokenBudgetBatchSampler`` micro-batches, prepared by accelerate (which deals whole
         micro-batches round-robin to the processes under DDP/FSDP/ZeRO)."""
@@ -595,8 +635,7 @@ class PrefixDPOTrainer(DPOTrainer):
             dataset = self._remove_unused_columns(dataset, description=description)
         else:
             collator = self._get_collator_with_removed_columns(collator, description=description)
-        shapes = self._dataset_cached("shapes", dataset, lambda d: dataset_pair_shapes(
-            d, args.max_length, args.truncation_mode, args.prefix_sharing))
+        shapes = self._dataset_cached("shapes", dataset, self._pair_shapes)
         lengths = self._dataset_cached("lengths", dataset, lambda d: packed_lengths(shapes))
         groups = self._prompt_groups_if_grouping(dataset)
         make_sampler = partial(TokenBudgetBatchSampler, lengths, args.max_tokens_per_batch, seed=self._data_seed,

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch.utils.data import Sampler
 
-from .packing import RowTally, SequenceShape, pair_shapes
+from .packing import PREFIX_KEY, RowTally, SequenceShape, pair_shapes
 
 CHUNK_MICRO_BATCHES = 64  # default chunk: this many micro-batches' worth of pairs, sorted together
 
@@ -67,8 +67,9 @@ def dataset_pair_shapes(
     dataset, max_length: int | None, truncation_mode: str, prefix_sharing: bool
 ) -> list[tuple[SequenceShape, SequenceShape]]:
     """The shapes (``packing.pair_shapes``) of every pair of a tokenized dataset (``prompt_ids``, ``chosen_ids``,
-    ``rejected_ids``): enough to count any set of its pairs' packed tokens."""
-    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    ``rejected_ids``, and ``prefix_key`` where pairs have one): enough to count any set of its pairs' packed tokens."""
+    names = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids") + ((PREFIX_KEY,) if PREFIX_KEY in names else ())
     return [pair_shapes(row, max_length, truncation_mode, prefix_sharing) for row in read_columns(dataset, columns)]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from .packing import pack_pairs
+from .packing import PackedRow, pack_pairs
 
 PACKED_KEY = "prefix_packed"
 
@@ -42,28 +42,34 @@ class PrefixPackingCollator:
         )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        from prefix_attn import PrefixLayout
-
         batch = self._view(examples)
         row = pack_pairs(examples, self.max_length, self.truncation_mode, self.prefix_sharing)
-        layout = PrefixLayout.from_lengths(row.prefix_lens, row.branch_lens)
-        width = batch["input_ids"].shape[1] - 1
-        src = [t for t, _, _ in row.reads]
-        dst = [seq * width + pos for _, seq, pos in row.reads]
-        batch[PACKED_KEY] = {
-            "input_ids": torch.tensor([row.input_ids], dtype=torch.long),
-            "shift_labels": torch.tensor([row.targets], dtype=torch.long),
-            "layout": layout.to_dict(),
-            "src": torch.tensor(src, dtype=torch.long),
-            "dst": torch.tensor(dst, dtype=torch.long),
-            "stats": {
-                "packed_tokens": len(row.input_ids),
-                "unshared_tokens": int(batch["attention_mask"].sum()),
-                "padded_tokens": int(batch["attention_mask"].numel()),
-                "shared_pairs": row.shared_pairs,
-                "pairs": len(examples),
-                "sequences": row.sequences,
-                "branches": row.num_branches,
-            },
-        }
+        batch[PACKED_KEY] = packed_inputs(batch, row, len(examples))
         return batch
+
+
+def packed_inputs(view: dict[str, Any], row: PackedRow, pairs: int) -> dict[str, Any]:
+    """The ``prefix_packed`` entry (``PrefixPackingCollator``) of ``row``, for TRL's padded batch ``view`` of the same
+    ``pairs`` pairs."""
+    from prefix_attn import PrefixLayout
+
+    layout = PrefixLayout.from_lengths(row.prefix_lens, row.branch_lens)
+    width = view["input_ids"].shape[1] - 1
+    src = [t for t, _, _ in row.reads]
+    dst = [seq * width + pos for _, seq, pos in row.reads]
+    return {
+        "input_ids": torch.tensor([row.input_ids], dtype=torch.long),
+        "shift_labels": torch.tensor([row.targets], dtype=torch.long),
+        "layout": layout.to_dict(),
+        "src": torch.tensor(src, dtype=torch.long),
+        "dst": torch.tensor(dst, dtype=torch.long),
+        "stats": {
+            "packed_tokens": len(row.input_ids),
+            "unshared_tokens": int(view["attention_mask"].sum()),
+            "padded_tokens": int(view["attention_mask"].numel()),
+            "shared_pairs": row.shared_pairs,
+            "pairs": pairs,
+            "sequences": row.sequences,
+            "branches": row.num_branches,
+        },
+    }

@@ -103,16 +103,17 @@ class PromptGroupedSampler(Sampler[int]):
         return self._num_pairs
 
 
-def training_micro_batches(dataset, args, epoch: int = 0) -> list[list[int]]:
+def training_micro_batches(dataset, args, epoch: int = 0, groups: list[list[int]] | None = None) -> list[list[int]]:
     """The micro-batches of ``epoch`` as ``PrefixDPOTrainer`` draws them on one process from a tokenized ``dataset``
     with ``args`` (a ``PrefixDPOConfig``), for forecasts (``sharing.predict_sharing``): grouped by prompt where
     ``group_by_prompt`` applies, filled to the budget with ``batching="token_budget"``. Without grouping in the
     "pairs" mode TRL's sampler decides the order: a seeded shuffle stands in for its random order (another
     permutation, the same statistics), the dataset's order for ``train_sampling_strategy="sequential"``. A token-budget
     run of several epochs may split a few micro-batches in two to keep its count fixed (``TokenBudgetBatchSampler``).
+    ``groups``: the pairs of each prompt where they are not the pairs of equal ``prompt_ids`` (image datasets).
     """
     seed = args.data_seed if args.data_seed is not None else args.seed
-    groups = prompt_groups(dataset)
+    groups = prompt_groups(dataset) if groups is None else groups
     grouping = use_prompt_groups(args.group_by_prompt, groups, args.train_sampling_strategy)
     if args.batching == "token_budget":
         shapes = dataset_pair_shapes(dataset, args.max_length, args.truncation_mode, args.prefix_sharing)

@@ -16,7 +16,9 @@ pair that reads a branch flow into it.
 Truncation follows TRL 1.16's DataCollatorForPreference exactly: prompt+response is cut per sequence to
 ``max_length`` (``keep_start`` keeps the beginning, ``keep_end`` the end). A sequence whose prompt was cut away
 entirely, and every sequence with ``prefix_sharing=False``, is a document of its own (its first kept token opens the
-branch and is not scored, as in TRL). The data side imports no torch.cuda and no triton.
+branch and is not scored, as in TRL). A pair may carry ``prefix_key`` (``PREFIX_KEY``): its prompt then shares a
+document only with prompts of equal tokens *and* equal key (for image prompts: equal placeholder tokens do not mean
+equal images). The data side imports no torch.cuda and no triton.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+PREFIX_KEY = "prefix_key"
 
 
 def truncate_sequence(prompt: list[int], completion: list[int], max_length: int | None, mode: str):
@@ -56,12 +60,14 @@ class SequencePlacement(NamedTuple):
 
 
 def place_sequence(
-    prompt: list[int], completion: list[int], max_length: int | None, truncation_mode: str, prefix_sharing: bool
+    prompt: list[int], completion: list[int], max_length: int | None, truncation_mode: str, prefix_sharing: bool,
+    prefix_key=None,
 ) -> SequencePlacement:
     """The placement of prompt + completion after TRL's truncation (module docstring)."""
     p, c = truncate_sequence(prompt, completion, max_length, truncation_mode)
     if p:
-        return SequencePlacement(tuple(p) if prefix_sharing else None, p[:-1], [p[-1]] + c, len(p) - 1)
+        document = (tuple(p) if prefix_key is None else (prefix_key, tuple(p))) if prefix_sharing else None
+        return SequencePlacement(document, p[:-1], [p[-1]] + c, len(p) - 1)
     if c:  # the prompt was cut away: the first kept token opens the branch and is not scored
         return SequencePlacement(None, [], c, 0)
     raise ValueError("a sequence has no tokens left after truncation")
@@ -70,10 +76,12 @@ def place_sequence(
 def pair_placements(
     example: dict, max_length: int | None, truncation_mode: str, prefix_sharing: bool
 ) -> tuple[SequencePlacement, SequencePlacement]:
-    """(chosen, rejected) placements of a tokenized pair (``prompt_ids``, ``chosen_ids``, ``rejected_ids``)."""
+    """(chosen, rejected) placements of a tokenized pair (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, and
+    optionally ``prefix_key``)."""
     prompt = list(example["prompt_ids"])
+    prefix_key = example.get(PREFIX_KEY)
     return tuple(
-        place_sequence(prompt, list(example[key]), max_length, truncation_mode, prefix_sharing)
+        place_sequence(prompt, list(example[key]), max_length, truncation_mode, prefix_sharing, prefix_key)
         for key in ("chosen_ids", "rejected_ids")
     )
 

@@ -165,8 +165,28 @@ def check_model_supported(model) -> None:
     check_config_supported(model.config, type(model))
 
 
+def _language_model_key(config) -> str | None:
+    """The sub-config name of a multimodal config's language model (e.g. ``text_config``), None for a text model."""
+    text = text_config(config)
+    if text is config:
+        return None
+    return next((key for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is text), None)
+
+
+def language_model_attention(model) -> str:
+    """The attention implementation of ``model``'s language model."""
+    return text_config(model.config)._attn_implementation
+
+
+def set_language_model_attention(model, implementation: str) -> None:
+    """Set the attention implementation of ``model``'s language model only: a multimodal model's vision tower keeps
+    its own (it runs each image as a sequence of its own and never sees the layout)."""
+    key = _language_model_key(model.config)
+    model.set_attn_implementation(implementation if key is None else {key: implementation})
+
+
 def install(model) -> None:
-    """Check the model and switch its attention to ``prefix_attn``."""
+    """Check the model and switch its language model's attention to ``prefix_attn``."""
     check_model_supported(model)
     register()
-    model.set_attn_implementation(ATTN_NAME)
+    set_language_model_attention(model, ATTN_NAME)

@@ -22,7 +22,8 @@ import torch
 from prefix_attn import PrefixLayout, position_ids
 
 from ..data.collator import PACKED_KEY
-from .attention import ATTN_NAME, install
+from .attention import ATTN_NAME, install, language_model_attention, set_language_model_attention
+from .positions import multi_axis_position_ids, rope_index_function
 
 _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -35,8 +36,9 @@ def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape
     return flat.index_put((dst,), x[0, src]).view(shape)
 
 
-def packed_forward(packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
-    """Run ``inner_forward`` (TRL's fused-head forward) on a packed row; return its output in TRL's view shape."""
+def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
+    """Run ``inner_forward`` (TRL's fused-head forward of ``model``) on a packed row; return its output in TRL's view
+    shape."""
     device = packed["input_ids"].device
     # The policy's and the reference's forward get the same batch dict: build the layout (and, lazily, the
     # backends' schedules cached on it) once for both.
@@ -45,12 +47,13 @@ def packed_forward(packed: dict, *, backend: str = "auto", view_shape, inner_for
         layout = packed["_layout"] = PrefixLayout.from_dict(packed["layout"], device)
     out = inner_forward(
         input_ids=packed["input_ids"],
-        position_ids=position_ids(layout).unsqueeze(0),
+        position_ids=_position_ids(model, packed, layout),
         shift_labels=packed["shift_labels"],
         fused_lm_head=True,
         use_cache=False,
         prefix_layout=layout,
         prefix_attn_backend=backend,
+        **packed.get("model_inputs", {}),  # image inputs (pixel_values, image_grid_thw, ...), each image once
         **kwargs,
     )
     src, dst = packed["src"], packed["dst"]
@@ -59,6 +62,23 @@ def packed_forward(packed: dict, *, backend: str = "auto", view_shape, inner_for
     if getattr(out, "label_mask", None) is not None:
         out.label_mask = _to_view(out.label_mask, src, dst, view_shape)
     return out
+
+
+def _position_ids(model, packed: dict, layout: PrefixLayout) -> torch.Tensor:
+    """The row's position ids: the layout's, or for a model with multi-axis rotary positions and a row that holds
+    modality types (``mm_token_type_ids``, image rows of such a model), the model's own (``positions``). Built once
+    for the policy's and the reference's forward."""
+    cached = packed.get("_position_ids")
+    if cached is not None and cached.device == layout.device:
+        return cached
+    rope_index = rope_index_function(model) if "mm_token_type_ids" in packed else None
+    if rope_index is None:
+        pos = position_ids(layout).unsqueeze(0)
+    else:
+        pos = multi_axis_position_ids(rope_index, packed["input_ids"][0], packed["mm_token_type_ids"][0], layout,
+                                      packed.get("model_inputs", {}).get("image_grid_thw"))
+    packed["_position_ids"] = pos
+    return pos
 
 
 def _adapter_probe(model):
@@ -101,7 +121,7 @@ def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None 
         return
     model._prefixdpo_force_reference = False
     model._prefixdpo_adapter_probe = _adapter_probe(model)
-    original_attn = model.config._attn_implementation
+    original_attn = language_model_attention(model)
     install(model)
     inner = model.forward
 
@@ -109,11 +129,11 @@ def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None 
     def forward(self, *args, **kwargs):
         packed = kwargs.pop(PACKED_KEY, None)
         if packed is None:
-            if self.config._attn_implementation == ATTN_NAME:
-                self.set_attn_implementation(original_attn)
+            if language_model_attention(self) == ATTN_NAME:
+                set_language_model_attention(self, original_attn)
             return inner(*args, **kwargs)
-        if self.config._attn_implementation != ATTN_NAME:
-            self.set_attn_implementation(ATTN_NAME)
+        if language_model_attention(self) != ATTN_NAME:
+            set_language_model_attention(self, ATTN_NAME)
         # TRL's call passes the padded view (input_ids, attention_mask, labels); the packed row replaces it.
         view_ids = kwargs.pop("input_ids", None)
         if view_ids is None and args:
@@ -122,7 +142,7 @@ def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None 
             kwargs.pop(unused, None)
         view_shape = (view_ids.shape[0], view_ids.shape[1] - 1)
         backend = self._prefixdpo_ref_backend if is_reference_call(self) else self._prefixdpo_backend
-        return packed_forward(packed, backend=backend, view_shape=view_shape, inner_forward=inner, **kwargs)
+        return packed_forward(self, packed, backend=backend, view_shape=view_shape, inner_forward=inner, **kwargs)
 
     model.forward = types.MethodType(forward, model)
 
