@@ -270,3 +270,21 @@ def test_data_stats_count_image_tokens_as_the_trainer_packs_them(tmp_path):
     packed = [collate([copy.deepcopy(DATA[i]) for i in b])[PACKED_KEY]["stats"] for b in batches]
     assert stats["tokens_packed"] == sum(p["packed_tokens"] for p in packed)
     assert stats["image_tokens_packed"] == sum(p["image_tokens"] for p in packed)
+
+
+def test_data_stats_command_reports_image_tokens(tmp_path, capsys):
+    # An image dataset saved with save_to_disk and a model directory holding the processor: data-stats measures every
+    # pair with the processor and prints what sharing saves on image tokens.
+    from prefixdpo.cli import main
+
+    processor = make_processor("llava")
+    model_dir = tmp_path / "model"
+    processor.save_pretrained(model_dir)
+    make_vision_model("llava", processor).save_pretrained(model_dir)
+    data_dir = tmp_path / "images"
+    Dataset.from_list(DATA).save_to_disk(str(data_dir))
+    assert main(["data-stats", "--dataset_name", str(data_dir), "--model_name_or_path", str(model_dir),
+                 "--output_dir", str(tmp_path / "out"), "--group_by_prompt", "always", "--use_cpu", "true",
+                 "--bf16", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "image tokens, TRL / packed:" in out and "images through the vision tower" in out

@@ -34,6 +34,7 @@ def data_stats(argv: list[str]) -> dict:
     from .arguments import argument_groups, parse_config
     from .data.formats import normalize_preference_dataset
     from .data.stats import format_statistics, tokenize_preference_dataset, training_statistics
+    from .data.vision import is_vision_dataset, measure_vision_pairs, vision_training_statistics
     from .run import load_datasets, load_tokenizer
 
     quick = "--config" in argv and _is_quickstart_config(argv)
@@ -57,8 +58,15 @@ def data_stats(argv: list[str]) -> dict:
         plot = script_args.data_stats_plot
     dataset = normalize_preference_dataset(dataset, tokenizer, on_bad_rows=training_args.on_bad_rows,
                                            pairs_from_ranks=training_args.pairs_from_ranks)
-    tokenized = tokenize_preference_dataset(dataset, tokenizer, num_proc=training_args.dataset_num_proc)
-    stats = training_statistics(tokenized, training_args)
+    if is_vision_dataset(dataset):  # images: each pair measured with the model's processor
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=training_args.trust_remote_code)
+        stats = vision_training_statistics(dataset, processor, training_args)
+        tokenized = measure_vision_pairs(dataset, processor)
+    else:
+        tokenized = tokenize_preference_dataset(dataset, tokenizer, num_proc=training_args.dataset_num_proc)
+        stats = training_statistics(tokenized, training_args)
     print(f"dataset {name}, tokenizer {source}")
     print(format_statistics(stats))
     plot = plot or os.path.join(training_args.output_dir, "data_stats.png")

@@ -264,6 +264,9 @@ def format_statistics(stats: dict) -> str:
         f"responses run once for several pairs:    {100 * stats['responses_deduplicated_frac']:>11.1f}%  "
         "(prefix_sharing/responses_deduplicated_frac)",
         f"prompt/response length ratio:            {stats['prompt_to_response_ratio']:>12.2f}",
+        *([f"image tokens, TRL / packed:              {stats['image_tokens_trl']:>12,} / {stats['image_tokens_packed']:,}"
+           f"  ({100 * stats['image_tokens_saved_frac']:.1f}% saved; images through the vision tower "
+           f"{stats['images_trl']:,} -> {stats['images_packed']:,})"] if "image_tokens_trl" in stats else []),
         f"packed micro-batch row: mean {stats['micro_batch_row_tokens']['mean']:.0f}, "
         f"max {stats['micro_batch_row_tokens']['max']} tokens; longest pair {stats['longest_packed_pair']}; "
         f"suggested token budget per micro-batch: {stats['suggested_token_budget']}",
