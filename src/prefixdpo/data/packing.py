@@ -1,4 +1,4 @@
-"""Packing tokenized preference pairs into one row of prefix-shared documents (shared/DESIGN.md, "The layout").
+"""Packing tokenized preference pairs into one row of prefix-shared documents (docs/DESIGN.md, "The layout contract").
 
 TRL runs every pair as two sequences, prompt + chosen and prompt + rejected. Here each sequence becomes a branch of a
 document whose prefix is its prompt:
