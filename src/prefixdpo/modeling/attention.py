@@ -159,7 +159,9 @@ def check_config_supported(config, model_class=None) -> None:
 
 
 def check_model_supported(model) -> None:
-    """``check_config_supported`` for a built model."""
+    """``check_config_supported`` for a built model (for a PEFT model: the model it wraps)."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     check_config_supported(model.config, type(model))
 
 
