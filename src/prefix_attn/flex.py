@@ -27,10 +27,14 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-@functools.lru_cache(maxsize=None)  # one function per cap: the compiled flex_attention keeps its specialization
-def _softcap_mod(softcap: float):
+@functools.lru_cache(maxsize=None)  # one function per cap and device: the compiled flex_attention keeps its graph
+def _softcap_mod(softcap: float, device: torch.device):
+    # The cap is a captured tensor (a buffer of the compiled graph), not a Python float: for a second cap value dynamo
+    # would make the float dynamic, which the score_mod lowering does not take.
+    cap = torch.tensor(softcap, dtype=torch.float32, device=device)
+
     def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.tanh(score / softcap) * softcap
+        return torch.tanh(score / cap) * cap
 
     return score_mod
 
@@ -71,7 +75,7 @@ def flex_prefix_attention(q, k, v, layout: PrefixLayout, softmax_scale: float | 
     block_mask = build_block_mask(layout, window=window)
     fn = _compiled_flex() if q.is_cuda else fa.flex_attention
     kwargs = dict(block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-                  score_mod=None if softcap is None else _softcap_mod(float(softcap)))
+                  score_mod=None if softcap is None else _softcap_mod(float(softcap), q.device))
     if return_lse:
         if hasattr(fa, "AuxRequest"):
             kwargs["return_aux"] = fa.AuxRequest(lse=True)
