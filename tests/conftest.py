@@ -186,6 +186,14 @@ def random_layout(rng: random.Random, tokens: int, device):
     return PrefixLayout.from_lengths(prefix, branches, device=device)
 
 
+def random_options(rng: random.Random) -> dict:
+    """Attention options for the random-layout harness: a sliding window (none; 1; shorter than a tile; gpt-oss's
+    128; about a tile and a half; Gemma 3's 1024, longer than most documents), a logit soft-cap (none, biting, Gemma
+    2's 50) and sinks (half the time), each drawn on its own."""
+    return {"window": rng.choice([None, None, 1, 37, 128, 200, 1024]), "softcap": rng.choice([None, None, 2.0, 50.0]),
+            "sinks": rng.random() < 0.5}
+
+
 def assert_quantized_as_reference(got8, got_s, src, block: int, rotate: bool):
     """The fused quantize kernel's e4m3 values ``got8`` and scales ``got_s`` against ``fp8_reference``'s for ``src``:
     bit for bit (but +-0) without rotation; with it, the fp32 sums of the rotation may be ordered differently, so
