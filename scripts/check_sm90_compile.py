@@ -156,6 +156,8 @@ VARIANTS = [
     _kv("kv 64x128 w8 s2 merged softcap", 64, 128, 8, 2, softcap=SOFTCAP),
     _kv("kv 64x128 w8 s2 merged window", 64, 128, 8, 2, window=WINDOW),
     _kv("kv 64x128 w8 s2 merged window softcap", 64, 128, 8, 2, softcap=SOFTCAP, window=WINDOW),
+    _kv("kv 32x128 w8 s3 merged softcap", 32, 128, 8, 3, softcap=SOFTCAP),
+    _kv("kv 32x128 w8 s3 merged window softcap", 32, 128, 8, 3, softcap=SOFTCAP, window=WINDOW),
     _dq("dq pack 32tok x64 w8 s2 merged softcap", 32, 64, 8, 2, softcap=SOFTCAP),
 ]
 

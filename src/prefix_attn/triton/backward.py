@@ -62,7 +62,7 @@ def _kv_step(
         qq = offs_m[None, :]
         ok = (qq >= offs_n[:, None]) & (qq < qhi[:, None])
         if WINDOW:
-            pos_q = tl.load(POS + offs_m, mask=row_ok, other=0)
+            pos_q = tl.load(POS + offs_m, mask=row_ok, other=0).to(tl.int32)
             ok = ok & ((pos_q[None, :] - pos_k[:, None]) < WINDOW)
         pt = tl.where(ok, pt, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -191,7 +191,7 @@ def bwd_kv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     pos_k = qhi
     if WINDOW:
-        pos_k = tl.load(POS + offs_n, mask=col_ok, other=0)
+        pos_k = tl.load(POS + offs_n, mask=col_ok, other=0).to(tl.int32)  # int32: fewer registers
     dk, dv = _kv_walk(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d, qhi,
                       hk, s0, s1, s2, s3, pos_k, POS, QMIN, qk_scale, T, GROUPS, HEAD_DIM, BLOCK_M, USE_TMA, DOT_PREC,
                       SOFTCAP, WINDOW)
