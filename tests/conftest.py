@@ -112,15 +112,18 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         "gpt_oss": {"head_dim": 8, "num_hidden_layers": 2, "sliding_window": 4, "num_local_experts": 4,
                     "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"]},
         "mistral_window": {"sliding_window": 5},
+        # A hybrid: short convolution layers (kernel 3) around an attention layer.
+        "lfm2": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_L_cache": 3,
+                 "conv_bias": True, "block_auto_adjust_ff_dim": False},
     }[arch]
     arch = "mistral" if arch == "mistral_window" else arch
     kw = {**common, **extra, **overrides}
     return AutoConfig.for_model(arch, **kw)
 
 
-# Models whose attention takes options prefix sharing honours: a sliding window (gemma2, gemma3_text, gpt_oss, and a
-# Mistral config with one), Gemma 2's logit soft-capping, gpt-oss's attention sinks.
-FAMILIES = ("gemma2", "gemma3_text", "gpt_oss", "mistral_window")
+# Models beyond plain causal attention that prefix sharing honours: sliding windows (gemma2, gemma3_text, gpt_oss, and
+# a Mistral config with one), Gemma 2's logit soft-capping, gpt-oss's attention sinks, LFM2's short convolutions.
+FAMILIES = ("gemma2", "gemma3_text", "gpt_oss", "mistral_window", "lfm2")
 
 
 def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0, dtype=torch.float32, **overrides):

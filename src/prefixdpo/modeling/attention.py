@@ -102,14 +102,19 @@ def register() -> str:
 
 
 # Hybrid models: some layers are not attention (state-space, recurrent or convolution layers), which carry state from
-# token to token across the whole row and so cannot see the layout.
+# token to token across the whole row and so cannot see the layout, until a packed forward forks their state at the
+# end of each prompt (``recurrent``: LFM2's short convolutions).
 _HYBRID_MODEL_TYPES = {
-    "nemotron_h": "Mamba-2 layers", "lfm2": "short convolution layers", "lfm2_moe": "short convolution layers",
+    "nemotron_h": "Mamba-2 layers",
     "qwen3_next": "gated DeltaNet (linear attention) layers", "granitemoehybrid": "Mamba-2 layers",
     "jamba": "Mamba layers", "bamba": "Mamba-2 layers", "falcon_h1": "Mamba-2 layers", "zamba": "Mamba layers",
     "zamba2": "Mamba-2 layers", "mamba": "Mamba layers", "mamba2": "Mamba-2 layers", "rwkv": "RWKV layers",
     "recurrent_gemma": "recurrent layers", "minimax": "lightning (linear) attention layers",
 }
+
+
+# Models whose non-attention layers run packed rows (``recurrent``): their layer types.
+_FORKED_LAYER_TYPES = {"lfm2": {"conv"}, "lfm2_moe": {"conv"}}
 
 
 def text_config(config):
@@ -153,7 +158,8 @@ def check_config_supported(config, model_class=None) -> None:
             raise UnsupportedModelError(f"{name} uses {feature} ({attr}={getattr(text, attr)}), which prefix sharing "
                                         "cannot honour exactly")
     layer_types = getattr(text, "layer_types", None) or []
-    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    known = {"full_attention", "sliding_attention"} | _FORKED_LAYER_TYPES.get(model_type, set())
+    unknown = sorted(set(layer_types) - known)
     if unknown:
         raise UnsupportedModelError(f"{name} has layers of type {unknown}, which prefix sharing does not support")
 
@@ -166,7 +172,10 @@ def check_model_supported(model) -> None:
 
 
 def install(model) -> None:
-    """Check the model and switch its attention to ``prefix_attn``."""
+    """Check the model, switch its attention to ``prefix_attn`` and its short convolutions (if any) to packed rows."""
+    from .recurrent import install_short_convs
+
     check_model_supported(model)
     register()
+    install_short_convs(model)
     model.set_attn_implementation(ATTN_NAME)
