@@ -115,6 +115,8 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         # A hybrid: short convolution layers (kernel 3) around an attention layer.
         "lfm2": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_L_cache": 3,
                  "conv_bias": True, "block_auto_adjust_ff_dim": False},
+        "lfm2_moe": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_experts": 4,
+                     "num_experts_per_tok": 2, "num_dense_layers": 1, "moe_intermediate_size": 16},
     }[arch]
     arch = "mistral" if arch == "mistral_window" else arch
     kw = {**common, **extra, **overrides}

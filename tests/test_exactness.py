@@ -199,6 +199,13 @@ def test_families_packed_logps_and_grads_equal_unshared(arch):
     assert_packed_equals_alone(model, batch, examples)
 
 
+def test_lfm2_moe_packed_logps_and_grads_equal_unshared():
+    # LFM2's MoE variant: the same short convolutions (its own layer class) between attention and expert layers.
+    model = tiny_model("lfm2_moe", vocab_size=VOCAB, seed=1)
+    examples = window_examples(8, seed=4)
+    assert_packed_equals_alone(model, PrefixPackingCollator(pad_token_id=0)(examples), examples)
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_families_deduplicated_row_equals_each_pair_alone(arch):
     model = tiny_model(arch, vocab_size=VOCAB, seed=2)
