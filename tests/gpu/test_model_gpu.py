@@ -23,10 +23,16 @@ def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
     dims = dict(hidden_size=64, head_dim=16) if arch in ("qwen3", "gemma") else dict(hidden_size=64)
     model = tiny_model(arch, vocab_size=VOCAB, seed=1, **dims).cuda()
     examples = random_examples(12, seed=5, max_prompt=200, max_resp=150)  # rows past one 128-token tile
+    assert_packed_equals_alone_on_gpu(model, examples, backend)
+
+
+def assert_packed_equals_alone_on_gpu(model, examples, backend):
+    """Log-probs and the gradients of a DPO loss over them: the packed row against each prompt + response alone
+    through the unpatched model, on the GPU."""
     batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
     pm = packed_model(model, backend)
     got = packed_logps(pm, batch)
-    res = []  # each prompt + response alone through the unpatched model, on the GPU
+    res = []
     for key in ("chosen_ids", "rejected_ids"):
         for ex in examples:
             ids = torch.tensor([ex["prompt_ids"] + ex[key]], device="cuda")
@@ -43,23 +49,11 @@ def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_families_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
     # Sliding windows of 48 positions (layers with and without one in a row) against prompts and responses of up to
-    # 200 and 150 tokens, across the kernels' 64/128-token tiles; Gemma 2's soft-cap, gpt-oss's sinks. float32.
-    model = tiny_model(arch, vocab_size=VOCAB, seed=1, hidden_size=64, head_dim=16, sliding_window=48).cuda()
-    examples = random_examples(12, seed=6, max_prompt=200, max_resp=150)
-    batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
-    pm = packed_model(model, backend)
-    got = packed_logps(pm, batch)
-    res = []
-    for key in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            ids = torch.tensor([ex["prompt_ids"] + ex[key]], device="cuda")
-            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
-            res.append(lp[len(ex["prompt_ids"]) - 1 :].sum())
-    want = torch.stack(res)
-    assert rel(got, want) < 1e-5, (got, want)
-    ref = want.detach() + torch.randn_like(want)
-    for a, b in zip(grads(pm, dpo_loss(got, ref)), grads(model, dpo_loss(want, ref))):
-        assert rel(a, b) < 1e-4
+    # 200 and 150 tokens, across the kernels' 64/128-token tiles; Gemma 2's soft-cap, gpt-oss's sinks, LFM2's short
+    # convolutions. float32.
+    window = {} if arch == "lfm2" else {"sliding_window": 48}
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1, hidden_size=64, head_dim=16, **window).cuda()
+    assert_packed_equals_alone_on_gpu(model, random_examples(12, seed=6, max_prompt=200, max_resp=150), backend)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
