@@ -140,9 +140,9 @@ def test_compiled_flex_takes_several_soft_caps():
         assert err(out, ref) <= tolerance(err(attention_math(q, k, v, layout, softcap=cap), ref), ref, torch.float32)
 
 
-def test_a_backend_without_an_option_hands_the_call_to_auto(monkeypatch, caplog):
+def test_a_backend_without_an_option_hands_the_call_to_triton(monkeypatch, caplog):
     # A registry entry that declares no options (as the FP8 forward declares no soft-cap) runs a call that needs one
-    # on auto's choice, with a warning.
+    # on triton where that runs (the interpreter here), with a warning.
     from prefix_attn import ops
 
     calls = []
@@ -152,7 +152,8 @@ def test_a_backend_without_an_option_hands_the_call_to_auto(monkeypatch, caplog)
     q, k, v = random_qkv(layout.total_tokens, 2, 2, 8, torch.float32, seed=0)
     prefix_attention(q, k, v, layout, backend="reference")
     assert calls == [{}]
-    assert ops.resolve_backend("reference", q.device, features=frozenset({"softcap"})) == "reference"  # auto's pick
+    assert ops.resolve_backend("reference", q.device, torch.float32, 8, frozenset({"softcap"})) == "reference"
+    assert ops.resolve_backend("reference", q.device, torch.float32, 16, frozenset({"softcap"})) == "triton"
     with caplog.at_level("WARNING"):
         ops.resolve_backend("triton_fp8", q.device, torch.float16, 64, frozenset({"softcap"}))
     assert "has no logit soft-capping" in caplog.text

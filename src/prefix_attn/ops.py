@@ -18,8 +18,8 @@ window, in each sequence's own positions), ``softcap`` (logit soft-capping) and 
 query head in every softmax's denominator). A backend's run function takes the options it declares in ``features``
 (``window``, ``softcap`` and ``return_lse``: the log-sum-exp of every query's scores, natural log, differentiable,
 [Hq, T]); sinks are no backend's business: the one epilogue ``apply_sinks`` turns any backend's (out, lse) into the
-output with sinks. A call that needs an option its backend lacks runs on ``auto``'s choice instead, with a warning
-(once per reason); a window that cuts no pair of the row (``PrefixLayout.biting_window``) is no option at all.
+output with sinks. A call that needs an option its backend lacks runs on ``triton`` where that runs (else on
+``auto``'s choice) instead, with a warning (once per reason); a window that cuts no pair of the row (``PrefixLayout.biting_window``) is no option at all.
 """
 
 from __future__ import annotations
@@ -115,6 +115,12 @@ def _warn_once(msg: str, *args) -> None:
         logger.warning(msg, *args)
 
 
+def _fallback(device, dtype, head_dim) -> str:
+    """Where a call goes that its backend cannot take: ``triton`` where it runs, else ``auto``'s choice."""
+    return "triton" if _triton_supported(device, dtype, head_dim)[0] else resolve_backend("auto", device, dtype,
+                                                                                          head_dim)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
                     head_dim: int | None = None, features: frozenset = frozenset()) -> str:
     """The concrete backend ``backend`` means for tensors on ``device`` (``auto`` picks the best that runs) when the
@@ -132,7 +138,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     b = _BACKENDS[backend]
     missing = sorted(features - b.features)
     if missing:
-        fallback = resolve_backend("auto", device, dtype, head_dim)
+        fallback = _fallback(device, dtype, head_dim)
         _warn_once("prefix_attn: the %s backend has no %s; using the %s backend for those layers", backend,
                    " or ".join(_FEATURE_NAMES[f] for f in missing), fallback)
         return fallback
@@ -141,8 +147,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     ok, why = b.supported(device, dtype, head_dim)
     if ok:
         return backend
-    fallback = "triton" if _triton_supported(device, dtype, head_dim)[0] else resolve_backend("auto", device, dtype,
-                                                                                              head_dim)
+    fallback = _fallback(device, dtype, head_dim)
     _warn_once("prefix_attn: %s does not run here (%s); falling back to the %s backend (no FP8)", backend, why,
                fallback)
     return fallback
