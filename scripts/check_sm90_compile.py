@@ -51,12 +51,19 @@ def _ex2_in_flight(ptx: str) -> int:
     return best
 
 
-def _fwd(name, bm, bn, w, s, tma=True):
+# The options' constexprs (soft-capping in log2 units, the sliding window): a cap of Gemma 2's 50 and gpt-oss's window
+# of 128 positions for the variants that turn them on.
+SOFTCAP = 50.0 * 1.4426950408889634
+WINDOW = 128
+
+
+def _fwd(name, bm, bn, w, s, tma=True, softcap=0.0):
     fn = fwd_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32",
                  qk_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
+                  SOFTCAP=softcap)
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -64,12 +71,15 @@ def _fwd(name, bm, bn, w, s, tma=True):
     return name, fn, types, consts, w, s
 
 
-def _kv(name, bm, bn, w, s, tma=True):
+def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
     fn = bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
-                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
+                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32", POS="*i64", QMIN="*i32")
+    consts = dict(H_KV=HKV, GROUPS=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
+                  SOFTCAP=softcap, WINDOW=window)
+    if not window:
+        consts.update(POS=None, QMIN=None)
     if tma:
         types.update(Q_DESC=_desc(bm), DO_DESC=_desc(bm))
     else:
@@ -77,12 +87,13 @@ def _kv(name, bm, bn, w, s, tma=True):
     return name, fn, types, consts, w, s
 
 
-def _dq(name, bm, bn, w, s, tma=True):
+def _dq(name, bm, bn, w, s, tma=True, softcap=0.0):
     fn = bwd_dq_kernel
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
                  SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32")
+    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
+                  SOFTCAP=softcap)
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -105,6 +116,14 @@ VARIANTS = [
     # dq kernel (default for a GQA group of 4: 32 tokens x 4 heads, 64 keys, 8 warps, 2 stages, TMA)
     _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
     _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2),
+    # The options at the default configs (the forward and dq kernels take a window through their tables alone).
+    _fwd("fwd pack 16tok x64 w4 s3 merged softcap", 16, 64, 4, 3, softcap=SOFTCAP),
+    _kv("kv 64x128 w8 s2 merged softcap", 64, 128, 8, 2, softcap=SOFTCAP),
+    _kv("kv 64x128 w8 s2 merged window", 64, 128, 8, 2, window=WINDOW),
+    _kv("kv 64x128 w8 s2 merged window softcap", 64, 128, 8, 2, softcap=SOFTCAP, window=WINDOW),
+    _kv("kv 32x128 w8 s3 merged softcap", 32, 128, 8, 3, softcap=SOFTCAP),
+    _kv("kv 32x128 w8 s3 merged window softcap", 32, 128, 8, 3, softcap=SOFTCAP, window=WINDOW),
+    _dq("dq pack 32tok x64 w8 s2 merged softcap", 32, 64, 8, 2, softcap=SOFTCAP),
 ]
 
 

@@ -102,9 +102,30 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         "gemma": {"head_dim": 8},
         "phi3": {"sliding_window": None, "pad_token_id": 0},
         "granite": {},  # not in ARCHS: a backbone that scales its embeddings between the embedding and the layers
+        # The families of FAMILIES: attention options on (windows that bite on short rows, Gemma 2's soft-cap,
+        # gpt-oss's sinks), layers with and without a window in one model.
+        "gemma2": {"head_dim": 8, "num_hidden_layers": 3, "sliding_window": 6, "attn_logit_softcapping": 2.0,
+                   "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 8,
+                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+        "gemma3_text": {"head_dim": 8, "num_hidden_layers": 3, "sliding_window": 5, "query_pre_attn_scalar": 8,
+                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+        "gpt_oss": {"head_dim": 8, "num_hidden_layers": 2, "sliding_window": 4, "num_local_experts": 4,
+                    "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"]},
+        "mistral_window": {"sliding_window": 5},
+        # A hybrid: short convolution layers (kernel 3) around an attention layer.
+        "lfm2": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "conv_L_cache": 3,
+                 "conv_bias": True, "block_auto_adjust_ff_dim": False},
+        "lfm2_moe": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_experts": 4,
+                     "num_experts_per_tok": 2, "num_dense_layers": 1, "moe_intermediate_size": 16},
     }[arch]
+    arch = "mistral" if arch == "mistral_window" else arch
     kw = {**common, **extra, **overrides}
     return AutoConfig.for_model(arch, **kw)
+
+
+# Models beyond plain causal attention that prefix sharing honours: sliding windows (gemma2, gemma3_text, gpt_oss, and
+# a Mistral config with one), Gemma 2's logit soft-capping, gpt-oss's attention sinks, LFM2's short convolutions.
+FAMILIES = ("gemma2", "gemma3_text", "gpt_oss", "mistral_window", "lfm2")
 
 
 def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0, dtype=torch.float32, **overrides):
@@ -113,7 +134,17 @@ def tiny_model(arch: str = "llama", vocab_size: int | None = None, seed: int = 0
     vocab_size = vocab_size or (VOCAB_WORDS + 6)
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab_size, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    # Gemma 2 and gpt-oss have no SDPA path (soft-capping, sinks): their eager attention is the truth.
+    attn = "eager" if cfg.model_type in ("gemma2", "gpt_oss") else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    with torch.no_grad():
+        if cfg.model_type == "gpt_oss":  # the sinks start at zero: make them matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 1.0)
+        if cfg.model_type == "gemma2":  # scores of a few units, so that the soft-cap bites
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(10.0)
+                layer.self_attn.k_proj.weight.mul_(10.0)
     return model
 
 
@@ -158,6 +189,14 @@ def random_layout(rng: random.Random, tokens: int, device):
         branches.append(bl)
         total += p + sum(bl)
     return PrefixLayout.from_lengths(prefix, branches, device=device)
+
+
+def random_options(rng: random.Random) -> dict:
+    """Attention options for the random-layout harness: a sliding window (none; 1; shorter than a tile; gpt-oss's
+    128; about a tile and a half; Gemma 3's 1024, longer than most documents), a logit soft-cap (none, biting, Gemma
+    2's 50) and sinks (half the time), each drawn on its own."""
+    return {"window": rng.choice([None, None, 1, 37, 128, 200, 1024]), "softcap": rng.choice([None, None, 2.0, 50.0]),
+            "sinks": rng.random() < 0.5}
 
 
 def assert_quantized_as_reference(got8, got_s, src, block: int, rotate: bool):

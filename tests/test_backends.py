@@ -79,6 +79,97 @@ def test_flex_backend_forward_on_cpu(case):
     assert err(out, ref) <= tolerance(err(same, ref), ref, torch.float32)
 
 
+OPTIONS = [dict(window=1), dict(window=4), dict(softcap=0.5), dict(sinks=True), dict(window=3, softcap=1.0, sinks=True)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.parametrize("case", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_backend_with_options(case, dtype, opts):
+    # A sliding window, soft-capping and sinks: forward and every gradient (the sinks' too) against float64.
+    layout = PrefixLayout.from_lengths(*LAYOUTS[case])
+    q, k, v = random_qkv(layout.total_tokens, 4, 2, 16, dtype, seed=case, requires_grad=True)
+    inputs = [q, k, v]
+    if opts.get("sinks"):
+        inputs.append((torch.randn(4, generator=torch.Generator().manual_seed(1)) + 1).to(dtype).requires_grad_())
+    kw = dict(window=opts.get("window"), softcap=opts.get("softcap"))
+
+    def run(fn, xs):
+        out = fn(*xs[:3], sinks=xs[3] if len(xs) == 4 else None)
+        return out, torch.autograd.grad(out, xs, g.to(out.dtype))
+
+    g = torch.randn(layout.total_tokens, 4, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out, grads = run(lambda a, b, c, sinks: prefix_attention(a, b, c, layout, 0.3, "reference", sinks=sinks, **kw),
+                     inputs)
+    ref, ref_grads = run(lambda a, b, c, sinks: attention_math(a, b, c, layout, 0.3, sinks=sinks, **kw),
+                         [x.detach().double().requires_grad_() for x in inputs])
+    same, same_grads = run(lambda a, b, c, sinks: attention_math(a, b, c, layout, 0.3, sinks=sinks, **kw),
+                           [x.detach().clone().requires_grad_() for x in inputs])
+    assert err(out, ref) <= tolerance(err(same, ref), ref, dtype)
+    for name, a, r, s in zip(["q", "k", "v", "sinks"], grads, ref_grads, same_grads):
+        terms = {"q": 1, "k": 2, "v": 2, "sinks": layout.total_tokens}[name]
+        assert err(a, r) <= tolerance(err(s, r), r, dtype, terms), f"d{name}"
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_flex_backend_forward_with_options(opts):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    layout = PrefixLayout.from_lengths(*LAYOUTS[3])
+    q, k, v = random_qkv(layout.total_tokens, 4, 2, 16, torch.float32, seed=4)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)) + 1 if opts.get("sinks") else None
+    kw = dict(window=opts.get("window"), softcap=opts.get("softcap"), sinks=sinks)
+    out = prefix_attention(q, k, v, layout, backend="flex", **kw)
+    kw64 = {**kw, "sinks": None if sinks is None else sinks.double()}
+    ref = attention_math(q.double(), k.double(), v.double(), layout, **kw64)
+    same = attention_math(q, k, v, layout, **kw)
+    assert err(out, ref) <= tolerance(err(same, ref), ref, torch.float32)
+
+
+def test_compiled_flex_takes_several_soft_caps():
+    # The GPU's path (FlexAttention under torch.compile), here on the CPU's inductor: a second cap value recompiles
+    # the graph, which must not turn the cap into a dynamic float (its score_mod lowering fails on one).
+    from prefix_attn import flex
+
+    layout = PrefixLayout.from_lengths([100, 3], [[20, 30], [5]])
+    q, k, v = random_qkv(layout.total_tokens, 4, 2, 16, torch.float32, seed=5)
+    for cap in (50.0, 2.0):
+        out = flex._compiled_flex()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                    block_mask=flex.build_block_mask(layout), enable_gqa=True,
+                                    score_mod=flex._softcap_mod(cap, q.device))[0].transpose(0, 1)
+        ref = attention_math(q.double(), k.double(), v.double(), layout, softcap=cap)
+        assert err(out, ref) <= tolerance(err(attention_math(q, k, v, layout, softcap=cap), ref), ref, torch.float32)
+
+
+def test_a_backend_without_an_option_hands_the_call_to_triton(monkeypatch, caplog):
+    # A registry entry that declares no options (as the FP8 forward declares no soft-cap) runs a call that needs one
+    # on triton where that runs (the interpreter here), with a warning.
+    from prefix_attn import ops
+
+    calls = []
+    monkeypatch.setitem(ops._BACKENDS, "reference", ops._Backend(lambda *a, **kw: calls.append(kw) or a[0]))
+    monkeypatch.setattr(ops, "_warned", set())
+    layout = PrefixLayout.from_lengths([2], [[3, 1]])
+    q, k, v = random_qkv(layout.total_tokens, 2, 2, 8, torch.float32, seed=0)
+    prefix_attention(q, k, v, layout, backend="reference")
+    assert calls == [{}]
+    assert ops.resolve_backend("reference", q.device, torch.float32, 8, frozenset({"softcap"})) == "reference"
+    assert ops.resolve_backend("reference", q.device, torch.float32, 16, frozenset({"softcap"})) == "triton"
+    with caplog.at_level("WARNING"):
+        ops.resolve_backend("triton_fp8", q.device, torch.float16, 64, frozenset({"softcap"}))
+    assert "has no logit soft-capping" in caplog.text
+
+
+def test_options_are_checked():
+    layout = PrefixLayout.from_lengths([2], [[3, 1]])
+    q, k, v = random_qkv(layout.total_tokens, 2, 2, 8, torch.float32, seed=0)
+    for bad in (dict(window=0), dict(window=2.5), dict(softcap=-1.0), dict(sinks=torch.zeros(3)), dict(sinks=[0.0])):
+        with pytest.raises(ValueError):
+            prefix_attention(q, k, v, layout, **bad)
+    # A window as long as the longest document cuts nothing: the call reads the unwindowed tables.
+    assert layout.biting_window(layout.max_doc_span) is None and layout.biting_window(layout.max_doc_span - 1) == 4
+    torch.testing.assert_close(prefix_attention(q, k, v, layout, window=5), prefix_attention(q, k, v, layout))
+
+
 def test_attention_is_confined_to_allowed_keys():
     # Perturbing keys/values a query may not see leaves its output unchanged, bit for bit.
     layout = PrefixLayout.from_lengths([4, 2], [[3, 5], [1, 2]])

@@ -85,6 +85,30 @@ def test_a_layout_reads_the_tables_it_is_given():
         use_tables(static, tables)
 
 
+@pytest.mark.parametrize("captured_on,replayed", [(0, 1), (1, 0)], ids=["short_then_long", "long_then_short"])
+def test_a_graphs_layout_reads_every_windows_tables_whatever_row_it_was_made_from(captured_on, replayed):
+    # A window of 6 cuts the long row's documents and none of the short row's: an eager call on the short row reads
+    # the unwindowed tables, but a graph made from either row must read (and refill) the windowed ones for both.
+    from prefix_attn.triton import triton_prefix_attention
+    from prefixdpo.modeling.graphs import _bucketed, _Tables
+
+    window = 20
+    rows = [PrefixLayout.from_lengths([2] * 50, [[3]] * 50), PrefixLayout.from_lengths([100], [[70, 80]])]
+    buckets = [_bucketed(r, "triton", torch.float16, (16, 2), 256, (window, 4096)) for r in rows]
+    total = buckets[0][0]
+    assert [b[0] for b in buckets] == [total, total] and [len(b[2]) for b in buckets] == [2, 2]  # 4096 >= the bucket
+    assert buckets[0][2][1].window == window
+    assert buckets[0][1].biting_window(window) is None and buckets[1][1].biting_window(window) == window
+    static = _Tables(buckets[captured_on][1], buckets[captured_on][2])
+    static.fill(buckets[replayed][2])
+    q, k, v = (torch.randn(total, h, 16, generator=torch.Generator().manual_seed(1)) for h in (4, 2, 2))
+    for w in (None, window):
+        got = triton_prefix_attention(q, k, v, static.layout, window=static.layout.biting_window(w))
+        want = triton_prefix_attention(q, k, v, buckets[replayed][1], window=w)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    static.check_captured()  # nothing built that fill does not refresh
+
+
 def test_ref_cuda_graphs_on_the_cpu_trains_as_without(tmp_path):
     # Off a GPU the graphed backbone steps aside (the same forward runs); the switch must change nothing there.
     logs = []

@@ -85,8 +85,9 @@ def test_an_unsupported_model_is_refused_before_its_data_is_touched(tmp_path):
 
     from prefixdpo.modeling.attention import UnsupportedModelError
 
-    config = AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                  intermediate_size_mlp=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=8, attention_chunk_size=8)
     model = AutoModelForCausalLM.from_config(config)
     touched = []
 
@@ -97,6 +98,6 @@ def test_an_unsupported_model_is_refused_before_its_data_is_touched(tmp_path):
 
     ds = datasets.Dataset.from_list([{"prompt": "w1", "chosen": " w2", "rejected": " w3"}])
     ds.__class__ = Watched
-    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+    with pytest.raises(UnsupportedModelError, match="chunked attention"):
         PrefixDPOTrainer(model=model, args=_args(tmp_path), train_dataset=ds, processing_class=make_tokenizer())
     assert not touched

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.utils import add_fused_lm_head
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, FAMILIES, tiny_model
 from prefixdpo.data.collator import PACKED_KEY, PrefixPackingCollator
 from prefixdpo.data.packing import truncate_sequence
-from prefixdpo.modeling.attention import UnsupportedModelError, check_model_supported
+from prefixdpo.modeling.attention import UnsupportedModelError, check_config_supported
 from prefixdpo.modeling.packed import enable_packed_forward
 
 VOCAB = 50
@@ -77,9 +77,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def assert_packed_equals_alone(model, batch, examples):
+def assert_packed_equals_alone(model, batch, examples, backend="reference"):
     """The packed row's log-probs, and the gradients of a DPO loss over them, equal each sequence run alone."""
-    pm = packed_model(model)
+    pm = packed_model(model, backend)
     got = packed_logps(pm, batch)
     want = unshared_logps(model, examples)
     assert rel(got, want) < 1e-5, (got, want)
@@ -183,23 +183,76 @@ def test_unshared_switch_gives_the_same_logps_with_more_tokens():
     assert s["unshared_tokens"] - s["packed_tokens"] == sum(len(e["prompt_ids"]) - 1 for e in examples) + repeated
 
 
-def test_sliding_window_that_bites_is_refused_and_one_that_does_not_runs():
+def window_examples(n, seed):
+    """Pairs whose prompts and responses run several times the tiny FAMILIES models' windows (4-6 positions), so
+    that every branch starts beyond the window: branch tokens see only the prompt's last tokens, or none of it."""
+    return random_examples(n, seed, max_prompt=20, max_resp=16)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_families_packed_logps_and_grads_equal_unshared(arch):
+    # Sliding windows that bite (layers with and without one in one row), Gemma 2's soft-capping, gpt-oss's sinks.
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    examples = window_examples(9, seed=len(arch))
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert batch[PACKED_KEY]["layout"]["max_doc_span"] > 4 * (getattr(model.config, "sliding_window", None) or 3)
+    assert_packed_equals_alone(model, batch, examples)
+
+
+def test_lfm2_moe_packed_logps_and_grads_equal_unshared():
+    # LFM2's MoE variant: the same short convolutions (its own layer class) between attention and expert layers.
+    model = tiny_model("lfm2_moe", vocab_size=VOCAB, seed=1)
+    examples = window_examples(8, seed=4)
+    assert_packed_equals_alone(model, PrefixPackingCollator(pad_token_id=0)(examples), examples)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_families_deduplicated_row_equals_each_pair_alone(arch):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=2)
+    examples = examples_sharing_responses(seed=len(arch) + 1, max_prompt=14, max_resp=12)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert_packed_equals_alone(model, batch, examples)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_families_on_the_triton_backend(arch):
+    # The Triton kernels in the interpreter, fp32 (head dim 16: the kernels take 16..128).
+    model = tiny_model(arch, vocab_size=VOCAB, seed=3, head_dim=16)
+    examples = window_examples(5, seed=len(arch) + 2)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert_packed_equals_alone(model, batch, examples, backend="triton")
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_families_on_the_flex_backend(arch):
+    # FlexAttention has no backward on the CPU: log-probs only (gradients: tests/gpu).
+    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    examples = window_examples(6, seed=len(arch) + 3)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    with torch.no_grad():
+        got = packed_logps(packed_model(model, "flex"), batch)
+        want = unshared_logps(model, examples)
+    assert rel(got, want) < 1e-5, (got, want)
+
+
+def test_a_window_that_cuts_nothing_reads_the_unwindowed_tables():
     examples = random_examples(3, seed=5)
     batch = PrefixPackingCollator(pad_token_id=0)(examples)
     wide = tiny_model("mistral", vocab_size=VOCAB, seed=4, sliding_window=64)
-    assert rel(packed_logps(packed_model(wide), batch), unshared_logps(wide, examples)) < 1e-5
-    narrow = tiny_model("mistral", vocab_size=VOCAB, seed=4, sliding_window=3)
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        packed_logps(packed_model(narrow), batch)
+    pm = packed_model(wide)
+    assert rel(packed_logps(pm, batch), unshared_logps(wide, examples)) < 1e-5
+    layout = batch[PACKED_KEY]["_layout"]
+    assert layout.max_doc_span <= 64 and not any(isinstance(k, tuple) and k[0] == "dense" for k in layout.cached_keys())
 
 
-def test_softcapping_model_is_refused():
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_chunked_attention_model_is_refused():
+    from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model("gemma2", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    with pytest.raises(UnsupportedModelError, match="soft-capping"):
-        check_model_supported(AutoModelForCausalLM.from_config(cfg))
+    cfg = AutoConfig.for_model("llama4_text", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                               attention_chunk_size=8)
+    with pytest.raises(UnsupportedModelError, match="chunked attention"):
+        check_config_supported(cfg)
 
 
 def test_only_response_positions_reach_the_lm_head(monkeypatch):

@@ -207,16 +207,17 @@ def test_quantize_kernel_several_q_tiles_per_program(T, block_m, rotate):
         assert torch.equal(x.ks, ks) and torch.equal(x.k8.float(), k8.float())
 
 
-def _check_attention(layout, hq, hkv, d, dtype, seed, rotate=False, config=None, scale=None):
+def _check_attention(layout, hq, hkv, d, dtype, seed, rotate=False, config=None, scale=None, window=None):
     T = layout.total_tokens
     q, k, v = _qkv(T, hq, hkv, d, dtype, seed)
     cfg = config or tf.fp8_default_config(d, q.device)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    got = tf.triton_fp8_prefix_attention(q, k, v, layout, scale, rotate=rotate, config=cfg, out=out)
+    got = tf.triton_fp8_prefix_attention(q, k, v, layout, scale, rotate=rotate, window=window, config=cfg, out=out)
     assert got.dtype == dtype and got.shape == q.shape
     assert torch.isfinite(got).all(), "unwritten or non-finite output"
-    truth = attention_math(q.double(), k.double(), v.double(), layout, scale)
-    emul = fr.fp8_attention_reference(q, k, v, layout, scale, rotate=rotate, block_m=cfg.block_m, block_n=cfg.block_n)
+    truth = attention_math(q.double(), k.double(), v.double(), layout, scale, window=window)
+    emul = fr.fp8_attention_reference(q, k, v, layout, scale, rotate=rotate, block_m=cfg.block_m, block_n=cfg.block_n,
+                                      window=window)
     err = ((got.double() - truth).norm() / truth.norm()).item()
     ref_err = ((emul.double() - truth).norm() / truth.norm()).item()
     assert err <= 2 * ref_err + 4 * F32_EPS, f"kernel error {err:.3e} > 2 x fp8 torch reference error {ref_err:.3e}"
@@ -240,6 +241,25 @@ def test_attention_awkward_layouts(name, prefix, branches):
     layout = PrefixLayout.from_lengths(prefix, branches)
     dtype = (torch.float16, torch.bfloat16)[len(name) % 2]
     _check_attention(layout, 4, 2, 32, dtype, seed=len(name))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("window", [1, 7, 30])
+@pytest.mark.parametrize("name,prefix,branches", [AWKWARD[3], AWKWARD[4]], ids=[AWKWARD[3][0], AWKWARD[4][0]])
+def test_attention_with_a_window(name, prefix, branches, window):
+    # The window reaches the FP8 kernel through its tables alone (windowed ranges and schedule).
+    _check_attention(PrefixLayout.from_lengths(prefix, branches), 4, 2, 32, torch.float16, seed=window,
+                     window=window)
+
+
+@needs_interpreter
+def test_options_the_fp8_forward_lacks_run_on_triton(caplog):
+    layout = PrefixLayout.from_lengths([9], [[4, 6]])
+    q, k, v = _qkv(layout.total_tokens, 2, 1, 32, torch.float16, seed=0)
+    with caplog.at_level("WARNING"):
+        out = prefix_attention(q, k, v, layout, backend="triton_fp8", softcap=3.0)
+    assert "no logit soft-capping" in caplog.text
+    assert torch.equal(out, prefix_attention(q, k, v, layout, backend="triton", softcap=3.0))
 
 
 @needs_interpreter

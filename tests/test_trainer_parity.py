@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from conftest import make_pairs, make_tokenizer, tiny_model
+from conftest import FAMILIES, make_pairs, make_tokenizer, tiny_model
 from prefixdpo import PrefixDPOConfig, PrefixDPOTrainer
 
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -227,3 +227,14 @@ def test_checkpointing_kind_defaults(tmp_path, monkeypatch):
     assert PrefixDPOConfig(**kw, gradient_checkpointing=False).gradient_checkpointing_kwargs is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # under FSDP: TRL's (non-reentrant) kind, the one verified there
     assert PrefixDPOConfig(**kw).gradient_checkpointing_kwargs is None
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_model_family_parity(arch, tmp_path):
+    # Sliding windows that bite (prompts and responses of up to 22 words against windows of 4-6 positions), Gemma 2's
+    # soft-capping, gpt-oss's sinks (and its MoE router's aux loss, which TRL adds to the loss).
+    data = make_pairs(16, seed=5, prompt=(4, 14), response=(1, 8))
+    t_trl, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", data, model=tiny_model(arch, seed=0))
+    t_ours, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", data, model=tiny_model(arch, seed=0))
+    assert_same_logs(logs_trl, logs_ours, keys=COMPARED + ("aux_loss",))
+    assert_same_weights(t_trl.model, t_ours.model)

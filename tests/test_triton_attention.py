@@ -1,6 +1,7 @@
 """CPU tests of the `triton` attention backend through Triton's interpreter (TRITON_INTERPRET=1).
 
-Outputs and dq, dk, dv are compared with a float64 computation of the mask (``attention_math`` on float64 inputs).
+Outputs and dq, dk, dv (and d sinks) are compared with a float64 computation of the mask (``attention_math`` on
+float64 inputs), also with a sliding window, logit soft-capping and attention sinks.
 Tolerances are derived, not tuned: the kernel's relative error against float64 must be at most twice the
 error of the same computation done by torch in the kernel's dtype (``attention_math`` in fp32 / fp16), plus a floor
 of four fp32 epsilons (relative to max(|truth|, |dO|)). fp32 and fp16 only: bf16 ``tl.dot`` is broken in the CPU interpreter.
@@ -34,30 +35,39 @@ def _rel(a: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
     return ((a.double() - ref).norm() / max(ref.norm().item(), scale)).item()
 
 
-def _check_against_float64(layout, hq, hkv, d, dtype, seed=0, scale=None, config=None):
-    """Run the kernel, float64 truth and the same-dtype torch reference; assert the derived tolerance."""
+def _check_against_float64(layout, hq, hkv, d, dtype, seed=0, scale=None, config=None, window=None, softcap=None,
+                           sinks=False):
+    """Run the kernel, float64 truth and the same-dtype torch reference; assert the derived tolerance. ``sinks``:
+    random sink logits (and their gradient) through ``prefix_attention``'s epilogue."""
     g = torch.Generator().manual_seed(seed)
     T = layout.total_tokens
     q = torch.randn(T, hq, d, generator=g).to(dtype)
     k = torch.randn(T, hkv, d, generator=g).to(dtype)
     v = torch.randn(T, hkv, d, generator=g).to(dtype)
     do = torch.randn(T, hq, d, generator=g).to(dtype)
+    xs = (q, k, v) + ((torch.randn(hq, generator=g) * 2 + 1).to(dtype),) if sinks else (q, k, v)
+    opts = dict(window=window, softcap=softcap)
 
     def run(fn, xs, cast):
         xs = [x.detach().to(cast).requires_grad_() for x in xs]
-        o = fn(*xs)
+        o = fn(*xs[:3], sinks=xs[3] if sinks else None)
         o.backward(do.to(cast))
         return [o.detach()] + [x.grad for x in xs]
 
-    got = run(lambda a, b, c: ta.triton_prefix_attention(a, b, c, layout, scale, config=config), (q, k, v), dtype)
-    truth = run(lambda a, b, c: attention_math(a, b, c, layout, scale), (q, k, v), torch.float64)
-    same = run(lambda a, b, c: attention_math(a, b, c, layout, scale), (q, k, v), dtype)
+    if sinks or config is None:
+        got = run(lambda a, b, c, sinks: prefix_attention(a, b, c, layout, scale, "triton", sinks=sinks, **opts), xs,
+                  dtype)
+    else:
+        got = run(lambda a, b, c, sinks: ta.triton_prefix_attention(a, b, c, layout, scale, config=config, **opts),
+                  xs, dtype)
+    truth = run(lambda a, b, c, sinks: attention_math(a, b, c, layout, scale, sinks=sinks, **opts), xs, torch.float64)
+    same = run(lambda a, b, c, sinks: attention_math(a, b, c, layout, scale, sinks=sinks, **opts), xs, dtype)
     # Floor: four fp32 epsilons (the kernel accumulates in fp32; delta and dP are summed in different orders),
     # relative to max(|truth|, |dO|): it only matters where the truth is (near) zero, e.g. dq and dk of a query
     # that sees only itself.
     floor = 4 * torch.finfo(torch.float32).eps
     scale = do.double().norm().item()
-    for name, x, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same):
+    for name, x, t, s in zip(("out", "dq", "dk", "dv", "dsinks"), got, truth, same):
         assert x.dtype == dtype and x.shape == t.shape, name
         assert torch.isfinite(x).all(), f"{name}: non-finite values"
         err, ref_err = _rel(x, t, scale), _rel(s, t, scale)
@@ -111,6 +121,34 @@ def test_random_layouts(seed):
     _check_against_float64(layout, hq=2, hkv=1, d=16, dtype=dtype, seed=seed)
 
 
+# Windows that bite (1: each token sees itself; shorter than a tile; longer than some documents, shorter than
+# others), soft-caps that bite (the scores of these unit-variance inputs reach about 5) and sinks, alone and together,
+# in fp32 and fp16, on layouts whose branches start past the window (prefixes of 40-70 tokens).
+OPTIONS = [
+    dict(window=1), dict(window=5), dict(window=23), dict(softcap=1.5), dict(softcap=20.0), dict(sinks=True),
+    dict(window=9, softcap=3.0), dict(window=12, sinks=True), dict(window=7, softcap=2.0, sinks=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.parametrize("name,prefix,branches", [AWKWARD[2], AWKWARD[6], AWKWARD[7]],
+                         ids=[AWKWARD[i][0] for i in (2, 6, 7)])
+def test_options(name, prefix, branches, opts, dtype):
+    layout = PrefixLayout.from_lengths(prefix, branches)
+    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=dtype, seed=len(name), **opts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_options_on_random_layouts(seed):
+    rng = random.Random(50 + seed)
+    layout = _random_layout(rng, max_prefix=60)
+    opts = dict(window=rng.choice([None, 2, 8, 20, 45]), softcap=rng.choice([None, 2.0, 8.0]),
+                sinks=rng.random() < 0.5)
+    _check_against_float64(layout, hq=4, hkv=(1, 2, 4)[seed % 3], d=16, dtype=(torch.float32, torch.float16)[seed % 2],
+                           seed=seed, **opts)
+
+
 @pytest.mark.parametrize("d", [32, 64])
 def test_head_dims(d):
     layout = PrefixLayout.from_lengths([17, 0], [[16, 9], [33]])
@@ -134,6 +172,13 @@ CONFIGS = {
 def test_configs(name, hq, hkv):
     layout = PrefixLayout.from_lengths([31, 0, 5], [[1, 17, 33], [15], [2, 2, 2, 2]])
     _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + 7, config=CONFIGS[name])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_options_with_configs(name):
+    layout = PrefixLayout.from_lengths([31, 0, 5, 44], [[1, 17, 33], [15], [2, 2, 2, 2], [3, 20, 1]])
+    _check_against_float64(layout, hq=4, hkv=2, d=16, dtype=torch.float32, seed=11, config=CONFIGS[name], window=10,
+                           softcap=3.0)
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["plain", "tma"])
@@ -218,13 +263,19 @@ FWD_SEGMENTS = [(0, 1, False), (1, 2, True), (2, 3, False), (4, 5, False), (5, 6
 BWD_SEGMENTS = [(0, 1, False), (1, 2, True), (2, 3, False)]
 
 
+@pytest.mark.parametrize("window", [None, 1, 6, 29], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32), (8, 64)])
-def test_schedules_cover_mask_exactly(seed, bm, bn):
-    """Each tile holding an allowed pair is visited exactly once; every tile marked full is fully allowed."""
+def test_schedules_cover_mask_exactly(seed, bm, bn, window):
+    """Each tile holding an allowed pair is visited exactly once; every tile marked full is fully allowed (under a
+    window: of the windowed mask, which the position ids define)."""
     layout = _random_layout(random.Random(seed), max_docs=8, max_prefix=70, max_branches=8, max_branch=50)
     T = layout.total_tokens
     mask = layout.dense_mask()
+    if window is not None:
+        pos = layout.position_ids
+        mask = mask & (pos[:, None] - pos[None, :] < window)
+        assert torch.equal(mask, layout.dense_mask(window))
     nqt, nkt = -(-T // bm), -(-T // bn)
     pad = torch.zeros(nqt * bm, nkt * bn, dtype=torch.bool)
     pad[:T, :T] = mask
@@ -237,14 +288,14 @@ def test_schedules_cover_mask_exactly(seed, bm, bn):
     qvalid[:T] = True
     all_allowed = (pad | ~qvalid[:, None]).view(nqt, bm, nkt, bn).all(3).all(1) & kvalid.view(nkt, bn).all(1)[None]
 
-    sched = forward_schedule(layout, bm, bn)
+    sched = forward_schedule(layout, bm, bn, window)
     visited, full = _visited(sched, nkt, FWD_SEGMENTS)
     assert visited.max() <= 1, "a key tile is visited twice"
     assert (visited.bool() | ~any_allowed).all(), "an allowed pair is never visited"
     assert (~full | all_allowed).all(), "a tile run without mask has masked pairs"
 
     # Backward: per key tile (rows), the query tiles (columns); transpose the tile grid with key tiles of bn, query bm.
-    ksched = backward_schedule(layout, bn, bm)
+    ksched = backward_schedule(layout, bn, bm, window)
     kvisited, kfull = _visited(ksched, nqt, BWD_SEGMENTS)
     assert kvisited.max() <= 1
     assert (kvisited.bool() | ~any_allowed.t()).all()

@@ -37,7 +37,7 @@ SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_blo
 CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
 
 
-NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq")
+NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq", "window_ranges", "kv_qmin")
 
 
 @pytest.fixture(autouse=True)
@@ -45,18 +45,19 @@ def _fused_on(monkeypatch):
     monkeypatch.setenv(sch.ENV_FLAG, "1")
 
 
-def _reference(prefix, branches, cfg, monkeypatch):
+def _reference(prefix, branches, cfg, monkeypatch, window=None):
     """The torch path's tables (the fused path switched off for this layout only)."""
     monkeypatch.setenv(sch.ENV_FLAG, "0")
     layout = PrefixLayout.from_lengths(prefix, branches)
-    out = sch.build_tables(layout, cfg.tile_shape)
+    out = sch.build_tables(layout, cfg.tile_shape, window)
     monkeypatch.setenv(sch.ENV_FLAG, "1")
     return out
 
 
 def _assert_same(got: sch.AttentionTables, ref: sch.AttentionTables, what: str):
-    assert got.tile == ref.tile
-    for k, a, b in zip(NAMES, got.tensors(), ref.tensors(), strict=True):
+    assert got.tile == ref.tile and got.window == ref.window
+    assert len(got.tensors()) == (6 if got.window is None else 8)
+    for k, a, b in zip(NAMES[:len(got.tensors())], got.tensors(), ref.tensors(), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{what} {k}: {a.dtype} {a.shape} != {b.dtype} {b.shape}"
         assert a.is_contiguous(), f"{what} {k}: not contiguous"
         if not torch.equal(a, b):
@@ -69,19 +70,19 @@ def _fused_only(layout, *tiles):
     assert layout.cached_keys() == {tsch.Segments, sch.TokenTables, *tiles}, layout.cached_keys()
 
 
-def _check(prefix, branches, cfg, monkeypatch, position_ids_first=False):
-    ref = _reference(prefix, branches, cfg, monkeypatch)
+def _check(prefix, branches, cfg, monkeypatch, position_ids_first=False, window=None):
+    ref = _reference(prefix, branches, cfg, monkeypatch, window)
     layout = PrefixLayout.from_lengths(prefix, branches)
     if position_ids_first:  # the model forward asks for positions before any attention call
         pos = position_ids(layout)
         _fused_only(layout)
-        got = sch.build_tables(layout, cfg.tile_shape)
+        got = sch.build_tables(layout, cfg.tile_shape, window)
         assert got.tokens.position_ids is pos
     else:
-        got = sch.build_tables(layout, cfg.tile_shape)
+        got = sch.build_tables(layout, cfg.tile_shape, window)
         assert position_ids(layout) is got.tokens.position_ids
-    _fused_only(layout, cfg.tile_shape)
-    _assert_same(got, ref, f"prefix={prefix} branches={branches} cfg={cfg}")
+    _fused_only(layout, sch.table_key(cfg.tile_shape, window))
+    _assert_same(got, ref, f"prefix={prefix} branches={branches} cfg={cfg} window={window}")
     return layout
 
 
@@ -128,6 +129,35 @@ def _random_lengths(rng: random.Random):
 def test_random_layouts(seed, monkeypatch):
     prefix, branches = _random_lengths(random.Random(seed))
     _check(prefix, branches, CONFIGS[seed % len(CONFIGS)], monkeypatch)
+
+
+# Windows of 1 (each token sees itself), shorter than a tile, about a tile, and longer than most documents.
+@pytest.mark.parametrize("window", [1, 5, 17, 70])
+@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+def test_windowed_awkward_layouts(name, prefix, branches, cfg, window, monkeypatch):
+    _check(prefix, branches, cfg, monkeypatch, window=window)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_windowed_random_layouts(seed, monkeypatch):
+    rng = random.Random(100 + seed)
+    prefix, branches = _random_lengths(rng)
+    _check(prefix, branches, CONFIGS[seed % len(CONFIGS)], monkeypatch, window=rng.choice([2, 16, 33, 64, 100]))
+
+
+def test_windows_share_the_per_token_tables(monkeypatch):
+    """Tables of two windows and of none on one layout: one per-token build, each window's schedules once."""
+    prefix, branches = [20, 0, 33], [[13, 30, 1], [64], [1, 5, 8, 2]]
+    layout = _check(prefix, branches, CPU_CFG, monkeypatch, window=9)
+    a = sch.build_tables(layout, CPU_CFG.tile_shape, 40)
+    b = sch.build_tables(layout, CPU_CFG.tile_shape)
+    assert a.tokens is b.tokens is sch.token_tables(layout) and a.window == 40 and b.window is None
+    assert sch.build_tables(layout, CPU_CFG.tile_shape, 40) is a
+    _fused_only(layout, sch.table_key(CPU_CFG.tile_shape, 9), sch.table_key(CPU_CFG.tile_shape, 40),
+                CPU_CFG.tile_shape)
+    _assert_same(a, _reference(prefix, branches, CPU_CFG, monkeypatch, 40), "window 40")
+    _assert_same(b, _reference(prefix, branches, CPU_CFG, monkeypatch), "no window")
 
 
 def test_many_documents(monkeypatch):

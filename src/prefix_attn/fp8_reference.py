@@ -111,10 +111,11 @@ def quantization_error_bound(x: torch.Tensor, scales: torch.Tensor, block: int) 
 
 def fp8_attention_reference(q, k, v, layout: PrefixLayout, softmax_scale: float | None = None, *,
                             rotate: bool = False, block_m: int, block_n: int,
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            dtype: torch.dtype = torch.float32, window: int | None = None) -> torch.Tensor:
     """The FP8 forward's arithmetic in pure torch (``dtype``), without its tiling/online softmax: q [T, Hq, D],
-    k/v [T, Hkv, D] -> [T, Hq, D] float ``dtype``. Same quantization (tiles of block_m / block_n rows) and P rounding
-    as the kernel; differs from it only in rounding order (row max over all keys instead of running, sums)."""
+    k/v [T, Hkv, D] -> [T, Hq, D] float ``dtype``, under the sliding ``window`` (None: none). Same quantization
+    (tiles of block_m / block_n rows) and P rounding as the kernel; differs from it only in rounding order (row max
+    over all keys instead of running, sums)."""
     T, Hq, D = q.shape
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     q8, qs = quantize_reference(q, block_m, rotate)
@@ -127,7 +128,7 @@ def fp8_attention_reference(q, k, v, layout: PrefixLayout, softmax_scale: float 
     if groups > 1:
         kd, vd = kd.repeat_interleave(groups, 1), vd.repeat_interleave(groups, 1)
     s = torch.einsum("qhd,khd->hqk", qd, kd) * scale
-    s = s.masked_fill(~layout.dense_mask().to(q.device), float("-inf"))
+    s = s.masked_fill(~layout.dense_mask(window).to(q.device), float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - m) * 2.0**P_SHIFT_LOG2
     l = p.sum(-1, keepdim=True)

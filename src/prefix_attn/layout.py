@@ -10,6 +10,15 @@ keys in ``[lo1[q], hi1[q]) U [lo2[q], q]`` (for a prefix token the first range i
 queries ``[k, q_hi[k])`` (one contiguous range: a prefix key by the rest of its document, a branch key by the rest of
 its branch).
 
+Sliding windows (``window=W`` on the methods that take it): a window is measured in each sequence's own positions, as
+transformers measures it in the unshared prompt + response: query q sees an allowed key k only if
+``pos(q) - pos(k) < W``. A query's windowed keys are still two intervals: ``lo1`` rises to ``doc_start + pos(q) - W
++ 1`` (prefix keys are at positions 0..P-1) and ``lo2`` to ``q - W + 1`` (a branch's positions are contiguous with
+its own tokens, as a prefix's are). A key's windowed queries are not: a prefix key within W positions of the prefix
+end is seen by the first tokens of every branch (every branch restarts at position P). The exact, contiguous part is
+``[k, min(q_hi, k + W))`` (the "dense" range: every query there is within W positions, since positions never grow
+faster than token indices); beyond it such a key needs the per-element test on the positions.
+
 Everything here is computed from the lengths with vectorized tensor ops on the layout's device: no Python loop over
 tokens and no S x S work. Per-token and per-tile quantities are computed lazily and cached on the object
 (``cached``), as are the tables other modules derive from them (the kernels' schedules, FlexAttention's block mask),
@@ -18,6 +27,7 @@ so the layers of one model forward share them.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +48,19 @@ def _as_int_list(values: Any, name: str) -> list[int]:
         if isinstance(orig, float) and orig != v:
             raise ValueError(f"{name} must hold integers, got {orig!r}")
     return out
+
+
+def check_window(window: Any) -> int | None:
+    """``window`` as an int >= 1 (or None: no window); ValueError otherwise."""
+    if window is None:
+        return None
+    try:
+        w = operator.index(window)
+    except TypeError:
+        w = 0
+    if isinstance(window, bool) or w < 1:
+        raise ValueError(f"a sliding window must be an integer >= 1 (or None), got {window!r}")
+    return w
 
 
 @dataclass(eq=False)
@@ -302,36 +325,73 @@ class PrefixLayout:
         """[T] global branch index of each token, -1 for prefix tokens."""
         return self.cached("tok", self._per_token)["branch"]
 
-    def query_key_ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(lo1, hi1, lo2), each [T]: query q may attend to keys [lo1, hi1) U [lo2, q]."""
+    def biting_window(self, window: int | None) -> int | None:
+        """``window`` if it cuts some allowed pair of this row, else None: a window of at least ``max_doc_span``
+        positions never does (no two tokens of a document are that far apart), and the unwindowed tables serve."""
+        window = check_window(window)
+        return None if window is None or window >= self.max_doc_span else window
+
+    def query_key_ranges(self, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lo1, hi1, lo2), each [T]: query q may attend to keys [lo1, hi1) U [lo2, q]; with ``window``, to those of
+        them within ``window`` positions (module doc). An empty first range may have lo1 == hi1 anywhere."""
+        window = check_window(window)
         pt = self.cached("tok", self._per_token)
-        return pt["lo1"], pt["hi1"], pt["lo2"]
+        if window is None:
+            return pt["lo1"], pt["hi1"], pt["lo2"]
+
+        def build():
+            q = torch.arange(self.total_tokens, device=self.device)
+            # lo1 is the document's start for every token, the prefix's positions count from it.
+            lo1 = torch.minimum(pt["lo1"] + (pt["position_ids"] - window + 1).clamp_min(0), pt["hi1"])
+            return lo1, pt["hi1"], torch.maximum(pt["lo2"], q - window + 1)
+
+        return self.cached(("tok", window), build)
 
     def key_query_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_lo, q_hi), each [T]: key k is seen by queries [q_lo, q_hi) = [k, q_hi)."""
         pt = self.cached("tok", self._per_token)
         return torch.arange(self.total_tokens, device=self.device), pt["q_hi"]
 
-    def allowed_pairs(self) -> int:
-        """Number of (query, key) pairs the mask allows (for effective-FLOP counts). Syncs with the device."""
-        lo1, hi1, lo2 = self.query_key_ranges()
-        q = torch.arange(self.total_tokens, device=self.device)
-        return int(((hi1 - lo1) + (q - lo2 + 1)).sum().item())
-
-    def dense_mask(self) -> torch.Tensor:
-        """[T, T] boolean mask (True = may attend). O(T^2): for tests and the reference backend only."""
+    def key_window_ranges(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(walk_hi, dense_hi), each [T], under a sliding ``window``: key k is seen by every query of
+        ``[k, dense_hi[k])`` (``min(q_hi, k + window)``) and by none at or past ``walk_hi[k]``. The two differ for
+        the prefix keys within ``window`` of their prefix's end (module doc), whose other queries in ``[k, walk_hi)
+        = [k, q_hi)`` are those of the later branches' first tokens: the per-element test on the positions picks
+        them."""
+        window = check_window(window)
 
         def build():
-            lo1, hi1, lo2 = self.query_key_ranges()
+            pt = self.cached("tok", self._per_token)
+            k = torch.arange(self.total_tokens, device=self.device)
+            dense = torch.minimum(pt["q_hi"], k + window)
+            prefix_end = pt["lo1"] + self.prefix_lens[pt["doc"]]
+            near_end = (pt["branch"] < 0) & (k + window > prefix_end)
+            return torch.where(near_end, pt["q_hi"], dense), dense
+
+        return self.cached(("keys", window), build)
+
+    def allowed_pairs(self, window: int | None = None) -> int:
+        """Number of (query, key) pairs the mask allows (for effective-FLOP counts). Syncs with the device."""
+        lo1, hi1, lo2 = self.query_key_ranges(window)
+        q = torch.arange(self.total_tokens, device=self.device)
+        return int(((hi1 - lo1).clamp_min(0) + (q - lo2 + 1)).sum().item())
+
+    def dense_mask(self, window: int | None = None) -> torch.Tensor:
+        """[T, T] boolean mask (True = may attend). O(T^2): for tests and the reference backend only."""
+        window = check_window(window)
+
+        def build():
+            lo1, hi1, lo2 = self.query_key_ranges(window)
             q = torch.arange(self.total_tokens, device=self.device)[:, None]
             k = torch.arange(self.total_tokens, device=self.device)[None, :]
             return ((k >= lo1[:, None]) & (k < hi1[:, None])) | ((k >= lo2[:, None]) & (k <= q))
 
-        return self.cached("dense", build)
+        return self.cached("dense" if window is None else ("dense", window), build)
 
     # ------------------------------------------------------------------ tile schedules
-    def query_tile_ranges(self, block_m: int, block_n: int) -> dict[str, torch.Tensor]:
-        """Per query tile of ``block_m`` rows, the key tiles of ``block_n`` columns it must visit.
+    def query_tile_ranges(self, block_m: int, block_n: int, window: int | None = None) -> dict[str, torch.Tensor]:
+        """Per query tile of ``block_m`` rows, the key tiles of ``block_n`` columns it must visit (under ``window``:
+        those of the windowed ranges, so tiles wholly outside the window are never visited).
 
         Returns int32 tensors of shape [ceil(T / block_m)]:
         ``lo1, hi1``: key-tile range of the shared-prefix part; ``lo2, hi2``: key-tile range of the causal part (own
@@ -341,14 +401,15 @@ class PrefixLayout:
         that spans several documents/branches are a superset of what any one query needs; the per-element mask
         (``query_key_ranges``) makes them exact. Work is O(T + tiles).
         """
-        key = ("qtiles", block_m, block_n)
-        return self.cached(key, lambda: self._query_tile_ranges(block_m, block_n))
+        window = check_window(window)
+        key = ("qtiles", block_m, block_n) if window is None else ("qtiles", block_m, block_n, window)
+        return self.cached(key, lambda: self._query_tile_ranges(block_m, block_n, window))
 
-    def _query_tile_ranges(self, bm: int, bn: int) -> dict[str, torch.Tensor]:
+    def _query_tile_ranges(self, bm: int, bn: int, window: int | None) -> dict[str, torch.Tensor]:
         T = self.total_tokens
         nqt = (T + bm - 1) // bm
         pad = nqt * bm - T
-        lo1, hi1, lo2 = self.query_key_ranges()
+        lo1, hi1, lo2 = self.query_key_ranges(window)
         q = torch.arange(T, device=self.device)
 
         def tiles(x, fill):
@@ -395,19 +456,22 @@ class PrefixLayout:
             "full_hi2": i32(f_hi2),
         }
 
-    def key_tile_ranges(self, block_n: int, block_m: int) -> dict[str, torch.Tensor]:
+    def key_tile_ranges(self, block_n: int, block_m: int, window: int | None = None) -> dict[str, torch.Tensor]:
         """Per key tile of ``block_n`` columns, the query tiles of ``block_m`` rows that see any of its keys.
 
         Returns int32 tensors [ceil(T / block_n)]: ``lo, hi`` (query-tile range; contiguous because each key is seen by
-        one contiguous range of queries). For the backward's KV-major loop.
+        one contiguous range of queries). For the backward's KV-major loop. Under ``window``, the range ends at the
+        keys' ``walk_hi`` (``key_window_ranges``): exact but for the tiles holding prefix keys near the prefix's end,
+        where it is a superset.
         """
-        key = ("ktiles", block_n, block_m)
+        window = check_window(window)
+        key = ("ktiles", block_n, block_m) if window is None else ("ktiles", block_n, block_m, window)
 
         def build():
             T = self.total_tokens
             nkt = (T + block_n - 1) // block_n
             pad = nkt * block_n - T
-            _, q_hi = self.key_query_ranges()
+            q_hi = self.key_query_ranges()[1] if window is None else self.key_window_ranges(window)[0]
             k0 = torch.arange(nkt, device=self.device) * block_n
             q_hi_max = torch.nn.functional.pad(q_hi, (0, pad), value=-1).view(nkt, block_n).amax(1)
             return {
@@ -417,15 +481,18 @@ class PrefixLayout:
 
         return self.cached(key, build)
 
-    def block_mask_tables(self, block_size: int) -> dict[str, torch.Tensor]:
-        """Dense per-tile tables in FlexAttention's ``BlockMask.from_kv_blocks`` format (square tiles).
+    def block_mask_tables(self, block_size: int, window: int | None = None) -> dict[str, torch.Tensor]:
+        """Dense per-tile tables in FlexAttention's ``BlockMask.from_kv_blocks`` format (square tiles), for the mask
+        under ``window`` if one is given.
 
         ``kv_num_blocks`` [QB], ``kv_indices`` [QB, KB] (partial tiles), ``full_kv_num_blocks``, ``full_kv_indices``
         (tiles with no masked element). O(tiles^2) integers: tile-level, never token-level S x S.
         """
 
+        window = check_window(window)
+
         def build():
-            r = self.query_tile_ranges(block_size, block_size)
+            r = self.query_tile_ranges(block_size, block_size, window)
             nqt = r["lo2"].numel()
             nkt = (self.total_tokens + block_size - 1) // block_size
             j = torch.arange(nkt, device=self.device, dtype=torch.int32)[None, :]
@@ -450,4 +517,5 @@ class PrefixLayout:
             assert kv_idx.shape == (nqt, nkt)
             return {"kv_num_blocks": kv_num, "kv_indices": kv_idx, "full_kv_num_blocks": f_num, "full_kv_indices": f_idx}
 
-        return self.cached(("blocktables", block_size), build)
+        key = ("blocktables", block_size) if window is None else ("blocktables", block_size, window)
+        return self.cached(key, build)

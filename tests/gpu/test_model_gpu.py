@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 from test_exactness import (PrefixPackingCollator, VOCAB, dpo_loss, grads, packed_logps, packed_model, random_examples,
                             rel)
 
@@ -23,10 +23,16 @@ def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
     dims = dict(hidden_size=64, head_dim=16) if arch in ("qwen3", "gemma") else dict(hidden_size=64)
     model = tiny_model(arch, vocab_size=VOCAB, seed=1, **dims).cuda()
     examples = random_examples(12, seed=5, max_prompt=200, max_resp=150)  # rows past one 128-token tile
+    assert_packed_equals_alone_on_gpu(model, examples, backend)
+
+
+def assert_packed_equals_alone_on_gpu(model, examples, backend):
+    """Log-probs and the gradients of a DPO loss over them: the packed row against each prompt + response alone
+    through the unpatched model, on the GPU."""
     batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
     pm = packed_model(model, backend)
     got = packed_logps(pm, batch)
-    res = []  # each prompt + response alone through the unpatched model, on the GPU
+    res = []
     for key in ("chosen_ids", "rejected_ids"):
         for ex in examples:
             ids = torch.tensor([ex["prompt_ids"] + ex[key]], device="cuda")
@@ -37,6 +43,42 @@ def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
     ref = want.detach() + torch.randn_like(want)
     for a, b in zip(grads(pm, dpo_loss(got, ref)), grads(model, dpo_loss(want, ref))):
         assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_families_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
+    # Sliding windows of 48 positions (layers with and without one in a row) against prompts and responses of up to
+    # 200 and 150 tokens, across the kernels' 64/128-token tiles; Gemma 2's soft-cap, gpt-oss's sinks, LFM2's short
+    # convolutions. float32.
+    window = {} if arch == "lfm2" else {"sliding_window": 48}
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1, hidden_size=64, head_dim=16, **window).cuda()
+    assert_packed_equals_alone_on_gpu(model, random_examples(12, seed=6, max_prompt=200, max_resp=150), backend)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
+def test_families_reference_cuda_graphs_match_the_eager_backbone(arch):
+    """``ref_cuda_graphs`` on models with sliding windows (48 positions: rows whose documents it cuts and rows whose
+    documents it does not, replayed by one graph), soft-capping and sinks, as for Llama below."""
+    import copy
+
+    from prefixdpo.modeling.graphs import enable_reference_graphs
+
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1, hidden_size=64, head_dim=16, sliding_window=48).cuda()
+    want_model = packed_model(model, "triton")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    eager, graphed = packed_model(bf16, "triton"), packed_model(bf16, "triton")
+    enable_reference_graphs(graphed)
+    # short documents first (the window cuts none: the graph is captured on them), then long ones in the same bucket
+    for seed, n, prompt, resp in [(5, 12, 8, 6), (6, 2, 90, 40), (7, 12, 8, 6)]:
+        examples = random_examples(n, seed=seed, max_prompt=prompt, max_resp=resp)
+        batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
+        with torch.no_grad():
+            want = packed_logps(want_model, batch).double()
+            a = packed_logps(eager, batch).double()
+            b = packed_logps(graphed, batch).double()
+        assert rel(b, want) <= 2 * rel(a, want) + 1e-6, (seed, rel(a, want), rel(b, want))
+    assert len(graphed.model._prefixdpo_graphs) >= 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

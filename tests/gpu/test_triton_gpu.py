@@ -2,7 +2,8 @@
 
 Run on a CUDA machine: ``python -m pytest -m gpu tests/gpu -q``. The default (CPU) run deselects them.
 Tolerance, derived rather than tuned: kernel error vs float64 <= 2 x the error of ``attention_math`` run by torch in the
-same dtype on the same GPU, plus four fp32 epsilons relative to max(|truth|, |dO|).
+same dtype on the same GPU, plus four fp32 epsilons relative to max(|truth|, |dO|). With attention options (a sliding
+window, a soft-cap, sinks: ``conftest.random_options``) the same, the sinks' gradient included.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import pytest
 import torch
 
-from conftest import random_layout
+from conftest import random_layout, random_options
 from prefix_attn import PrefixLayout, prefix_attention
 from prefix_attn.reference import attention_math
 
@@ -28,26 +29,31 @@ def _err(a, t, scale):
     return ((a.double() - t).norm() / max(t.norm().item(), scale)).item()
 
 
-def _check(fn, layout, hq, hkv, d, dtype, seed, label=""):
+def _check(fn, layout, hq, hkv, d, dtype, seed, label="", window=None, softcap=None, sinks=False):
+    """``fn(q, k, v)`` (``fn(q, k, v, sinks)`` with ``sinks``) against float64, under the options given."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     T = layout.total_tokens
     q = torch.randn(T, hq, d, device=DEV, generator=g).to(dtype)
     k = torch.randn(T, hkv, d, device=DEV, generator=g).to(dtype)
     v = torch.randn(T, hkv, d, device=DEV, generator=g).to(dtype)
     do = torch.randn(T, hq, d, device=DEV, generator=g).to(dtype)
+    inputs = [q, k, v] + ([(torch.randn(hq, device=DEV, generator=g) * 2 + 3).to(dtype)] if sinks else [])
 
     def run(f, cast):
-        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
+        xs = [x.detach().to(cast).requires_grad_() for x in inputs]
         o = f(*xs)
         grads = torch.autograd.grad(o, xs, do.to(cast))
         return [o.detach(), *grads]
 
+    def math(*xs):
+        return attention_math(*xs[:3], layout, window=window, softcap=softcap, sinks=xs[3] if sinks else None)
+
     got = run(fn, dtype)
-    truth = run(lambda a, b, c: attention_math(a, b, c, layout), torch.float64)
-    same = run(lambda a, b, c: attention_math(a, b, c, layout), dtype)
+    truth = run(math, torch.float64)
+    same = run(math, dtype)
     scale = do.double().norm().item()
     floor = 4 * torch.finfo(torch.float32).eps
-    for name, x, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same):
+    for name, x, t, s in zip(("out", "dq", "dk", "dv", "dsinks"), got, truth, same):
         assert torch.isfinite(x).all(), f"{label} {name}: non-finite"
         err, ref = _err(x, t, scale), _err(s, t, scale)
         assert err <= 2 * ref + floor, f"{label} {name}: error {err:.3e} > 2 x torch {dtype} error {ref:.3e}"
@@ -57,6 +63,14 @@ def _triton(layout, **kw):
     from prefix_attn.triton import triton_prefix_attention
 
     return lambda q, k, v: triton_prefix_attention(q, k, v, layout, **kw)
+
+
+def _with_options(layout, backend, window=None, softcap=None, sinks=False):
+    """``prefix_attention`` on ``backend`` with the options (taking the sinks as a fourth input)."""
+    if sinks:
+        return lambda q, k, v, s: prefix_attention(q, k, v, layout, backend=backend, window=window, softcap=softcap,
+                                                    sinks=s)
+    return lambda q, k, v: prefix_attention(q, k, v, layout, backend=backend, window=window, softcap=softcap)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -75,6 +89,31 @@ AWKWARD = [
     ("tiny_docs", [1, 0, 2, 3] * 40, [[1, 2], [3], [1, 1, 1], [2]] * 40),
     ("eight_branches", [700], [[1, 64, 129, 300, 2, 127, 128, 5]]),
 ]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
+                         ids=["d128-bf16", "d64-bf16", "d128-fp16"])
+def test_random_layouts_with_options(seed, d, dtype):
+    rng = random.Random(1000 + seed)
+    layout = random_layout(rng, tokens=rng.choice([700, 1500, 2600]), device=DEV)
+    opts = random_options(rng)
+    hq, hkv = [(8, 2), (4, 4), (6, 3), (8, 1)][seed % 4]
+    _check(_with_options(layout, "triton", **opts), layout, hq, hkv, d, dtype, seed, label=f"seed {seed} {opts}",
+           **opts)
+
+
+# Each option alone and all together, at windows of gpt-oss (128) and Gemma 3 (1024) over prefixes longer than them.
+OPTION_CASES = [dict(window=128), dict(window=1024), dict(window=1), dict(softcap=50.0), dict(softcap=2.0),
+                dict(sinks=True), dict(window=128, softcap=5.0, sinks=True)]
+
+
+@pytest.mark.parametrize("opts", OPTION_CASES, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_options_on_long_prefixes(opts, backend):
+    layout = PrefixLayout.from_lengths([1500, 300, 0], [[200, 129, 1, 64], [127, 128], [700]], device=DEV)
+    _check(_with_options(layout, backend, **opts), layout, 8, 2, 128, torch.bfloat16, 7, label=f"{backend} {opts}",
+           **opts)
 
 
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
@@ -116,6 +155,18 @@ def test_speed_variants(variant, name, prefix, branches, hq, hkv):
     _check(_triton(layout, config=cfg), layout, hq, hkv, 128, torch.bfloat16, 2, label=f"{variant} {name}")
 
 
+@pytest.mark.parametrize("variant", ["fwd_pack32_w8", "bwd_kv32_s3", "bwd_nontma", "fwd_nontma"])
+def test_speed_variants_with_options(variant):
+    from dataclasses import replace
+
+    from prefix_attn.triton import default_config
+
+    layout = PrefixLayout.from_lengths([700, 63], [[1, 64, 129, 300, 2, 127], [65, 1]], device=DEV)
+    cfg = replace(default_config(128, torch.bfloat16, torch.device(DEV), 4), **GPU_VARIANTS[variant])
+    opts = dict(window=100, softcap=20.0)
+    _check(_triton(layout, config=cfg, **opts), layout, 8, 2, 128, torch.bfloat16, 4, label=variant, **opts)
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_random_d64(seed):
     layout = random_layout(random.Random(seed), tokens=1500, device=DEV)
@@ -152,6 +203,25 @@ def test_torch_compile_traces_the_op():
     ref = f(q, k, v)
     out = torch.compile(f)(q, k, v)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_torch_compile_traces_the_op_with_options():
+    """The custom ops with a window, a soft-cap and sinks (the lse and its gradient through the op): the compiled
+    output and gradients against the eager ones. The kernels are the same; the sink epilogue may be fused
+    differently, so up to bf16 rounding of the output."""
+    layout = PrefixLayout.from_lengths([100, 5], [[30, 40], [7]], device=DEV)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    xs = [torch.randn(layout.total_tokens, h, 64, device=DEV, generator=g, dtype=torch.bfloat16) for h in (4, 2, 2)]
+    xs.append(torch.randn(4, device=DEV, generator=g, dtype=torch.bfloat16))
+    f = _with_options(layout, "triton", window=20, softcap=5.0, sinks=True)
+    results = []
+    for fn in (f, torch.compile(f)):
+        ins = [x.detach().requires_grad_() for x in xs]
+        o = fn(*ins)
+        results.append([o.detach(), *torch.autograd.grad(o, ins, torch.ones_like(o))])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), *results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-7 * b.float().abs().max().item(),
+                                   msg=name)
 
 
 def test_row_of_135k_tokens():

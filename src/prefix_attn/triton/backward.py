@@ -6,6 +6,15 @@ unmasked, boundary tiles masked by the per-key query range ``[k, q_hi)``) for ev
 accumulates dk and dv in fp32 in registers; ``bwd_dq_kernel``, query-major, GQA-packed as the forward, walks the
 forward's schedule at its own tiles (the schedule's ``dq``). dq without atomics: the backward is bitwise
 reproducible, for one more QK^T and dO V^T recompute. P and dS are rounded to the input dtype before their products.
+
+Options, each behind a constexpr so that the kernels without them compile as they did: ``SOFTCAP`` (dS takes the
+factor 1 - tanh^2 of the cap); a gradient of the log-sum-exp (``HAS_DLSE`` in the delta kernel: d lse / d s = P, so
+dS = P * (dP - (delta - dlse))); ``WINDOW`` in the KV-major kernel. The dq kernel needs no window flag (the windowed
+ranges and schedule are exact intervals, as in the forward); a key's windowed queries are not one interval
+(``PrefixLayout.key_window_ranges``), so the KV-major kernel walks the exact "dense" part of its tile's range as
+before, with the per-element test on the positions added on masked tiles, and the rest of the superset range (only
+tiles holding prefix keys within the window of the prefix's end have any) in a second loop that skips every query
+tile whose tokens are all at least WINDOW positions past the tile's keys (the schedule's ``kv_qmin``).
 """
 
 from __future__ import annotations
@@ -14,19 +23,69 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, allowed, descriptor, dot_prec, packed_rows, tma_ok, walk_bounds, walk_kv
+from .common import allowed, descriptor, dot_prec, packed_rows, softcap_scores, tma_ok, walk_bounds, walk_kv
 from .config import TritonAttentionConfig
+from .forward import score_scale
 
 
 @triton.jit
-def _kv_walk(
-    dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d, qhi, hk, s0, s1, s2, s3,
-    qk_scale, T,
+def _kv_step(
+    dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d, offs_mm, qhi, hk, g, j,
+    full, pos_k, POS, qk_scale, T,
     GROUPS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
+    """One (query head g, query tile j) step of the KV-major walk: dk, dv += this tile's share."""
+    h = (hk * GROUPS + g).to(tl.int64)
+    m0 = j * BLOCK_M
+    offs_m = m0 + offs_mm
+    row_ok = offs_m < T
+    if USE_TMA:
+        q = q_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
+        do = do_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
+    else:
+        qoff = h * stride_qh + m0.to(tl.int64) * stride_qt + offs_mm[:, None] * stride_qt + offs_d[None, :]
+        q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    if SOFTCAP > 0.0:
+        st, tt = softcap_scores(st, 1.0, SOFTCAP)
+    pt = tl.math.exp2(st - lse[None, :])
+    if not full:
+        qq = offs_m[None, :]
+        ok = (qq >= offs_n[:, None]) & (qq < qhi[:, None])
+        if WINDOW:
+            pos_q = tl.load(POS + offs_m, mask=row_ok, other=0).to(tl.int32)
+            ok = ok & ((pos_q[None, :] - pos_k[:, None]) < WINDOW)
+        pt = tl.where(ok, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if SOFTCAP > 0.0:
+        dst = (pt * (dpt - delta[None, :]) * (1.0 - tt * tt)).to(q.dtype)
+    else:
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _kv_walk(
+    dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d, qhi, hk, s0, s1, s2, s3,
+    pos_k, POS, QMIN, qk_scale, T,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The KV-major walk as one loop over (query head g, query tile j), g outer, with a runtime flag choosing the
     per-element mask on the boundary tiles ``[s0, s1)`` and ``[s2, s3)``.
@@ -36,36 +95,33 @@ def _kv_walk(
     software pipeline (its first q/dO load exposed, no MMA under it) and draining it at the end. One loop of
     GROUPS x (s3 - s0) iterations keeps the q/dO loads of the next (head, tile) in flight under the current MMAs
     across head and segment boundaries.
+
+    Under a window the loop covers the tiles up to the end of the keys' dense ranges (``min(q_hi, k + WINDOW)``),
+    and a second loop the rest of the walk, skipping the query tiles wholly outside the window.
     """
-    n = s3 - s0
+    s_end = s3
+    if WINDOW:
+        dense_hi = tl.max(tl.where(offs_n < T, tl.minimum(qhi, offs_n + WINDOW), 0), 0)
+        s_end = tl.minimum(tl.maximum((dense_hi + BLOCK_M - 1) // BLOCK_M, s2), s3)
+    n = s_end - s0
     offs_mm = tl.arange(0, BLOCK_M)
     for i in range(0, GROUPS * n):
         g = i // n
         j = s0 + (i - g * n)
         full = (j >= s1) & (j < s2)
-        h = (hk * GROUPS + g).to(tl.int64)
-        m0 = j * BLOCK_M
-        offs_m = m0 + offs_mm
-        row_ok = offs_m < T
-        if USE_TMA:
-            q = q_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
-            do = do_desc.load([m0, (hk * GROUPS + g) * HEAD_DIM])
-        else:
-            qoff = h * stride_qh + m0.to(tl.int64) * stride_qt + offs_mm[:, None] * stride_qt + offs_d[None, :]
-            q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
-        if not full:
-            qq = offs_m[None, :]
-            ok = (qq >= offs_n[:, None]) & (qq < qhi[:, None])
-            pt = tl.where(ok, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
+        dk, dv = _kv_step(dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d,
+                          offs_mm, qhi, hk, g, j, full, pos_k, POS, qk_scale, T, GROUPS, HEAD_DIM, BLOCK_M, USE_TMA,
+                          DOT_PREC, SOFTCAP, WINDOW)
+    if WINDOW:
+        pos_k_max = tl.max(tl.where(offs_n < T, pos_k, 0), 0)
+        n2 = s3 - s_end
+        for i in range(0, GROUPS * n2):
+            g = i // n2
+            j = s_end + (i - g * n2)
+            if tl.load(QMIN + j) - pos_k_max < WINDOW:
+                dk, dv = _kv_step(dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, stride_qt, stride_qh, offs_n,
+                                  offs_d, offs_mm, qhi, hk, g, j, False, pos_k, POS, qk_scale, T, GROUPS, HEAD_DIM,
+                                  BLOCK_M, USE_TMA, DOT_PREC, SOFTCAP, WINDOW)
     return dk, dv
 
 
@@ -76,6 +132,8 @@ def bwd_delta_kernel(
     T,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tokens per program
+    DLSE=None,  # [Hq, T] fp32: the gradient of the natural-log lse, subtracted from delta (HAS_DLSE)
+    HAS_DLSE: tl.constexpr = False,
 ):
     """delta[h, t] = sum_d o[t, h, d] * dO[t, h, d] in fp32: the softmax-Jacobian term of the backward, in one read of
     o and dO (the torch expression would materialize three fp32 copies of [T, Hq, D])."""
@@ -86,7 +144,10 @@ def bwd_delta_kernel(
     t64 = offs_t.to(tl.int64)[:, None]
     o = tl.load(O + h * stride_oh + t64 * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + h * stride_doh + t64 * stride_dot + offs_d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + h * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h * T + offs_t, mask=ok, other=0.0)
+    tl.store(DELTA + h * T + offs_t, delta, mask=ok)
 
 
 @triton.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
@@ -103,6 +164,10 @@ def bwd_kv_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile (must match the schedule's)
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    POS=None,  # [T] int64 position ids (WINDOW)
+    QMIN=None,  # [n_query_tiles] int32: the smallest position of each BLOCK_M-token query tile (WINDOW)
+    SOFTCAP: tl.constexpr = 0.0,  # logit soft-cap * log2(e); qk_scale is then softmax_scale / cap (0.0: no cap)
+    WINDOW: tl.constexpr = 0,  # sliding window in positions (0: none); SCHED is then the windowed schedule
 ):
     """KV-major backward: dk, dv of one key tile of one KV head, summed over the query heads of its GQA group. Key
     tiles run front to back in position order (prefix key tiles first), the H_KV programs of a tile next to each other,
@@ -124,8 +189,12 @@ def bwd_kv_kernel(
     s3 = tl.load(sp + 3)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    pos_k = qhi
+    if WINDOW:
+        pos_k = tl.load(POS + offs_n, mask=col_ok, other=0).to(tl.int32)  # int32: fewer registers
     dk, dv = _kv_walk(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, stride_qt, stride_qh, offs_n, offs_d, qhi,
-                            hk, s0, s1, s2, s3, qk_scale, T, GROUPS, HEAD_DIM, BLOCK_M, USE_TMA, DOT_PREC)
+                      hk, s0, s1, s2, s3, pos_k, POS, QMIN, qk_scale, T, GROUPS, HEAD_DIM, BLOCK_M, USE_TMA, DOT_PREC,
+                      SOFTCAP, WINDOW)
     tl.store(DK + kvoff, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kvoff, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -145,6 +214,7 @@ def bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr = 0.0,  # logit soft-cap * log2(e); qk_scale is then softmax_scale / cap (0.0: no cap)
 ):
     """dq, query-major, GQA-packed as the forward (row r: token tile*BLOCK_M + r // G of head hk*G + r % G): no
     atomics, so the backward is bitwise reproducible, for one more QK^T and dO V^T recompute."""
@@ -165,7 +235,7 @@ def bwd_dq_kernel(
     v_base = V + hk.to(tl.int64) * stride_kh
     sp = SCHED + tile * 10
     dq = _dq_walk(dq, q, do, lse, delta, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m,
-                        offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC)
+                  offs_d, lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC, SOFTCAP)
     tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -176,6 +246,7 @@ def _dq_walk(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """The dq kernel's key walk, one loop as the forward's (``common.walk_tile``)."""
     s0, s1, s2, s3, s4, s5, s6, s7, s8, n = walk_bounds(sp)
@@ -184,20 +255,27 @@ def _dq_walk(
         n0, full, k, v = walk_kv(i, s0, s1, s2, s3, s4, s5, s6, s7, s8, k_base, v_base, k_desc, v_desc, kv_col,
                                  stride_kt, offs_n, offs_d, T, BLOCK_N, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if SOFTCAP > 0.0:
+            s, t = softcap_scores(s, 1.0, SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
         if not full:
             kk = (n0 + offs_n)[None, :]
             ok = allowed(kk, lo1, hi1, lo2, offs_m)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        if SOFTCAP > 0.0:
+            ds = (p * (dp - delta[:, None]) * (1.0 - t * t)).to(k.dtype)
+        else:
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
     return dq
 
 
-def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale: float, cfg: TritonAttentionConfig):
-    """dq, dk, dv of the forward's o and lse (``launch_forward``) for the output gradient ``do``; the tables as in
-    ``AttentionTables`` at cfg's tiles (``tokens.ranges``, ``tokens.q_hi``, ``kv``, ``dq``)."""
+def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale: float, cfg: TritonAttentionConfig,
+                    softcap: float | None = None, dlse=None, window: int | None = None, positions=None, kv_qmin=None):
+    """dq, dk, dv of the forward's o and lse (``launch_forward``) for the output gradient ``do`` and the gradient
+    ``dlse`` [Hq, T] of the natural-log lse (None: none); the tables as in ``AttentionTables`` at cfg's tiles
+    (``ranges``, ``tokens.q_hi``, ``kv``, ``dq``, and under ``window`` ``tokens.position_ids`` and ``kv_qmin``)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
@@ -207,11 +285,12 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
     dv = torch.empty_like(v)
     if T == 0:
         return dq, dk, dv
-    # delta = rowsum(dO * O), [Hq, T] fp32 (the softmax-Jacobian term).
+    # delta = rowsum(dO * O) - dlse, [Hq, T] fp32 (the softmax-Jacobian term).
     delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    dlse_args = {} if dlse is None else {"DLSE": dlse.float().contiguous(), "HAS_DLSE": True}
     bwd_delta_kernel[(triton.cdiv(T, 64), Hq)](o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
-                                                 HEAD_DIM=D, BLOCK_T=64, num_warps=4)
-    qk_scale = scale * LOG2E
+                                                 HEAD_DIM=D, BLOCK_T=64, num_warps=4, **dlse_args)
+    qk_scale, cap = score_scale(scale, softcap)
     prec = dot_prec(q.dtype)
     use_tma = cfg.bwd_tma and tma_ok(q)
     qd = dod = kd = vd = None
@@ -220,12 +299,17 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
         dod = descriptor(do.view(T, Hq * D), cfg.kv_block_m, D)
         kd = descriptor(k.view(T, Hkv * D), cfg.dq_block_n, D)
         vd = descriptor(v.view(T, Hkv * D), cfg.dq_block_n, D)
+    options = {}
+    if cap:
+        options["SOFTCAP"] = cap
+    if window is not None:
+        options.update(POS=positions, QMIN=kv_qmin, WINDOW=window)
     bwd_kv_kernel[(kv_sched.shape[0] * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qd, dod,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
-        DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
     )
     bwd_dq_kernel[(dq_sched.shape[0] * Hkv,)](
         q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
@@ -233,5 +317,6 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
         T, qk_scale, scale,
         H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
         BLOCK_N=cfg.dq_block_n, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        SOFTCAP=cap,
     )
     return dq, dk, dv

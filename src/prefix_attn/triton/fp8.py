@@ -312,7 +312,7 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
 
 def launch_fp8_forward(x: FP8QKV, sched, ranges, scale: float, cfg: FP8AttentionConfig, out: torch.Tensor):
     """The FP8 forward of the quantized ``x`` into ``out`` [T, Hq, D] (contiguous, q's dtype), with the forward
-    schedule ``sched`` at cfg's tiles and the per-token ``ranges`` (``fp8_tables``' ``fwd``, ``tokens.ranges``)."""
+    schedule ``sched`` at cfg's tiles and the per-token ``ranges`` (``fp8_tables``' ``fwd``, ``ranges``)."""
     T, Hq, D = x.q8.shape
     Hkv = x.k8.shape[1]
     if T == 0:
@@ -335,15 +335,15 @@ def launch_fp8_forward(x: FP8QKV, sched, ranges, scale: float, cfg: FP8Attention
 
 
 def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dtype: torch.dtype,
-               groups: int = 4) -> AttentionTables:
-    """The layout's tables at cfg's forward tiles (cached on the layout); the FP8 forward reads ``fwd`` and
-    ``tokens.ranges``.
+               groups: int = 4, window: int | None = None) -> AttentionTables:
+    """The layout's tables at cfg's forward tiles under the sliding ``window`` (cached on the layout); the FP8
+    forward reads ``fwd`` and ``ranges``.
 
     The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do), the
     policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
     (the 16-bit config depends on it)."""
     tile = default_config(head_dim, dtype, layout.device, groups).tile_shape
-    return build_tables(layout, tile._replace(fwd_m=cfg.block_m, fwd_n=cfg.block_n))
+    return build_tables(layout, tile._replace(fwd_m=cfg.block_m, fwd_n=cfg.block_n), window)
 
 
 def fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):

@@ -10,6 +10,9 @@ overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come 
    and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
    of every tile size, so no tile straddles two programs).
 
+Under a sliding window, kernel 2 also writes the windowed per-token ranges and the per-query-tile smallest positions
+of the KV-major backward, and makes the schedules from the windowed ranges (``prefix_attn.schedule``'s module doc).
+
 A launch cannot read what other programs of the same launch write, hence two. Outputs are views into one int32
 buffer plus the int64 position ids. The segment table of kernel 1 is cached on the layout (``Segments``): the
 position ids, asked for before any attention call, cost both kernels (per-token tables only); each tile shape's
@@ -188,15 +191,16 @@ def _query_tiles(
 
 @triton.jit
 def _key_tiles(
-    SCHED, q_hi, valid, pid, T,
+    SCHED, walk_hi, dense_hi, valid, pid, T,
     CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BN whole key tiles
     BN: tl.constexpr,  # keys per tile
     BM: tl.constexpr,  # query rows per tile
 ):
     """KV-major backward schedule rows of this program's key tiles (``PrefixLayout.key_tile_ranges`` and
-    ``backward_schedule``; padding keys make a tile never full)."""
-    qhi_max = tl.max(tl.reshape(tl.where(valid, q_hi, -1), [CHUNK // BN, BN]), axis=1)
-    qhi_min = tl.min(tl.reshape(tl.where(valid, q_hi, 0), [CHUNK // BN, BN]), axis=1)
+    ``backward_schedule``; padding keys make a tile never full): the walk ends at the largest ``walk_hi``, full
+    tiles end before the smallest ``dense_hi`` (both q_hi without a window)."""
+    qhi_max = tl.max(tl.reshape(tl.where(valid, walk_hi, -1), [CHUNK // BN, BN]), axis=1)
+    qhi_min = tl.min(tl.reshape(tl.where(valid, dense_hi, 0), [CHUNK // BN, BN]), axis=1)
     j = pid * (CHUNK // BN) + tl.arange(0, CHUNK // BN)
     ok = j < (T + BN - 1) // BN
     k0 = j * BN
@@ -211,18 +215,21 @@ def _key_tiles(
     tl.store(row + 3, hi, mask=ok)
 
 
-@triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter"])
+@triton.jit(do_not_specialize=["T", "D", "NB", "bs_off", "n_iter", "window"])
 def token_tile_kernel(
     DS, PE, BS, BE,  # from segments_kernel
     TOK, QHI, POS,  # out (WRITE_TOK): [3, T] int32 lo1/hi1/lo2, [T] int32 q_hi, [T] int64 position ids
     FWD, KV, DQ,  # out (TILES): schedules [n, 10] / [n, 4] / [n, 10] int32
+    WTOK, QMIN,  # out (WINDOWED): [3, T] int32 windowed lo1/hi1/lo2; [n_kv_query_tiles] int32 smallest positions
     T, D, NB,
     bs_off,  # BS - DS in elements (both views of one buffer): the searches treat them as one array
     n_iter,  # binary-search steps: the bit length of max(D, NB)
+    window,  # the sliding window in positions (WINDOWED)
     CHUNK: tl.constexpr,  # tokens per program, a multiple of every tile size below
     SEG_BLOCK: tl.constexpr,
     WRITE_TOK: tl.constexpr,  # False when the per-token tables are already cached (only tiles wanted)
     TILES: tl.constexpr,  # False when only the per-token tables are wanted (position_ids before any attention)
+    WINDOWED: tl.constexpr,  # the schedules of a sliding window (TILES only)
     FWD_BM: tl.constexpr, FWD_BN: tl.constexpr,
     KV_BN: tl.constexpr, KV_BM: tl.constexpr,
     DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
@@ -231,7 +238,10 @@ def token_tile_kernel(
     per tile: the schedule rows.
 
     A prefix token of document d sees [doc_start, q] and is seen until the document ends; a branch token sees the
-    prefix [doc_start, prefix_end) and [branch_start, q] and is seen until its branch ends.
+    prefix [doc_start, prefix_end) and [branch_start, q] and is seen until its branch ends. Under a window of W
+    positions (``PrefixLayout.query_key_ranges(window)``, ``key_window_ranges``): lo1 rises to doc_start + pos - W + 1
+    (at most hi1), lo2 to q - W + 1; a key is seen densely up to min(q_hi, k + W), and a prefix key within W of its
+    prefix's end is walked up to q_hi.
     """
     pid = tl.program_id(0)
     c0 = pid * CHUNK
@@ -252,16 +262,29 @@ def token_tile_kernel(
     hi1 = tl.where(pre, ds, pe)
     lo2 = tl.where(pre, ds, bs)
     q_hi = tl.where(pre, de, be)
+    pos = tl.where(pre, t - ds, (pe - ds) + (t - bs))  # branches restart at the prefix length
     if WRITE_TOK:
         tl.store(TOK + t, lo1, mask=valid)
         tl.store(TOK + T + t, hi1, mask=valid)
         tl.store(TOK + 2 * T + t, lo2, mask=valid)
         tl.store(QHI + t, q_hi, mask=valid)
-        pos = tl.where(pre, t - ds, (pe - ds) + (t - bs))  # branches restart at the prefix length
         tl.store(POS + t, pos.to(tl.int64), mask=valid)
     if TILES:
+        walk_hi = q_hi
+        dense_hi = q_hi
+        if WINDOWED:
+            lo1 = tl.minimum(lo1 + tl.maximum(pos - window + 1, 0), hi1)
+            lo2 = tl.maximum(lo2, t - window + 1)
+            tl.store(WTOK + t, lo1, mask=valid)
+            tl.store(WTOK + T + t, hi1, mask=valid)
+            tl.store(WTOK + 2 * T + t, lo2, mask=valid)
+            dense_hi = tl.minimum(q_hi, t + window)
+            walk_hi = tl.where(pre & (t + window > pe), q_hi, dense_hi)
+            qmin = tl.min(tl.reshape(tl.where(valid, pos, 2147483647), [CHUNK // KV_BM, KV_BM]), axis=1)
+            i = pid * (CHUNK // KV_BM) + tl.arange(0, CHUNK // KV_BM)
+            tl.store(QMIN + i, qmin, mask=i < (T + KV_BM - 1) // KV_BM)
         _query_tiles(FWD, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
-        _key_tiles(KV, q_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
+        _key_tiles(KV, walk_hi, dense_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
         _query_tiles(DQ, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
 
 
@@ -298,10 +321,12 @@ class _Arena:
         return off
 
 
-def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTables | None):
-    """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq) at ``tile`` (None:
-    none), as ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside
-    [1, 2**28), tile sizes not powers of two."""
+def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTables | None,
+                 window: int | None = None):
+    """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq, window_ranges,
+    kv_qmin; the last two None without a window) at ``tile`` under ``window`` (``tile`` None: none), as
+    ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside [1, 2**28),
+    tile sizes not powers of two."""
     if tile is None and tokens is not None:
         return tokens, None
     T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
@@ -321,6 +346,9 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     if tile is not None:
         nqt, nkt, ndq = -(-T // tile.fwd_m), -(-T // tile.kv_n), -(-T // tile.dq_m)
         o_fs, o_ks, o_qs = arena.take(10 * nqt), arena.take(4 * nkt), arena.take(10 * ndq)
+        if window is not None:
+            nkq = -(-T // tile.kv_m)
+            o_wt, o_qm = arena.take(3 * T), arena.take(nkq)
     buf = torch.empty(arena.size, dtype=torch.int32, device=dev)
 
     def view(off, n):
@@ -339,22 +367,28 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
         pos = torch.empty(T, dtype=torch.int64, device=dev)
     else:
         tok = qhi = pos = buf  # unused
+    wt = qm = None
     if tile is not None:
         fs, ks = view(o_fs, 10 * nqt).view(nqt, 10), view(o_ks, 4 * nkt).view(nkt, 4)
         qs = view(o_qs, 10 * ndq).view(ndq, 10)
+        if window is not None:
+            wt, qm = view(o_wt, 3 * T).view(3, T), view(o_qm, nkq)
         t = tile
     else:
         fs = ks = qs = buf  # unused
         t = TileShape(16, 16, 16, 16, 16, 16)
     token_tile_kernel[(-(-T // chunk),)](
         segs.doc_start, segs.prefix_end, segs.branch_start, segs.branch_end, tok, qhi, pos, fs, ks, qs,
+        buf if wt is None else wt, buf if qm is None else qm,
         T, D, NB, (segs.branch_start.data_ptr() - segs.doc_start.data_ptr()) // 4, max(D, NB).bit_length(),
+        window or 0,
         CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=tokens is None, TILES=tile is not None,
+        WINDOWED=tile is not None and window is not None,
         FWD_BM=t.fwd_m, FWD_BN=t.fwd_n, KV_BN=t.kv_n, KV_BM=t.kv_m, DQ_BM=t.dq_m, DQ_BN=t.dq_n, num_warps=4,
     )
     if tokens is None:
         tokens = TokenTables(tok, qhi, pos)
-    return tokens, (None if tile is None else (fs, ks, qs))
+    return tokens, (None if tile is None else (fs, ks, qs, wt, qm))
 
 
 __all__ = ["Segments", "fused_tables", "segments_kernel", "token_tile_kernel"]

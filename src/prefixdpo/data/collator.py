@@ -27,8 +27,10 @@ class PrefixPackingCollator:
     predicts, -100 elsewhere), ``layout`` (``PrefixLayout.to_dict()``: lengths only; the device builds the rest),
     ``src`` [N] packed positions that predict response tokens and ``dst`` [N] their flat index in the
     [2B, view_width - 1] per-token view (a position of a branch that several sequences share appears once per
-    sequence in ``src``; ``dst`` has no repeats), and ``stats`` (plain ints: packed tokens, TRL's tokens without
-    padding and with it, pairs, pairs whose two sequences share a document, sequences, branches).
+    sequence in ``src``; ``dst`` has no repeats), ``branch_uses`` [NB] (how many sequences hold each branch: an MoE
+    aux loss weighs the row's tokens by it, as TRL's batch holds them), and ``stats`` (plain ints: packed tokens,
+    TRL's tokens without padding and with it, pairs, pairs whose two sequences share a document, sequences,
+    branches).
     """
 
     pad_token_id: int
@@ -63,6 +65,7 @@ def packed_inputs(view: dict[str, Any], row: PackedRow, pairs: int) -> dict[str,
         "layout": layout.to_dict(),
         "src": torch.tensor(src, dtype=torch.long),
         "dst": torch.tensor(dst, dtype=torch.long),
+        "branch_uses": torch.tensor(row.branch_uses, dtype=torch.long),
         "stats": {
             "packed_tokens": len(row.input_ids),
             "unshared_tokens": int(view["attention_mask"].sum()),

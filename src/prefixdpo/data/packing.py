@@ -93,8 +93,9 @@ class PackedRow:
     ``input_ids`` [T]; the layout's ``prefix_lens`` and ``branch_lens`` (one list per document); ``targets`` [T]: the
     token a position predicts if it predicts a response token, else -100; ``reads``: (row position, sequence, shifted
     view position) for every response token of every sequence; a branch that several sequences share is read by
-    each of them. ``sequences``: TRL's sequences in the micro-batch (two per pair); ``shared_pairs``: pairs whose
-    chosen and rejected sequence are in one document.
+    each of them. ``branch_uses``: per branch (row order), how many of TRL's sequences hold it (a prefix is held by
+    the sum of its branches'). ``sequences``: TRL's sequences in the micro-batch (two per pair); ``shared_pairs``:
+    pairs whose chosen and rejected sequence are in one document.
     """
 
     input_ids: list[int] = field(default_factory=list)
@@ -102,6 +103,7 @@ class PackedRow:
     branch_lens: list[list[int]] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     reads: list[tuple[int, int, int]] = field(default_factory=list)
+    branch_uses: list[int] = field(default_factory=list)
     sequences: int = 0
     shared_pairs: int = 0
 
@@ -120,6 +122,7 @@ class PackedRow:
             self.targets.extend([*tokens[1:], -100])
             for seq, offset in readers:
                 self.reads.extend((start + i, seq, offset + i) for i in range(len(tokens) - 1))
+            self.branch_uses.append(len(readers))
         self.prefix_lens.append(len(prefix))
         self.branch_lens.append([len(t) for t in branches])
 

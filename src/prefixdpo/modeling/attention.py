@@ -6,6 +6,8 @@ implementations it does not know): the layout carries the mask, as ranges.
 
 The layout reaches every attention layer through the model's forward kwargs (``prefix_layout=...``,
 ``prefix_attn_backend=...``), which transformers passes down to the attention interface. No model class is patched.
+Each layer's own attention options reach ``prefix_attention`` as transformers passes them: ``sliding_window``
+(Mistral, Gemma 2/3, gpt-oss, Qwen2's windowed layers), ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's sinks).
 Features we cannot honour exactly are refused with an error naming them.
 """
 
@@ -20,13 +22,19 @@ ATTN_NAME = "prefix_attn"
 
 # Config attributes that change attention in ways the layout cannot express.
 _REFUSED_CONFIG = {
-    "attn_logit_softcapping": "attention logit soft-capping",
     "attention_chunk_size": "chunked attention",
 }
 
 
 class UnsupportedModelError(ValueError):
     """The model uses an attention feature prefix sharing cannot honour exactly."""
+
+
+def _options(kwargs) -> dict:
+    """The layer's attention options as ``prefix_attention`` takes them."""
+    sinks = kwargs.get("s_aux")
+    return {"window": kwargs.get("sliding_window"), "softcap": kwargs.get("softcap"),
+            "sinks": kwargs.get("sinks") if sinks is None else sinks}
 
 
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -36,6 +44,14 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwa
             f"The model's attention implementation is {ATTN_NAME!r}, which runs packed prefix-shared rows. For padded "
             "batches or generation with a cache, switch it back first: model.set_attn_implementation('sdpa')."
         )
+    options = _options(kwargs)
+    if any(x is not None for x in options.values()):  # one sequence is a layout of one document
+        rows = []
+        for b in range(query.shape[0]):
+            layout = PrefixLayout.from_lengths([0], [[query.shape[2]]], device=query.device)
+            rows.append(prefix_attention(query[b].transpose(0, 1), key[b].transpose(0, 1), value[b].transpose(0, 1),
+                                         layout, softmax_scale=scaling, backend="auto", **options))
+        return torch.stack(rows), None
     groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True, scale=scaling
@@ -63,17 +79,6 @@ def prefix_attention_forward(
         raise UnsupportedModelError(
             f"attention dropout ({dropout}) is not supported with prefix sharing; set disable_dropout=True (TRL's default)"
         )
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError("attention logit soft-capping is not supported with prefix sharing")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise UnsupportedModelError("attention sinks are not supported with prefix sharing")
-    window = kwargs.get("sliding_window")
-    if window is not None and layout.max_doc_span > window:
-        raise UnsupportedModelError(
-            f"this model uses sliding-window attention (window {window}) and a document in the batch spans "
-            f"{layout.max_doc_span} positions, so the window would cut it; prefix sharing cannot honour a window that "
-            f"bites. Lower max_length to at most {window} or use a model without sliding windows."
-        )
     if not (query.dtype == key.dtype == value.dtype):
         # Under autocast the projections and RoPE can leave q, k, v in different dtypes; SDPA would cast them to the
         # autocast dtype, and so do we.
@@ -83,7 +88,8 @@ def prefix_attention_forward(
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    out = prefix_attention(q, k, v, layout, softmax_scale=scaling, backend=kwargs.get("prefix_attn_backend", "auto"))
+    out = prefix_attention(q, k, v, layout, softmax_scale=scaling, backend=kwargs.get("prefix_attn_backend", "auto"),
+                           **_options(kwargs))
     return out.unsqueeze(0), None
 
 
@@ -95,20 +101,20 @@ def register() -> str:
     return ATTN_NAME
 
 
-# Model types whose attention needs something the layout does not express, detected from the config alone (so the
-# refusal comes before any weights load): the feature each one needs.
-_REFUSED_MODEL_TYPES = {
-    "gpt_oss": "attention sinks",
-}
 # Hybrid models: some layers are not attention (state-space, recurrent or convolution layers), which carry state from
-# token to token across the whole row and so cannot see the layout.
+# token to token across the whole row and so cannot see the layout, until a packed forward forks their state at the
+# end of each prompt (``recurrent``: LFM2's short convolutions).
 _HYBRID_MODEL_TYPES = {
-    "nemotron_h": "Mamba-2 layers", "lfm2": "short convolution layers", "lfm2_moe": "short convolution layers",
+    "nemotron_h": "Mamba-2 layers",
     "qwen3_next": "gated DeltaNet (linear attention) layers", "granitemoehybrid": "Mamba-2 layers",
     "jamba": "Mamba layers", "bamba": "Mamba-2 layers", "falcon_h1": "Mamba-2 layers", "zamba": "Mamba layers",
     "zamba2": "Mamba-2 layers", "mamba": "Mamba layers", "mamba2": "Mamba-2 layers", "rwkv": "RWKV layers",
     "recurrent_gemma": "recurrent layers", "minimax": "lightning (linear) attention layers",
 }
+
+
+# Models whose non-attention layers run packed rows (``recurrent``): their layer types.
+_FORKED_LAYER_TYPES = {"lfm2": {"conv"}, "lfm2_moe": {"conv"}}
 
 
 def text_config(config):
@@ -147,21 +153,21 @@ def check_config_supported(config, model_class=None) -> None:
         )
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; only causal language models are supported")
-    if model_type in _REFUSED_MODEL_TYPES:
-        raise UnsupportedModelError(f"{name} uses {_REFUSED_MODEL_TYPES[model_type]}, which prefix sharing cannot "
-                                    "honour exactly")
     for attr, feature in _REFUSED_CONFIG.items():
         if getattr(text, attr, None) is not None:
             raise UnsupportedModelError(f"{name} uses {feature} ({attr}={getattr(text, attr)}), which prefix sharing "
                                         "cannot honour exactly")
     layer_types = getattr(text, "layer_types", None) or []
-    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    known = {"full_attention", "sliding_attention"} | _FORKED_LAYER_TYPES.get(model_type, set())
+    unknown = sorted(set(layer_types) - known)
     if unknown:
         raise UnsupportedModelError(f"{name} has layers of type {unknown}, which prefix sharing does not support")
 
 
 def check_model_supported(model) -> None:
-    """``check_config_supported`` for a built model."""
+    """``check_config_supported`` for a built model (for a PEFT model: the model it wraps)."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     check_config_supported(model.config, type(model))
 
 
@@ -186,7 +192,11 @@ def set_language_model_attention(model, implementation: str) -> None:
 
 
 def install(model) -> None:
-    """Check the model and switch its language model's attention to ``prefix_attn``."""
+    """Check the model, switch its language model's attention to ``prefix_attn`` and its short convolutions (if any)
+    to packed rows."""
+    from .recurrent import install_short_convs
+
     check_model_supported(model)
     register()
+    install_short_convs(model)
     set_language_model_attention(model, ATTN_NAME)

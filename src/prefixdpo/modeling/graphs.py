@@ -17,8 +17,12 @@ A graph needs fixed shapes and addresses. Rows are padded up to a multiple of ``
 document (``PrefixLayout.padded``: it attends only to itself, so the real tokens' outputs do not change, and in the
 backward its tokens get zero gradient, so they add exactly zero to the weights' gradients), and the layout's tables
 (``prefix_attn.attention_tables``: per-token ranges, position ids, tile schedules; their shapes depend on the row
-length only) are copied into the tensors the graph was captured with (``prefix_attn.use_tables``). The LM head and
-log-probs stay outside (TRL's head indexes by a boolean mask, which needs the host).
+length only) are copied into the tensors the graph was captured with (``prefix_attn.use_tables``). A model with
+sliding windows gets each window's tables too, for every window shorter than the bucket: the graph's layout claims a
+document as long as the bucket (``_Tables``), so that the capture reads the windowed tables whatever row it was
+captured on, and every row replayed refills them (an eager call skips a window that cuts no pair of its row; a graph
+cannot decide that per row). The LM head and log-probs stay outside (TRL's head indexes by a boolean mask, which
+needs the host).
 
 Used only where it applies: a CUDA model, the ``triton`` attention backend, a row of at most ``max_tokens`` tokens,
 plain ``input_ids`` without a cache; for the reference, no autograd; for the policy, autograd in training mode with
@@ -31,6 +35,7 @@ reference (TRL's ``sync_ref_model``) are seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 
@@ -74,31 +79,52 @@ def _attention_shape(model) -> tuple[int, int]:
                                                      or config.num_attention_heads)
 
 
+def _attention_windows(model) -> tuple[int, ...]:
+    """The sliding windows of ``model``'s attention layers, from its config: ``sliding_window`` on the layers of type
+    ``sliding_attention``, or on every layer of a model without layer types (Mistral). A layer that passes a window
+    some other way makes the capture build tables the graph would not refill, which ``_Tables.check_captured``
+    refuses."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return ()
+    return (window,)
+
+
 def _bucketed(layout: PrefixLayout, backend: str, dtype: torch.dtype, shape: tuple[int, int], max_tokens: int,
-              graphed: bool = True):
-    """(bucket length, ``layout`` padded to it, the padded layout's tables) for a row a graph can take; None for a
-    row longer than ``max_tokens`` and, when ``graphed``, for q/k/v not in fp16/bf16 or a backend other than triton
-    (its tables' shapes follow the documents). ``graphed=False`` (the policy stack's eager path) may give no tables."""
+              windows: tuple[int, ...] = (), graphed: bool = True):
+    """(bucket length, ``layout`` padded to it, the padded layout's tables: without a window, then under each of
+    ``windows`` shorter than the bucket) for a row a graph can take; None for a row longer than ``max_tokens`` and,
+    when ``graphed``, for q/k/v not in fp16/bf16 or a backend other than triton (its tables' shapes follow the
+    documents). ``graphed=False`` (the policy stack's eager path) may give no tables."""
     total = -(-layout.total_tokens // BUCKET) * BUCKET
     if total > max_tokens or (graphed and dtype not in (torch.float16, torch.bfloat16)):
         return None
     padded = layout.padded(total)
     tables = attention_tables(padded, backend, dtype, *shape)
-    return None if graphed and tables is None else (total, padded, tables)
+    if tables is None:
+        return None if graphed else (total, padded, None)
+    tables = [tables] + [attention_tables(padded, backend, dtype, *shape, window=w) for w in windows if w < total]
+    return total, padded, tables
 
 
 class _Tables:
     """A copy of ``layout`` whose tables are tensors of its own, refilled from another layout of the same length
-    before each replay (the position ids are one of them)."""
+    before each replay (the position ids are one of them). Its documents are claimed to span the whole row
+    (``max_doc_span``), so that every window shorter than the row reads its windowed tables (module doc)."""
 
-    def __init__(self, layout: PrefixLayout, tables: AttentionTables):
-        self.layout = PrefixLayout.from_dict(layout.to_dict())
-        self.tables = tables.clone()
-        use_tables(self.layout, self.tables)
+    def __init__(self, layout: PrefixLayout, tables: list[AttentionTables]):
+        self.layout = PrefixLayout.from_dict({**layout.to_dict(), "max_doc_span": layout.total_tokens})
+        tokens = tables[0].tokens.clone()
+        self.tables = [dataclasses.replace(t.clone(), tokens=tokens) for t in tables]
+        for t in self.tables:
+            use_tables(self.layout, t)
         self.derived = self.layout.cached_keys()
 
-    def fill(self, tables: AttentionTables) -> None:
-        self.tables.copy_(tables)
+    def fill(self, tables: list[AttentionTables]) -> None:
+        for a, b in zip(self.tables, tables, strict=True):
+            a.copy_(b)
 
     def check_captured(self) -> None:
         """After a capture: the graph read only the tables that ``fill`` refreshes. A table the model built during
@@ -111,8 +137,8 @@ class _Tables:
 class _Graph:
     """One captured backbone forward for rows of ``total`` tokens."""
 
-    def __init__(self, backbone_forward, layout: PrefixLayout, tables: AttentionTables, total: int, backend: str,
-                 pool):
+    def __init__(self, backbone_forward, layout: PrefixLayout, tables: list[AttentionTables], total: int,
+                 backend: str, pool):
         self.ids = torch.zeros((1, total), dtype=torch.long, device=layout.device)
         self.static = _Tables(layout, tables)
         layout = self.static.layout
@@ -122,7 +148,7 @@ class _Graph:
         self.static.check_captured()
         self.out = out.last_hidden_state
 
-    def __call__(self, input_ids: torch.Tensor, tables: AttentionTables) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, tables: list[AttentionTables]) -> torch.Tensor:
         T = input_ids.shape[1]
         self.ids[:, :T].copy_(input_ids)
         self.ids[:, T:].zero_()
@@ -137,7 +163,7 @@ def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
     backbone = getattr(model, model.base_model_prefix, None)
     if backbone is None or getattr(backbone, "_prefixdpo_graphs", None) is not None:
         return
-    shape = _attention_shape(model)
+    shape, windows = _attention_shape(model), _attention_windows(model)
     original = backbone.forward
     graphs: dict[int, _Graph] = {}
     pool = [None]
@@ -160,7 +186,7 @@ def enable_reference_graphs(model, max_tokens: int = 4096) -> None:
         ):
             return original(*args, **kwargs)
         backend = kwargs.get("prefix_attn_backend", "auto")
-        bucket = _bucketed(layout, backend, dtype, shape, max_tokens)
+        bucket = _bucketed(layout, backend, dtype, shape, max_tokens, windows)
         if bucket is None:
             return original(*args, **kwargs)
         total, padded, tables = bucket
@@ -282,7 +308,7 @@ class _Stack:
             for h in handles:
                 h.remove()
 
-    def replay(self, h0: torch.Tensor, tables: AttentionTables | None, layout: PrefixLayout):
+    def replay(self, h0: torch.Tensor, tables: list[AttentionTables] | None, layout: PrefixLayout):
         """Run the stack on ``h0`` [1, T <= total, hidden]; returns (the stack's output [1, T, hidden], every
         segment's input [segments, total, hidden], every segment's other arguments), all the caller's to keep."""
         T = h0.shape[1]
@@ -362,7 +388,7 @@ def enable_policy_graphs(model, max_tokens: int = 4096, capture: bool = True) ->
     if reason is not None:
         logger.warning("policy_cuda_graphs is not used: %s; the policy runs without CUDA graphs", reason)
         return False
-    shape = _attention_shape(model)
+    shape, windows = _attention_shape(model), _attention_windows(model)
     segments = [*backbone.layers, backbone.norm]
     embed = backbone.get_input_embeddings()
     original = backbone.forward
@@ -389,7 +415,7 @@ def enable_policy_graphs(model, max_tokens: int = 4096, capture: bool = True) ->
         backend = kwargs.get("prefix_attn_backend", "auto")
         # q/k/v come out of the projections in autocast's dtype, or else the weights'
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else embed.weight.dtype
-        bucket = _bucketed(layout, backend, dtype, shape, max_tokens, graphed=capture)
+        bucket = _bucketed(layout, backend, dtype, shape, max_tokens, windows, graphed=capture)
         if bucket is None:
             return original(*args, **kwargs)
         total, padded, tables = bucket

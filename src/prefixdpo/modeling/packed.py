@@ -5,7 +5,10 @@ no class is patched). A call that carries ``prefix_packed`` (from ``PrefixPackin
 on the packed row with the layout passed down to attention, scores only the response positions through TRL's
 chunked log-prob head (``shift_labels``), and gathers the per-token results into the [2B, L-1] shape of TRL's padded
 batch (a branch that several sequences share feeds each of them; in the backward their gradients add up in it).
-Everything else TRL does with them (losses, metrics) is then unchanged. Calls without ``prefix_packed`` go to the
+Everything else TRL does with them (losses, metrics) is then unchanged. An MoE model's load-balancing aux loss (TRL
+asks for it with ``output_router_logits``) is a mean over the tokens of TRL's batch: the packed call weighs each
+packed token by the number of TRL's sequences that hold it (``_token_uses``), so it is TRL's value. Calls without
+``prefix_packed`` go to the
 original forward with the model's original attention implementation (so ``generate`` works during and after
 training); a packed call switches the implementation to ``prefix_attn`` and leaves it there, so that gradient
 checkpointing's recomputation in the backward runs the same attention.
@@ -36,6 +39,36 @@ def _to_view(x: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, shape
     return flat.index_put((dst,), x[0, src]).view(shape)
 
 
+def _token_uses(layout: PrefixLayout, branch_uses: torch.Tensor) -> torch.Tensor:
+    """[T] float32: how many of TRL's sequences hold each packed token (a branch token: its branch's uses; a prefix
+    token: the sum over its document's branches)."""
+    uses = branch_uses.to(layout.device, torch.float32)
+    doc_uses = torch.zeros(layout.num_docs, dtype=torch.float32, device=layout.device).index_add_(
+        0, layout.branch_doc, uses)
+    b = layout.token_branch
+    return torch.where(b >= 0, uses[b.clamp_min(0)], doc_uses[layout.token_doc])
+
+
+@contextlib.contextmanager
+def _aux_loss_weights(model, layout: PrefixLayout, packed: dict, kwargs: dict):
+    """For a call that asks for router logits: TRL's fused forward takes the aux loss's token weights from its
+    ``attention_mask`` keyword, which the backbone must not see (the layout is the mask); a pre-hook on the backbone
+    drops it there."""
+    if not kwargs.get("output_router_logits") or "branch_uses" not in packed:
+        yield kwargs
+        return
+
+    def drop_mask(module, args, kw):
+        kw.pop("attention_mask", None)
+        return args, kw
+
+    handle = model.base_model.register_forward_pre_hook(drop_mask, with_kwargs=True)
+    try:
+        yield {**kwargs, "attention_mask": _token_uses(layout, packed["branch_uses"])[None]}
+    finally:
+        handle.remove()
+
+
 def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, inner_forward, **kwargs):
     """Run ``inner_forward`` (TRL's fused-head forward of ``model``) on a packed row; return its output in TRL's view
     shape."""
@@ -45,17 +78,18 @@ def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, in
     layout = packed.get("_layout")
     if layout is None or layout.device != device:
         layout = packed["_layout"] = PrefixLayout.from_dict(packed["layout"], device)
-    out = inner_forward(
-        input_ids=packed["input_ids"],
-        position_ids=_position_ids(model, packed, layout),
-        shift_labels=packed["shift_labels"],
-        fused_lm_head=True,
-        use_cache=False,
-        prefix_layout=layout,
-        prefix_attn_backend=backend,
-        **packed.get("model_inputs", {}),  # image inputs (pixel_values, image_grid_thw, ...), each image once
-        **kwargs,
-    )
+    with _aux_loss_weights(model, layout, packed, kwargs) as call_kwargs:
+        out = inner_forward(
+            input_ids=packed["input_ids"],
+            position_ids=_position_ids(model, packed, layout),
+            shift_labels=packed["shift_labels"],
+            fused_lm_head=True,
+            use_cache=False,
+            prefix_layout=layout,
+            prefix_attn_backend=backend,
+            **packed.get("model_inputs", {}),  # image inputs (pixel_values, image_grid_thw, ...), each image once
+            **call_kwargs,
+        )
     src, dst = packed["src"], packed["dst"]
     for name in _PER_TOKEN:
         setattr(out, name, _to_view(getattr(out, name, None), src, dst, view_shape))
