@@ -1,4 +1,4 @@
-"""The FP8 reference model (issue 6): how far its log-probs and a DPO run move from the bf16 reference.
+"""The FP8 reference model: how far its log-probs and a DPO run move from the bf16 reference.
 
 One GPU, a random-init Llama-3.2-1B shape (bench_e2e's), synthetic Capybara-shape pairs, bf16. Two measurements:
 

@@ -9,7 +9,7 @@
 # rate (lts__t_sector_hit_rate.pct), DRAM bytes read/written, achieved occupancy (sm__warps_active), registers per
 # thread and the occupancy limiters (LaunchStats, Occupancy), and the warp stall reasons (WarpStateStats). Writes
 # $OUT/ncu_<variant>_<layout>.ncu-rep and a .csv of the raw page, and prints a short summary.
-# Needs the hardware counters: the Firecracker machines (nvidia-h100-x1); ncu fails on gVisor (LibraryNotLoaded).
+# Needs a GPU whose hardware counters ncu can read (on some virtualized machines it fails with LibraryNotLoaded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}

@@ -1,6 +1,6 @@
-"""The `reference` and `flex` backends against a float64 computation of DESIGN.md's mask.
+"""The `reference` and `flex` backends against a float64 computation of the layout's mask (docs/DESIGN.md).
 
-Tolerances are derived (DESIGN.md, style 7): a backend's error against float64 may be at most 2x the error of the
+Tolerances are derived (docs/DESIGN.md, the exactness contract): a backend's error against float64 may be at most 2x the error of the
 same-precision explicit torch computation (`attention_math` in the inputs' dtype), plus a floor of a few ulps at the
 magnitude of the unit-variance inputs, for the exact-zero cases (a query that sees one key has dq = 0 exactly).
 """

@@ -1,6 +1,6 @@
 """Data parallel on the CPU: two processes (torchrun, gloo) through the same trainer code paths that run on GPUs.
 
-The GPU runs of issue 8 (DDP, FSDP2, ZeRO-3 on 2 GPUs) need the device machine; these check what a CPU can: the
+The GPU runs (DDP, FSDP2, ZeRO-3 on 2 GPUs) need GPUs; these check what a CPU can: the
 collectives our trainer adds line up across processes, and the same global batch gives the same training.
 """
 

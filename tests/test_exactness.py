@@ -1,4 +1,4 @@
-"""The exactness contract (DESIGN.md): packed, prefix-shared log-probs and gradients equal those of running each
+"""The exactness contract (docs/DESIGN.md): packed, prefix-shared log-probs and gradients equal those of running each
 prompt + response alone, in float32 on the CPU, for tiny random-init models of real architectures; also for rows where
 several pairs share a prompt and responses (each run once)."""
 

@@ -1,4 +1,4 @@
-"""PrefixLayout: the mask, positions and tile schedules against a brute-force reading of DESIGN.md's definition."""
+"""PrefixLayout: the mask, positions and tile schedules against a brute-force reading of the layout contract (docs/DESIGN.md)."""
 
 import random
 
@@ -9,7 +9,7 @@ from prefix_attn import PrefixLayout
 
 
 def brute_force(prefix_lens, branch_lens):
-    """Token-by-token construction of the mask and positions straight from DESIGN.md (Python loops, tiny rows)."""
+    """Token-by-token construction of the mask and positions straight from the layout contract (Python loops, tiny rows)."""
     info = []  # (doc, branch or -1, position)
     doc_spans = []
     for d, (p, bl) in enumerate(zip(prefix_lens, branch_lens)):

@@ -1,6 +1,6 @@
 """``ref_attn_backend``: which packed calls compute reference log-probs, and that they (only they) get its backend.
 
-The reference forward needs no backward, so it may run FP8 attention (issue 6); the policy must never. TRL obtains
+The reference forward needs no backward, so it may run FP8 attention; the policy must never. TRL obtains
 the reference in three ways, each checked here on a one-step CPU run: a separate reference model, the PEFT policy
 with its adapter disabled, and (``precompute_ref_log_probs`` without a reference model) the policy itself before
 training. Every packed call is recorded with the backend it was given and whether gradients were on; the recorded
