@@ -54,7 +54,6 @@ layer compiled on its own); e.g. ``ours-triton+nogc``, ``trl+nogc``, ``ours-trit
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 
@@ -62,8 +61,9 @@ import torch
 
 from prefixdpo.benchmarks import (ALL_PAIRS_SHAPES, MODELS, SHAPES, VISION_SHAPES, VLM_MODELS, StepTimer, append_csv,
                                   build_trainer, llama_module_restored, make_data, make_tokenizer, make_vlm_data,
-                                  make_vlm_model, make_vlm_processor, matmul_params, matmul_tflops, run_metadata,
-                                  unique_tokens_per_pair, vlm_unique_tokens_per_pair)
+                                  make_vlm_model, make_vlm_processor, matmul_params, matmul_tflops,
+                                  reference_and_adapters, run_metadata, unique_tokens_per_pair,
+                                  vlm_unique_tokens_per_pair)
 
 
 def dry_run(args, tok):
@@ -133,14 +133,7 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[args.model]), dtype=torch.bfloat16,
                                                      attn_implementation="sdpa")
         n_params = matmul_params(model)
-    # LoRA: no reference copy; both trainers run the reference forward through the base model with adapters off.
-    ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 target_modules="all-linear")
+    ref, peft_config = reference_and_adapters(model, args.lora)
     common = dict(output_dir=os.path.join(args.tmp, f"{trainer_name}-{shape}"), report_to="none", bf16=torch.cuda.is_available(),
                   per_device_train_batch_size=args.pairs, max_steps=args.steps + args.warmup, logging_steps=1,
                   save_strategy="no", gradient_checkpointing=True, max_length=None, disable_tqdm=True,

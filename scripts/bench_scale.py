@@ -20,14 +20,13 @@ Writes ``bench_scale.csv`` (a row per point, with the GPU, versions, date and co
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 
 import torch
 
 from prefixdpo.benchmarks import (MODELS, StepTimer, append_csv, build_trainer, llama_module_restored, make_tokenizer,
-                                  matmul_params, matmul_tflops, run_metadata)
+                                  matmul_params, matmul_tflops, reference_and_adapters, run_metadata)
 
 LONG_CONTEXT = dict(max_position_embeddings=131072, rope_scaling={  # Llama-3.1/3.2's own long-context RoPE
     "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -61,13 +60,7 @@ def run_point(name: str, prompt: int, args, tok, peak: float) -> dict:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
     n_params = matmul_params(model)
-    ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 target_modules="all-linear")
+    ref, peft_config = reference_and_adapters(model, args.lora)
     common = dict(output_dir=f"/tmp/bench_scale/{name}-{prompt}", report_to="none", bf16=True,
                   per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=args.steps + args.warmup,
                   logging_steps=1, save_strategy="no", gradient_checkpointing=True, max_length=None,

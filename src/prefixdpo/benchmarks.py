@@ -7,6 +7,7 @@ command. Nothing here runs in training."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import datetime
 import itertools
@@ -301,6 +302,17 @@ def build_trainer(name: str, model, ref, data: list[dict], tok, common: dict, pe
                                    train_dataset=Dataset.from_list(data), processing_class=tok,
                                    callbacks=callbacks)
     return trainer
+
+
+def reference_and_adapters(model, lora: int):
+    """(reference model, peft config) of a benchmark run: a frozen copy of ``model`` for a full fine-tune; with LoRA of
+    rank ``lora`` on every linear layer, no copy (both trainers take the reference from the base, adapters off)."""
+    if not lora:
+        return copy.deepcopy(model).eval().requires_grad_(False), None
+    from peft import LoraConfig
+
+    return None, LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0, task_type="CAUSAL_LM",
+                            target_modules="all-linear")
 
 
 @contextlib.contextmanager
