@@ -174,7 +174,7 @@ def test_metrics_report_sharing_and_throughput(tmp_path):
     _, logs = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path, DATA, max_steps=2)
     last = logs[-1]
     assert 0.0 < last["prefix_sharing/tokens_saved_frac"] < 1.0
-    assert last["packing/padding_frac"] == 0.0 and last["packing/trl_padding_frac"] > 0.0
+    assert "packing/padding_frac" not in last and last["packing/trl_padding_frac"] > 0.0
     assert last["throughput/pairs_per_second"] > 0 and last["throughput/tokens_per_second"] > 0
 
 
