@@ -217,6 +217,9 @@ class PrefixDPOTrainer(DPOTrainer):
         else:
             config = model.config
             check_model_supported(model)
+        if args.merge_adapters and peft_config is None and (isinstance(model, str) or not is_peft_model(model)):
+            raise ValueError("merge_adapters: true needs a LoRA/PEFT run (use_peft: true, or a peft_config); a full "
+                             "fine-tune saves the whole model already")
         self._vision = is_vision_dataset(train_dataset)  # an images/image column (data/vision.py)
         if self._vision:
             _check_vision_run(config, args)
@@ -295,9 +298,6 @@ class PrefixDPOTrainer(DPOTrainer):
                 report_prepared_dataset(before, prepared, args.max_length, args.truncation_mode, name)
         self.stop_on_signal = StopOnSignal(self.accelerator)
         self.add_callback(self.stop_on_signal)
-        if args.merge_adapters and not is_peft_model(self.accelerator.unwrap_model(self.model)):
-            raise ValueError("merge_adapters: true needs a LoRA/PEFT run (use_peft: true, or a peft_config); a full "
-                             "fine-tune saves the whole model already")
 
     # ------------------------------------------------------------------ setup
     def create_accelerator_and_postprocess(self):
