@@ -21,7 +21,9 @@ query head in every softmax's denominator). A backend's run function takes the o
 (``window``, ``softcap`` and ``return_lse``: the log-sum-exp of every query's scores, natural log, differentiable,
 [Hq, T]); sinks are no backend's business: the one epilogue ``apply_sinks`` turns any backend's (out, lse) into the
 output with sinks. A call that needs an option its backend lacks runs on ``triton`` where that runs (else on
-``auto``'s choice) instead, with a warning (once per reason); a window that cuts no pair of the row (``PrefixLayout.biting_window``) is no option at all.
+``auto``'s choice) instead, with a warning (once per reason); a window that cuts no pair of the row
+(``PrefixLayout.biting_window``) is no option at all. An explicitly named backend that does not run here raises one
+clear error, except the forward-only FP8 ones, which fall back as said.
 """
 
 from __future__ import annotations
@@ -249,8 +251,8 @@ def prefix_attention(
         q: [total_tokens, Hq, head_dim]. k, v: [total_tokens, Hkv, head_dim], Hq a multiple of Hkv (GQA, no repeat).
         layout: the row's :class:`PrefixLayout` (on q's device).
         softmax_scale: defaults to head_dim ** -0.5.
-        backend: ``auto`` | ``triton`` | ``flex`` | ``reference`` | ``triton_fp8`` | ``triton_fp8_rotate`` (the FP8
-            forward, without / with rotation; forward only, falls back to ``triton`` with a warning where FP8 does
+        backend: ``auto`` | ``triton`` | ``fa4`` | ``flex`` | ``reference`` | ``triton_fp8`` |
+            ``triton_fp8_rotate`` (the FP8 forward, without / with rotation; forward only, falls back to ``triton`` with a warning where FP8 does
             not run or lacks an option the call needs).
         window: a sliding window of this many positions (transformers' ``sliding_window``): a query sees an allowed
             key only if ``pos(q) - pos(k) < window``, positions counted per sequence as ``layout.position_ids`` does.
