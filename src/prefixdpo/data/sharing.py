@@ -35,7 +35,7 @@ class SharingForecast:
     """:func:`predict_sharing`'s answer. ``tokens_saved_frac`` and ``responses_deduplicated_frac``: the means over
     micro-batches of the per-micro-batch values (what the trainer's logged values average to over a run on one
     process); ``*_total`` the same fractions of the counts summed over all micro-batches (weighted by tokens and by
-    sequences)."""
+    sequences). ``row_tokens``: the packed tokens of each micro-batch's row, in order."""
 
     micro_batches: int
     pairs: int
@@ -47,6 +47,7 @@ class SharingForecast:
     responses_deduplicated_frac: float
     tokens_saved_frac_total: float
     responses_deduplicated_frac_total: float
+    row_tokens: tuple[int, ...]
 
 
 def predict_sharing(
@@ -80,4 +81,5 @@ def predict_sharing(
         responses_deduplicated_frac=sum(f[1] for f in per_batch) / len(per_batch),
         tokens_saved_frac_total=saved_total,
         responses_deduplicated_frac_total=dedup_total,
+        row_tokens=tuple(t.tokens for t in tallies),
     )

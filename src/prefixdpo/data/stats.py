@@ -194,8 +194,7 @@ def dataset_statistics(pairs, micro_batches=None, batch_size: int = 8, max_lengt
     forecast = predict_sharing([[pairs[i] for i in b] for b in micro_batches], max_length, truncation_mode,
                                prefix_sharing)
     padded = sum(2 * len(b) * max(longest_seq[i] for i in b) for b in micro_batches if b)
-    row_tokens = [predict_sharing([[pairs[i] for i in b]], max_length, truncation_mode, prefix_sharing).packed_tokens
-                  for b in micro_batches if b]
+    row_tokens = list(forecast.row_tokens)
     tokens_trl, tokens_packed = forecast.unshared_tokens, forecast.packed_tokens
     longest = max(packed)
     floor = max(longest, max_length or 0, max(row_tokens))
