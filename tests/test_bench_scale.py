@@ -1,0 +1,66 @@
+"""scripts/bench_scale.py's data and accounting, which its GPU runs rely on and which need no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_scale.py")
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_completions_are_one_pair_per_prompt(bench):
+    # K = 2 keeps the data the one-pair runs of docs/PERFORMANCE.md were measured on.
+    words = lambda start, k: " ".join(f"w{(start + i) % 29000}" for i in range(k))  # noqa: E731
+    one_pair = [{"prompt": words(j * 7, 50), "chosen": " " + words(j * 11 + 1, 9),
+                 "rejected": " " + words(j * 13 + 2, 9)} for j in range(4)]
+    assert bench.pair_data(50, 9, 4) == bench.pair_data(50, 9, 4, completions=2) == one_pair
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_all_pairs_of_distinct_responses_per_prompt(bench, k):
+    n, per_prompt = 3, k * (k - 1) // 2
+    data = bench.pair_data(40, 5, n, completions=k)
+    assert len(data) == n * per_prompt == n * bench.pairs_per_prompt(k)
+    groups = [data[i : i + per_prompt] for i in range(0, len(data), per_prompt)]
+    assert len({g[0]["prompt"] for g in groups}) == n  # different across prompts
+    for group in groups:
+        assert len({d["prompt"] for d in group}) == 1  # identical within a prompt's micro-batch
+        responses = list(dict.fromkeys(r for d in group for r in (d["chosen"], d["rejected"])))
+        assert len(responses) == k and all(len(r.split()) == 5 for r in responses)
+        # Every pair once, chosen the response of lower index.
+        assert [(d["chosen"], d["rejected"]) for d in group] == list(itertools.combinations(responses, 2))
+
+
+def test_attention_and_token_accounting(bench):
+    for p, r in [(1000, 512), (32000, 512), (7, 0)]:
+        seq = p + r + 1
+        old_trl = 2 * seq * (seq + 1) // 2
+        old_ours = p * (p + 1) // 2 + 2 * ((r + 1) * p + (r + 1) * (r + 2) // 2)
+        assert bench.attention_pairs(p, r, True) == bench.attention_pairs(p, r, True, 2) == old_trl
+        assert bench.attention_pairs(p, r, False) == bench.attention_pairs(p, r, False, 2) == old_ours
+        assert bench.unique_tokens(p, r) == p + 2 * (r + 1)
+        # K = 4: TRL runs 6 pairs' 12 sequences; ours the prompt once and 4 responses over it.
+        assert bench.attention_pairs(p, r, True, 4) == 6 * old_trl
+        assert bench.attention_pairs(p, r, False, 4) - p * (p + 1) // 2 == 2 * (old_ours - p * (p + 1) // 2)
+        assert bench.unique_tokens(p, r, 4) == p + 4 * (r + 1)
+
+
+def test_dry_run_micro_batches_are_whole_prompts(bench, capsys):
+    rows = bench.main(["--dry-run", "--prompts", "48", "--response", "6", "--completions", "4", "--steps", "2",
+                       "--warmup", "1"])
+    (r,) = rows
+    assert (r["pairs"], r["prompts"], r["micro_batches"]) == (18, 3, 3) and r["whole_groups"]
+    # The packed row: the prompt once and each response once (its branch opens with the last prompt token).
+    assert r["row_tokens"] == [bench.unique_tokens(48, 6, 4) + 4 - 1]
+    assert r["responses_deduplicated_frac"] == pytest.approx(1 - 4 / 12)
+    assert "each one prompt's pairs: True" in capsys.readouterr().out
