@@ -8,7 +8,6 @@ scripts/bench_attention.py, docs/PERFORMANCE.md); ``set_default_config`` / ``set
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -94,17 +93,25 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, grou
         return _OVERRIDE
     if device.type != "cuda":
         return CONFIGS["interpreter"]
-    return _gpu_config("cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32", max(1, groups))
+    kind = "cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32"
+    g = triton.next_power_of_2(max(1, groups))
+    return _GPU_CONFIGS[kind, g] if g <= _MAX_GROUP else _gpu_config(kind, g)
 
 
-@functools.lru_cache(maxsize=None)  # called once per attention call: no dataclass built per layer
-def _gpu_config(kind: str, groups: int) -> TritonAttentionConfig:
-    g = triton.next_power_of_2(groups)
+def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
     fwd_rows, dq_rows = _PACKED_ROWS[kind]
     fwd_m, dq_m = max(fwd_rows // g, 16), max(dq_rows // g, 16)
     cfg = CONFIGS[kind]
     return replace(cfg, fwd_block_m=fwd_m, fwd_warps=cfg.fwd_warps if fwd_m * g <= fwd_rows else 8,
                    dq_block_m=dq_m, dq_warps=cfg.dq_warps if dq_m * g <= dq_rows else 8)
+
+
+# The configs of every power-of-two group up to _MAX_GROUP, built once at import: dynamo traces through an lru_cache
+# (it ignores the wrapper), so a cached builder would make a new config object inside every compiled graph; a lookup
+# here returns an object that exists outside it.
+_MAX_GROUP = 128
+_GROUPS = [2**i for i in range(_MAX_GROUP.bit_length())]
+_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _PACKED_ROWS for g in _GROUPS}
 
 
 @dataclass(frozen=True)
@@ -151,11 +158,13 @@ def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> 
         return _FP8_OVERRIDE
     if device.type != "cuda":
         return FP8_CONFIGS["interpreter"]
-    return _fp8_gpu_config(max(1, groups))
+    g = triton.next_power_of_2(max(1, groups))
+    return _FP8_GPU_CONFIGS[g] if g <= _MAX_GROUP else _fp8_gpu_config(g)
 
 
-@functools.lru_cache(maxsize=None)
-def _fp8_gpu_config(groups: int) -> FP8AttentionConfig:
-    g = triton.next_power_of_2(groups)
+def _fp8_gpu_config(g: int) -> FP8AttentionConfig:
     bm = max(64 // g, 16)
     return replace(FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
+
+
+_FP8_GPU_CONFIGS = {g: _fp8_gpu_config(g) for g in _GROUPS}  # built once, as _GPU_CONFIGS
