@@ -131,7 +131,16 @@ def build_tables(layout: PrefixLayout, tile: TileShape, window: int | None = Non
     """The layout's tables at ``tile`` under the sliding ``window`` (None: none), built on first use, then cached on
     it. Timed by scripts/bench_attention.py."""
     window = check_window(window)
-    return layout.cached(table_key(tile, window), lambda: _attention_tables(layout, tile, window))
+    key = table_key(tile, window)
+    hit = layout.cached(key)
+    return hit if hit is not None else _build_and_cache(layout, key, tile, window)
+
+
+@torch.compiler.disable
+def _build_and_cache(layout: PrefixLayout, key, tile: TileShape, window: int | None) -> AttentionTables:
+    """Built outside any torch.compile graph: a graph that built the tables would have to write new dataclasses into
+    the layout's cache as a side effect, which torch 2.11's dynamo fails to replay; a cache hit stays in the graph."""
+    return layout.cached(key, lambda: _attention_tables(layout, tile, window))
 
 
 def position_ids(layout: PrefixLayout) -> torch.Tensor:

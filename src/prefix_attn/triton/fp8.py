@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ..fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from ..layout import PrefixLayout
-from ..schedule import AttentionTables, build_tables
+from ..schedule import AttentionTables, TileShape, build_tables
 from .common import LOG2E, allowed, descriptor, interpret, packed_rows, tma_ok, walk_bounds, walk_tile
 from .config import FP8AttentionConfig, default_config
 
@@ -342,8 +342,10 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do), the
     policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
     (the 16-bit config depends on it)."""
-    tile = default_config(head_dim, dtype, layout.device, groups).tile_shape
-    return build_tables(layout, tile._replace(fwd_m=cfg.block_m, fwd_n=cfg.block_n), window)
+    t = default_config(head_dim, dtype, layout.device, groups).tile_shape
+    # The constructor, not ``_replace``: the tables are cached on the layout keyed by this tuple, and torch 2.11's
+    # dynamo could not rebuild a named tuple made by ``_replace`` when such a cache entry was written in a graph.
+    return build_tables(layout, TileShape(cfg.block_m, cfg.block_n, t.kv_m, t.kv_n, t.dq_m, t.dq_n), window)
 
 
 def fp8_forward(q, k, v, sched, ranges, scale: float, rotate: bool, cfg: FP8AttentionConfig, out=None):
