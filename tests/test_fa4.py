@@ -1,7 +1,8 @@
 """The `fa4` backend's decomposition of the layout into causal varlen sequences, checked without FlashAttention-4:
 the gather index and sequence lengths against the layout's definition, and the decomposition run through the plain
 torch meaning of the varlen call (``varlen_causal_reference``) against float64 attention on the layout's mask,
-output and all three gradients. The real kernel is held to float64 on the GPU (tests/gpu/test_fa4_gpu.py)."""
+output and all three gradients, also with a sliding window, a soft-cap and the lse that sinks read. The real kernel
+is held to float64 on the GPU (tests/gpu/test_fa4_gpu.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from conftest import random_layout
 
 from prefix_attn import PrefixLayout, prefix_attention
 from prefix_attn.fa4 import fa4_prefix_attention, varlen_causal_reference, varlen_plan
-from prefix_attn.reference import attention_math
+from prefix_attn.reference import attention_math, reference_attention
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_len, scale):
-    return varlen_causal_reference(q, k, v, cu_q, cu_k, scale)
+def _reference_varlen(q, k, v, cu_q, cu_k, max_len, scale, window, softcap):
+    return varlen_causal_reference(q, k, v, cu_q, cu_k, scale, window, softcap, return_lse=True)
 
 
 def test_plan_follows_the_layout():
@@ -52,3 +53,22 @@ def test_asking_for_fa4_where_it_does_not_run_is_one_clear_error():
     x = torch.randn(layout.total_tokens, 2, 16)
     with pytest.raises(ValueError, match="attention backend 'fa4' does not run here: .*(not installed|CUDA GPU)"):
         prefix_attention(x, x, x, layout, backend="fa4")
+
+
+@pytest.mark.parametrize("opts", [dict(window=5), dict(softcap=2.0), dict(window=9, softcap=3.0)],
+                         ids=["window", "softcap", "both"])
+def test_decomposition_with_options_equals_the_layout_mask(opts):
+    """A window of W positions is the varlen call's bottom-right-aligned window of W keys in every sequence (the
+    layout's windows bite: prefixes and branches several times W long), and the soft-cap is the call's. Output and
+    lse (what the sink epilogue, ``ops.apply_sinks``, reads) against the reference backend's, and the gradients of
+    q, k, v through both, in float64."""
+    layout = PrefixLayout.from_lengths([17, 0, 3], [[6, 1, 12], [9], [2, 20]])
+    g = torch.Generator().manual_seed(7)
+    q, k, v = [torch.randn(layout.total_tokens, h, 8, generator=g, dtype=torch.float64).requires_grad_()
+               for h in (4, 2, 2)]
+    got = fa4_prefix_attention(q, k, v, layout, return_lse=True, varlen=_reference_varlen, **opts)
+    want = reference_attention(q, k, v, layout, return_lse=True, **opts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    do, dlse = torch.randn_like(want[0]), torch.randn_like(want[1])
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), (do, dlse)), torch.autograd.grad(want, (q, k, v), (do, dlse))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

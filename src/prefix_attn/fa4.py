@@ -14,6 +14,11 @@ gathered (``index_select``, whose backward adds the prefix's gradients over the 
 lengths and the gather index are built from the layout's length tensors on their device, with no host sync: their
 sizes are host integers the layout carries (``num_branches``, ``unshared_tokens``).
 
+Options ride on FlashAttention-4's own: a sliding window of W positions is its ``window_size_left = W - 1`` (each
+sequence's key offsets are the positions of the unshared prompt + response, and the window, like the causal mask, is
+bottom-right aligned); soft-capping is its ``softcap``; the log-sum-exp it returns is differentiable (its backward
+takes ``dlse``), which is all the sink epilogue (``ops.apply_sinks``) needs.
+
 ``varlen_causal_reference`` is the pure-torch meaning of the varlen call, so that the decomposition itself is tested
 on any machine; the GPU tests hold the real kernel to float64.
 """
@@ -69,11 +74,14 @@ def varlen_plan(layout: PrefixLayout) -> VarlenPlan:
     return layout.cached("fa4_varlen_plan", build)
 
 
-def varlen_causal_reference(q, k, v, cu_q, cu_k, softmax_scale: float, window: int | None = None):
+def varlen_causal_reference(q, k, v, cu_q, cu_k, softmax_scale: float, window: int | None = None,
+                            softcap: float | None = None, return_lse: bool = False):
     """What FlashAttention's varlen causal call computes (bottom-right alignment), in plain torch, sequence by
-    sequence: q [total_q, Hq, D], k/v [total_k, Hkv, D] -> [total_q, Hq, D]. ``window``: keys at most ``window - 1``
-    positions before the query (a sliding window of ``window`` keys). For tests; O(sum of Lq * Lk)."""
+    sequence: q [total_q, Hq, D], k/v [total_k, Hkv, D] -> [total_q, Hq, D] (and the lse [Hq, total_q], natural log,
+    with ``return_lse``). ``window``: keys at most ``window - 1`` positions before the query (a sliding window of
+    ``window`` keys); ``softcap``: ``tanh(s / c) * c`` on the scaled scores. For tests; O(sum of Lq * Lk)."""
     out = torch.empty_like(q)
+    lse = q.new_empty((q.shape[1], q.shape[0]))
     groups = q.shape[1] // k.shape[1]
     for s in range(cu_q.numel() - 1):
         q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
@@ -84,9 +92,12 @@ def varlen_causal_reference(q, k, v, cu_q, cu_k, softmax_scale: float, window: i
         if window is not None:
             allowed &= j > i - window
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * softmax_scale
-        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vs)
-    return out
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse[:, q0:q1] = torch.logsumexp(scores, -1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", torch.exp(scores - lse[:, q0:q1, None]), vs)
+    return (out, lse) if return_lse else out
 
 
 def fa4_available() -> tuple[bool, str]:
@@ -121,60 +132,73 @@ def fa4_supported(device, dtype: torch.dtype | None = None, head_dim: int | None
 
 @torch.library.custom_op("prefix_attn::fa4_varlen_fwd", mutates_args=())
 def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-             max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             max_len: int, scale: float, window_left: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # window_left: FlashAttention's window_size_left, -1 for none; softcap: 0.0 for none
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_len,
-                                   max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
+                                   max_seqlen_k=max_len, softmax_scale=scale, causal=True, softcap=softcap or None,
+                                   window_size_left=None if window_left < 0 else window_left, return_lse=True)
     return out, lse
 
 
 @_fa4_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_len, scale):
+def _(q, k, v, cu_q, cu_k, max_len, scale, window_left, softcap):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("prefix_attn::fa4_varlen_bwd", mutates_args=())
 def _fa4_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_len: int, scale: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             lse: torch.Tensor, dlse: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, max_len: int,
+             scale: float, window_left: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, do.contiguous(), lse, scale, True, 0.0, cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, max_seqlen_q=max_len, max_seqlen_k=max_len)
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, do.contiguous(), lse, scale, True, softcap,
+                                 window_size_left=None if window_left < 0 else window_left, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                                 dlse=None if dlse is None else dlse.float().contiguous())
     return dq, dk, dv
 
 
 @_fa4_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_q, cu_k, max_len, scale):
+def _(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_len, scale, window_left, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_len, scale = inputs
+    q, k, v, cu_q, cu_k, max_len, scale, window_left, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.max_len, ctx.scale = max_len, scale
+    ctx.max_len, ctx.scale, ctx.window_left, ctx.softcap = max_len, scale, window_left, softcap
 
 
-def _backward(ctx, do, _dlse):
+def _backward(ctx, do, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _fa4_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_len, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(out)
+    dq, dk, dv = _fa4_bwd(do, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_len, ctx.scale, ctx.window_left,
+                          ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fa4_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def fa4_prefix_attention(q, k, v, layout: PrefixLayout, softmax_scale: float | None = None, varlen=None):
+def fa4_prefix_attention(q, k, v, layout: PrefixLayout, softmax_scale: float | None = None, *,
+                         window: int | None = None, softcap: float | None = None, return_lse: bool = False,
+                         varlen=None):
     """Prefix-shared attention over one packed row through FlashAttention-4 (module docstring). q [T, Hq, D],
-    k/v [T, Hkv, D] -> [T, Hq, D]; differentiable in q, k, v. ``varlen``: the varlen causal function
-    ``(q, k_gathered, v_gathered, cu_q, cu_k, max_len, scale) -> out`` (FlashAttention-4's by default; tests pass
-    ``varlen_causal_reference``)."""
+    k/v [T, Hkv, D] -> [T, Hq, D], and with ``return_lse`` the log-sum-exp [Hq, T] (natural log); differentiable
+    in q, k, v (and through the lse). ``window`` and ``softcap`` as ``prefix_attention`` takes them. ``varlen``: the
+    varlen causal function ``(q, k_gathered, v_gathered, cu_q, cu_k, max_len, scale, window, softcap) -> (out, lse)``
+    (FlashAttention-4's by default; tests pass one built on ``varlen_causal_reference``)."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = varlen_plan(layout)
     k_g = k.index_select(0, plan.kv_index)
     v_g = v.index_select(0, plan.kv_index)
     if varlen is None:
-        return _fa4_fwd(q.contiguous(), k_g, v_g, plan.cu_q, plan.cu_k, plan.max_len, scale)[0]
-    return varlen(q, k_g, v_g, plan.cu_q, plan.cu_k, plan.max_len, scale)
+        out, lse = _fa4_fwd(q.contiguous(), k_g, v_g, plan.cu_q, plan.cu_k, plan.max_len, scale,
+                            -1 if window is None else window - 1, float(softcap or 0.0))
+    else:
+        out, lse = varlen(q, k_g, v_g, plan.cu_q, plan.cu_k, plan.max_len, scale, window, softcap)
+    return (out, lse) if return_lse else out

@@ -1,6 +1,8 @@
 """GPU tests of the `fa4` backend (FlashAttention-4 on the per-branch decomposition), against float64 as the other
 backends are held: output and all three gradients on the random-layout harness and the awkward layouts, and model
-exactness (packed and prefix-shared against each pair alone) in bf16 for Llama and Qwen3.
+exactness (packed and prefix-shared against each pair alone) in bf16 for Llama and Qwen3; windows, soft-caps and
+sinks (FlashAttention-4's own window and soft-cap, the sink epilogue on its differentiable lse) as the triton
+backend's are held.
 
 Skipped where FlashAttention-4 is not installed. Tolerances as in test_triton_gpu.py: error vs float64 <= 2 x the
 error of ``attention_math`` run by torch in the same dtype, plus four fp32 epsilons."""
@@ -11,10 +13,12 @@ import random
 
 import pytest
 import torch
-from conftest import random_layout, tiny_model
-from test_triton_gpu import AWKWARD, _check
+from conftest import random_layout, random_options, tiny_model
+from test_triton_gpu import AWKWARD, OPTION_CASES, _check
 
 from prefix_attn import PrefixLayout, prefix_attention
+from prefix_attn.fa4 import fa4_prefix_attention
+from prefix_attn.ops import apply_sinks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,6 +33,17 @@ def _fa4(layout):
     return lambda q, k, v: prefix_attention(q, k, v, layout, backend="fa4")
 
 
+def _fa4_with_options(layout, window=None, softcap=None, sinks=False):
+    """The fa4 backend's function with the options, called directly: ``prefix_attention`` does not route layers
+    with options to fa4 until these tests have passed on a GPU."""
+    def run(q, k, v, s=None):
+        out, lse = fa4_prefix_attention(q, k, v, layout, window=layout.biting_window(window), softcap=softcap,
+                                        return_lse=True)
+        return out if s is None else apply_sinks(out, lse, s)
+
+    return run if sinks else (lambda q, k, v: run(q, k, v))
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
                          ids=["d128-bf16", "d64-bf16", "d128-fp16"])
@@ -36,6 +51,22 @@ def test_random_layouts(seed, d, dtype):
     layout = random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]), device=DEV)
     hq, hkv = [(8, 2), (4, 4), (6, 3), (7, 1)][seed]
     _check(_fa4(layout), layout, hq, hkv, d, dtype, seed, label=f"seed {seed}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_layouts_with_options(seed):
+    rng = random.Random(1000 + seed)
+    layout = random_layout(rng, tokens=rng.choice([700, 1500, 2600]), device=DEV)
+    opts = random_options(rng)
+    hq, hkv = [(8, 2), (4, 4), (6, 3), (8, 1)][seed]
+    _check(_fa4_with_options(layout, **opts), layout, hq, hkv, 128, torch.bfloat16, seed,
+           label=f"seed {seed} {opts}", **opts)
+
+
+@pytest.mark.parametrize("opts", OPTION_CASES, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_options_on_long_prefixes(opts):
+    layout = PrefixLayout.from_lengths([1500, 300, 0], [[200, 129, 1, 64], [127, 128], [700]], device=DEV)
+    _check(_fa4_with_options(layout, **opts), layout, 8, 2, 128, torch.bfloat16, 7, label=f"fa4 {opts}", **opts)
 
 
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
