@@ -6,6 +6,7 @@ prompt:completion ratio, log-normal spread around the medians), the same precisi
 (TRL's default; each trainer's own default kind: TRL's non-reentrant, ours reentrant), live reference model and pairs
 per step for every trainer. Prints pairs/s, unique tokens/s (prompt
 + both responses, counted once), peak memory and MFU, writes a CSV row per (trainer, dataset) and a PNG bar chart.
+Speed-ups compare like with like: a trainer with Liger over ``trl+liger``, one without over ``trl``.
 
 MFU counts 8 * N FLOPs per unique token (policy forward + backward 6N, reference forward 2N; N = parameters that
 multiply activations: every linear layer and the LM head, not the embedding lookup), over the bf16 matmul rate
@@ -165,6 +166,12 @@ def run_one(trainer_name, shape, args, tok, peak_tflops):
             "peak_mem_gib": mem, "mfu": mfu, "mean_unique_tokens_per_pair": unique}
 
 
+def trl_counterpart(trainer: str) -> str:
+    """The TRL run a trainer is compared with: TRL with Liger for a trainer with the ``liger`` option, else TRL at
+    its defaults."""
+    return "trl+liger" if "liger" in trainer.split("@")[0].split("+")[1:] else "trl"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-1b", choices=list(MODELS) + list(VLM_MODELS),
@@ -209,13 +216,20 @@ def main(argv=None):
                 if rnd == args.repeat - 1:
                     rows.append(r)
                 append_csv(path, {**r, "pairs": args.pairs, **meta})
-    print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | speedup vs TRL |")
+    # Like against like: each trainer over TRL at the same Liger setting (trl+liger for a +liger trainer, else trl);
+    # blank where that TRL run is not among the trainers.
+    print("\n| dataset | trainer | pairs/s | unique tok/s | peak GiB | MFU | x TRL, same Liger setting |")
     print("|---|---|---|---|---|---|---|")
-    base = {r["dataset"]: r["pairs_per_s"] for r in rows if r["trainer"] == "trl"}  # TRL at its defaults
+    base = {(r["dataset"], r["trainer"]): r["pairs_per_s"] for r in rows if r["trainer"] in ("trl", "trl+liger")}
+
+    def speedup(r):
+        b = base.get((r["dataset"], trl_counterpart(r["trainer"])))
+        return None if b is None else r["pairs_per_s"] / b
+
     for r in rows:
-        sp = r["pairs_per_s"] / base[r["dataset"]] if r["dataset"] in base else float("nan")
+        sp = speedup(r)
         print(f"| {r['dataset']} | {r['trainer']} | {r['pairs_per_s']:.2f} | {r['unique_tokens_per_s']:.0f} | "
-              f"{r['peak_mem_gib']:.1f} | {100 * r['mfu']:.1f}% | {sp:.2f}x |")
+              f"{r['peak_mem_gib']:.1f} | {100 * r['mfu']:.1f}% | {'' if sp is None else f'{sp:.2f}x'} |")
     print(meta)
     try:
         import matplotlib
@@ -223,15 +237,15 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [t for t in args.trainers if t != "trl"]
+        names = [t for t in args.trainers if t not in ("trl", "trl+liger")]
         fig, ax = plt.subplots(figsize=(9, 4))
         for i, n in enumerate(names):
-            ys = [next((r["pairs_per_s"] / base[d] for r in rows if r["trainer"] == n and r["dataset"] == d
-                        and d in base), 0) for d in args.datasets]
+            ys = [next((speedup(r) or 0 for r in rows if r["trainer"] == n and r["dataset"] == d), 0)
+                  for d in args.datasets]
             ax.bar([x + 0.8 * i / len(names) for x in range(len(args.datasets))], ys, 0.8 / len(names), label=n)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(args.datasets)), args.datasets, rotation=20)
-        ax.set_ylabel("pairs/s vs trl.DPOTrainer")
+        ax.set_ylabel("pairs/s vs trl.DPOTrainer, same Liger setting")
         ax.set_title(f"{args.model}, {args.pairs} pairs/step, bf16, {meta['gpu']}")
         ax.legend()
         fig.tight_layout()
