@@ -195,13 +195,20 @@ def test_auto_picks_triton_on_hopper():
         assert resolve_backend("auto", torch.device(DEV), torch.bfloat16, 128) == "triton"
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("compile_first", [False, True], ids=["eager_first", "compile_first"])
+def test_torch_compile_traces_the_op(compile_first):
+    """Also on a fresh layout whose tables the compiled call is the first to need (built outside the graph)."""
+    torch._dynamo.reset()
     layout = PrefixLayout.from_lengths([100, 5], [[30, 40], [7]], device=DEV)
     q, k, v = (torch.randn(layout.total_tokens, h, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
                for h in (4, 2, 2))
     f = _triton(layout)
-    ref = f(q, k, v)
-    out = torch.compile(f)(q, k, v)
+    if compile_first:
+        out = torch.compile(f)(q, k, v)
+        ref = f(q, k, v)
+    else:
+        ref = f(q, k, v)
+        out = torch.compile(f)(q, k, v)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
