@@ -156,7 +156,7 @@ def _fa4_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, do.contiguous(), lse, scale, True, softcap,
                                  window_size_left=None if window_left < 0 else window_left, cu_seqlens_q=cu_q,
                                  cu_seqlens_k=cu_k, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                                 dlse=None if dlse is None else dlse.float().contiguous())
+                                 dlse=None if dlse is None else dlse.to(lse.dtype).contiguous())
     return dq, dk, dv
 
 
@@ -170,6 +170,9 @@ def _setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.max_len, ctx.scale, ctx.window_left, ctx.softcap = max_len, scale, window_left, softcap
+    # An unused lse (no sinks) then reaches the backward as None, not as zeros: FlashAttention-4's backward takes no
+    # dlse on that path, as benchmarked (and some of its kernels refuse one).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dlse):
