@@ -237,3 +237,21 @@ def test_prefix_attention_dispatch(monkeypatch):
     assert tsch.Segments in layout.cached_keys()
     ref = prefix_attention(q, k, v, PrefixLayout.from_lengths([9, 0], [[4, 6], [3]]), backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_tables_inside_a_compiled_graph(dynamic):
+    """Inside a torch.compile graph the tables are built eagerly on a miss (the graph breaks there) and read on a hit,
+    also with dynamic shapes (accelerate's ACCELERATE_DYNAMO_USE_DYNAMIC), and they are the tables of an eager call."""
+    torch._dynamo.reset()
+    layout = PrefixLayout.from_lengths([40, 3], [[9, 20], [5]])
+    tile = CPU_CFG.tile_shape
+
+    def f(x, tile):  # the tile sizes as inputs: under dynamic shapes dynamo makes such ints symbolic
+        return x + sch.build_tables(layout, tile).fwd.sum()
+
+    x = torch.zeros(3)
+    miss = torch.compile(f, dynamic=dynamic)(x, tile)
+    hit = torch.compile(f, dynamic=dynamic)(x, tile)
+    want = sch.build_tables(PrefixLayout.from_lengths([40, 3], [[9, 20], [5]]), tile).fwd.sum()
+    assert miss.tolist() == hit.tolist() == [want.item()] * 3

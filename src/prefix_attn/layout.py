@@ -208,11 +208,10 @@ class PrefixLayout:
         """What ``build()`` returned for ``key`` on this layout, built now if it was not yet; with ``build=None``
         only a look (None if absent). The tables derived from the lengths live here, one per key, for the layout's
         lifetime; each key belongs to the module that builds its value (a string for this module's own tables)."""
-        if key not in self._cache:
-            if build is None:
-                return None
-            self._cache[key] = build()
-        return self._cache[key]
+        value = self._cache.get(key)  # one read: inside a compiled graph a hit is a plain dict lookup
+        if value is None and build is not None:
+            value = self._cache[key] = build()
+        return value
 
     def cached_keys(self) -> frozenset:
         """The keys of everything derived and cached so far (e.g. to check that a captured computation built
