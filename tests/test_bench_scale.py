@@ -64,3 +64,16 @@ def test_dry_run_micro_batches_are_whole_prompts(bench, capsys):
     assert r["row_tokens"] == [bench.unique_tokens(48, 6, 4) + 4 - 1]
     assert r["responses_deduplicated_frac"] == pytest.approx(1 - 4 / 12)
     assert "each one prompt's pairs: True" in capsys.readouterr().out
+
+
+def test_csv_rows_never_land_under_another_header(tmp_path, capsys):
+    from prefixdpo.benchmarks import append_csv
+
+    path = str(tmp_path / "bench.csv")
+    append_csv(path, {"a": 1, "b": 2})
+    append_csv(path, {"a": 3, "b": 4})
+    append_csv(path, {"a": 5, "c": 6})  # an older file's columns differ: a file of its own
+    append_csv(path, {"a": 7, "c": 8})
+    assert (tmp_path / "bench.csv").read_text().split() == ["a,b", "1,2", "3,4"]
+    assert (tmp_path / "bench.1.csv").read_text().split() == ["a,c", "5,6", "7,8"]
+    assert "this row goes to" in capsys.readouterr().out

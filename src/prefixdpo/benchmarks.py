@@ -343,7 +343,17 @@ def run_metadata() -> dict:
 
 def append_csv(path: str, row: dict) -> None:
     """Append ``row`` to the CSV at ``path`` (header first if new): a row at a time, so a run cut short keeps what it
-    measured."""
+    measured. Where ``path`` holds a header of other columns (an older version of the script), the row goes to
+    ``<path stem>.<n>.csv``, the first such file that is new or has this row's columns, and a line says so."""
+    stem, n = path[:-4] if path.endswith(".csv") else path, 0
+    while os.path.exists(path) and os.path.getsize(path):
+        with open(path, newline="") as f:
+            if next(csv.reader(f), []) == list(row):
+                break
+        n += 1
+        path = f"{stem}.{n}.csv"
+    if n:
+        print(f"CSV with other columns at {stem}.csv: this row goes to {path}", flush=True)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if f.tell() == 0:
