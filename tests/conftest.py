@@ -24,6 +24,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 VOCAB_WORDS = 120
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package: the tests load them by path)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
 
 import pytest
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_scale.py")
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_scale")
 
 
 def test_two_completions_are_one_pair_per_prompt(bench):

@@ -5,6 +5,7 @@
 import random
 
 import pytest
+from conftest import load_script
 
 from prefixdpo.data.collator import PACKED_KEY, PrefixPackingCollator
 from prefixdpo.data.packing import RowTally, pack_pairs, pair_shapes
@@ -81,27 +82,16 @@ def test_responses_deduplicated_frac_by_definition():
         predict_sharing([[]])
 
 
-def _bench_e2e():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_bench_compares_like_with_like():
     # Each trainer's speed-up is over TRL at the same Liger setting.
-    pick = _bench_e2e().trl_counterpart
+    pick = load_script("bench_e2e").trl_counterpart
     assert [pick(t) for t in ("ours-triton", "ours-triton+liger", "ours-fa4+graphs+liger@16384", "trl+liger",
                               "ours-triton+nogc")] == ["trl", "trl+liger", "trl+liger", "trl+liger", "trl"]
 
 
 def test_bench_all_pairs_shape_builds_on_cpu(capsys):
     # scripts/bench_e2e.py's ultrafeedback-allpairs shape (run on a GPU elsewhere): its data and forecast, no GPU.
-    bench = _bench_e2e()
+    bench = load_script("bench_e2e")
     data = bench.make_data("ultrafeedback-allpairs", 10, seed=0)
     assert len(data) == 12 and len({d["prompt"] for d in data}) == 2  # whole prompts: 4 completions, all 6 pairs
     bench.main(["--dry-run", "--datasets", "ultrafeedback", "ultrafeedback-allpairs", "--steps", "1", "--warmup", "1"])
