@@ -206,6 +206,34 @@ def test_lfm2_moe_packed_logps_and_grads_equal_unshared():
     assert_packed_equals_alone(model, PrefixPackingCollator(pad_token_id=0)(examples), examples)
 
 
+@pytest.mark.parametrize("arch", ["lfm2", "lfm2_moe"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_short_convs_get_the_layout_from_a_decoder_layer_that_keeps_its_keywords(monkeypatch, arch, checkpointing):
+    # Some transformers releases' LFM2 decoder layers call their convolution with only the hidden states, the cache
+    # and the mask: the layout must still reach it (else the row runs as one sequence, each branch reading the one
+    # before it), under gradient checkpointing's recomputation too, and in a deep copy of the packed model.
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    conv_class = getattr(module, "Lfm2MoeShortConv" if arch == "lfm2_moe" else "Lfm2ShortConv")
+    kept = ("hidden_states", "past_key_values", "cache", "attention_mask")
+    monkeypatch.setattr(conv_class, "__call__", lambda self, *a, **kw: torch.nn.Module.__call__(
+        self, *a, **{k: v for k, v in kw.items() if k in kept}))
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    examples = window_examples(6, seed=5)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    pm = copy.deepcopy(packed_model(model, "reference"))
+    got = packed_logps(pm, batch)
+    want = unshared_logps(model, examples)
+    assert rel(got, want) < 1e-5, (got, want)
+    ref = want.detach() + torch.randn_like(want)
+    for a, b in zip(grads(pm, dpo_loss(got, ref)), grads(model, dpo_loss(want, ref))):
+        assert rel(a, b) < 1e-4
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_families_deduplicated_row_equals_each_pair_alone(arch):
     model = tiny_model(arch, vocab_size=VOCAB, seed=2)

@@ -28,14 +28,7 @@ def test_packed_logps_and_grads_equal_unshared_on_gpu(arch, backend):
 
 def assert_packed_equals_alone_on_gpu(model, examples, backend):
     """Log-probs and the gradients of a DPO loss over them: the packed row against each prompt + response alone
-    through the unpatched model, on the GPU. cuDNN is off: for the unshared run's float32 ``nn.Conv1d`` (LFM2's short
-    convolutions) it may choose FFT or Winograd algorithms, whose rounding exceeds float32's, while the packed
-    convolution multiplies elementwise; without cuDNN both sides round as float32 does."""
-    with torch.backends.cudnn.flags(enabled=False):
-        _assert_packed_equals_alone(model, examples, backend)
-
-
-def _assert_packed_equals_alone(model, examples, backend):
+    through the unpatched model, on the GPU."""
     batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
     pm = packed_model(model, backend)
     got = packed_logps(pm, batch)

@@ -157,10 +157,19 @@ def enable_packed_forward(model, backend: str = "auto", ref_backend: str | None 
     model._prefixdpo_adapter_probe = _adapter_probe(model)
     original_attn = language_model_attention(model)
     install(model)
-    inner = model.forward
+    bound = model.forward
+    # The forward this one wraps, called on ``self``: a deep copy of the model (a reference model made from an
+    # installed policy) then runs its own weights, not the original's.
+    if isinstance(bound, types.MethodType) and bound.__self__ is model:
+        def inner_of(self):
+            return types.MethodType(bound.__func__, self)
+    else:
+        def inner_of(self):
+            return bound
 
-    @functools.wraps(inner)
+    @functools.wraps(bound)
     def forward(self, *args, **kwargs):
+        inner = inner_of(self)
         packed = kwargs.pop(PACKED_KEY, None)
         if packed is None:
             if language_model_attention(self) == ATTN_NAME:
