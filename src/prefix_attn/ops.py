@@ -115,9 +115,7 @@ _BACKENDS = {
     "reference": _Backend(_reference, features=ALL_FEATURES),
     "flex": _Backend(_flex, features=ALL_FEATURES),
     "triton": _Backend(_triton, _triton_supported, features=ALL_FEATURES),
-    # fa4's function takes window, softcap and return_lse (prefix_attn.fa4), but layers that need them go to triton
-    # until fa4's GPU tests of the options (tests/gpu/test_fa4_gpu.py) have passed.
-    "fa4": _Backend(_fa4, _fa4_supported),
+    "fa4": _Backend(_fa4, _fa4_supported, features=ALL_FEATURES),
     "triton_fp8": _Backend(_fp8(rotate=False), _fp8_supported, forward_only=True, features=frozenset({"window"})),
     "triton_fp8_rotate": _Backend(_fp8(rotate=True), _fp8_supported, forward_only=True,
                                   features=frozenset({"window"})),

@@ -13,12 +13,11 @@ import random
 
 import pytest
 import torch
-from conftest import random_layout, random_options, tiny_model
-from test_triton_gpu import AWKWARD, OPTION_CASES, _check
+from conftest import FAMILIES, random_layout, random_options, tiny_model
+from test_triton_gpu import AWKWARD, OPTION_CASES, _check, _with_options
 
 from prefix_attn import PrefixLayout, prefix_attention
-from prefix_attn.fa4 import fa4_prefix_attention
-from prefix_attn.ops import apply_sinks
+from prefix_attn.ops import resolve_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,17 +30,6 @@ DEV = "cuda"
 
 def _fa4(layout):
     return lambda q, k, v: prefix_attention(q, k, v, layout, backend="fa4")
-
-
-def _fa4_with_options(layout, window=None, softcap=None, sinks=False):
-    """The fa4 backend's function with the options, called directly: ``prefix_attention`` does not route layers
-    with options to fa4 until these tests have passed on a GPU."""
-    def run(q, k, v, s=None):
-        out, lse = fa4_prefix_attention(q, k, v, layout, window=layout.biting_window(window), softcap=softcap,
-                                        return_lse=True)
-        return out if s is None else apply_sinks(out, lse, s)
-
-    return run if sinks else (lambda q, k, v: run(q, k, v))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -59,14 +47,16 @@ def test_random_layouts_with_options(seed):
     layout = random_layout(rng, tokens=rng.choice([700, 1500, 2600]), device=DEV)
     opts = random_options(rng)
     hq, hkv = [(8, 2), (4, 4), (6, 3), (8, 1)][seed]
-    _check(_fa4_with_options(layout, **opts), layout, hq, hkv, 128, torch.bfloat16, seed,
+    _check(_with_options(layout, "fa4", **opts), layout, hq, hkv, 128, torch.bfloat16, seed,
            label=f"seed {seed} {opts}", **opts)
 
 
 @pytest.mark.parametrize("opts", OPTION_CASES, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
 def test_options_on_long_prefixes(opts):
     layout = PrefixLayout.from_lengths([1500, 300, 0], [[200, 129, 1, 64], [127, 128], [700]], device=DEV)
-    _check(_fa4_with_options(layout, **opts), layout, 8, 2, 128, torch.bfloat16, 7, label=f"fa4 {opts}", **opts)
+    needs = frozenset({"window": "window", "softcap": "softcap", "sinks": "return_lse"}[k] for k in opts)
+    assert resolve_backend("fa4", torch.device(DEV), torch.bfloat16, 128, needs) == "fa4"  # not handed to triton
+    _check(_with_options(layout, "fa4", **opts), layout, 8, 2, 128, torch.bfloat16, 7, label=f"fa4 {opts}", **opts)
 
 
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
@@ -75,15 +65,19 @@ def test_awkward_layouts(name, prefix, branches):
     _check(_fa4(layout), layout, 8, 2, 128, torch.bfloat16, 0, label=name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", *FAMILIES])
 def test_model_exactness_in_bf16(arch):
     """Per-pair log-probs and gradients of the packed row with fa4 against each pair alone, in bf16: the packed
-    error against the float32 unshared run may be at most twice the bf16 unshared run's own error (plus a floor)."""
+    error against the float32 unshared run may be at most twice the bf16 unshared run's own error (plus a floor).
+    The families run their options through fa4: windows of 48 positions that bite on these rows (LFM2 has none),
+    Gemma 2's soft-cap, gpt-oss's sinks."""
     from test_exactness import (PrefixPackingCollator, VOCAB, dpo_loss, grads, packed_logps, packed_model,
                                 random_examples)
     from test_model_gpu import to_cuda
 
     dims = dict(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    if arch in FAMILIES and arch != "lfm2":
+        dims["sliding_window"] = 48
     model32 = tiny_model(arch, vocab_size=VOCAB, seed=1, **dims).cuda()
     examples = random_examples(10, seed=5, max_prompt=200, max_resp=150)
     batch = to_cuda(PrefixPackingCollator(pad_token_id=0)(examples))
