@@ -184,6 +184,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(r["status"] == "ok" for r in rows):  # nothing to draw on log axes (every point ran out of memory)
+        print(f"no point trained: no plot ({path})")
+        return
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["trainer"] for r in rows):
         ok = [r for r in rows if r["trainer"] == name and r["status"] == "ok"]

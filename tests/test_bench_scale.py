@@ -72,3 +72,14 @@ def test_csv_rows_never_land_under_another_header(tmp_path, capsys):
     assert (tmp_path / "bench.csv").read_text().split() == ["a,b", "1,2", "3,4"]
     assert (tmp_path / "bench.1.csv").read_text().split() == ["a,c", "5,6", "7,8"]
     assert "this row goes to" in capsys.readouterr().out
+
+
+def test_plot_of_points_that_all_ran_out_of_memory_is_skipped(bench, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    row = {"trainer": "trl+liger", "model": "llama-8b+lora16", "prompt": 128000, "response": 512, "completions": 2,
+           "status": "oom", "pairs_per_s": "", "peak_mem_gib": ""}
+    bench.plot([row], tmp_path / "a.png")
+    assert "no point trained" in capsys.readouterr().out and not (tmp_path / "a.png").exists()
+    bench.plot([row, {**row, "prompt": 64000, "status": "ok", "pairs_per_s": 0.1, "peak_mem_gib": 90.0}],
+               tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0
