@@ -234,6 +234,36 @@ def test_short_convs_get_the_layout_from_a_decoder_layer_that_keeps_its_keywords
         assert rel(a, b) < 1e-4
 
 
+def test_a_layer_the_layout_does_not_reach_is_refused(monkeypatch):
+    # A transformers release whose attention modules do not pass their keyword arguments on to the attention
+    # function: the packed row must not silently run as one causal sequence.
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from prefixdpo.modeling.attention import packed_row
+
+    model = tiny_model("llama", vocab_size=VOCAB, seed=1)
+    examples = window_examples(3, seed=1)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    pm = packed_model(model, "reference")
+    packed_logps(pm, batch)  # fine as transformers is
+    original = LlamaAttention.forward
+    monkeypatch.setattr(LlamaAttention, "forward", lambda self, hidden_states, position_embeddings, attention_mask,
+                        **kw: original(self, hidden_states, position_embeddings, attention_mask))
+    with pytest.raises(RuntimeError, match="LlamaAttention ran inside a packed row without its prefix_layout"):
+        packed_logps(pm, batch)
+    monkeypatch.undo()
+    # The same for a short convolution called without one inside a packed row; outside one it is the layer's own.
+    from prefixdpo.modeling.recurrent import install_short_convs
+
+    conv = tiny_model("lfm2", vocab_size=VOCAB, seed=1)
+    install_short_convs(conv)
+    layer = conv.model.layers[0].conv
+    x = torch.randn(1, 5, conv.config.hidden_size)
+    assert layer(x).shape == x.shape
+    with packed_row(), pytest.raises(RuntimeError, match="ran inside a packed row without its prefix_layout"):
+        layer(x)
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_families_deduplicated_row_equals_each_pair_alone(arch):
     model = tiny_model(arch, vocab_size=VOCAB, seed=2)

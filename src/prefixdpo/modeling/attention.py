@@ -13,6 +13,8 @@ Features we cannot honour exactly are refused with an error naming them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +39,34 @@ def _options(kwargs) -> dict:
             "sinks": kwargs.get("sinks") if sinks is None else sinks}
 
 
+# How many packed rows are running (``packed_row``). Inside one, a layer called without the row's layout means the
+# model does not pass its keyword arguments down to that layer (a transformers release that drops them): it would
+# treat the whole row as one sequence, so it is refused instead.
+_packed_rows = [0]
+
+
+@contextlib.contextmanager
+def packed_row():
+    """Marks the forward of a packed row: attention layers (and short convolutions) that get no layout raise."""
+    _packed_rows[0] += 1
+    try:
+        yield
+    finally:
+        _packed_rows[0] -= 1
+
+
+def check_layout_reached(layer: torch.nn.Module) -> None:
+    """Raise if ``layer`` runs inside a packed row's forward without the row's layout."""
+    if _packed_rows[0]:
+        raise RuntimeError(
+            f"{type(layer).__name__} ran inside a packed row without its prefix_layout: this transformers version "
+            "does not pass the model's keyword arguments down to it, so it would attend across the whole row. "
+            "Please report the model and the transformers version.")
+
+
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     # Called without a layout (e.g. generate() after training): plain causal attention for one unpadded sequence.
+    check_layout_reached(module)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError(
             f"The model's attention implementation is {ATTN_NAME!r}, which runs packed prefix-shared rows. For padded "

@@ -25,7 +25,7 @@ import torch
 from prefix_attn import PrefixLayout, position_ids
 
 from ..data.collator import PACKED_KEY
-from .attention import ATTN_NAME, install, language_model_attention, set_language_model_attention
+from .attention import ATTN_NAME, install, language_model_attention, packed_row, set_language_model_attention
 from .positions import multi_axis_position_ids, rope_index_function
 
 _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -78,7 +78,7 @@ def packed_forward(model, packed: dict, *, backend: str = "auto", view_shape, in
     layout = packed.get("_layout")
     if layout is None or layout.device != device:
         layout = packed["_layout"] = PrefixLayout.from_dict(packed["layout"], device)
-    with _aux_loss_weights(model, layout, packed, kwargs) as call_kwargs:
+    with _aux_loss_weights(model, layout, packed, kwargs) as call_kwargs, packed_row():
         out = inner_forward(
             input_ids=packed["input_ids"],
             position_ids=_position_ids(model, packed, layout),

@@ -17,6 +17,8 @@ import torch
 from prefix_attn import PrefixLayout
 from prefix_attn.conv import prefix_causal_conv1d
 
+from .attention import check_layout_reached
+
 # Layer classes of in_proj -> B * x -> depthwise causal conv1d -> C * y -> out_proj (transformers' LFM2 models).
 SHORT_CONV_CLASSES = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 
@@ -26,6 +28,7 @@ def _packed_conv_forward(self, *args, **kwargs):
     layout comes as a keyword argument where the decoder layer passes its own down, else from ``_layer_forward``."""
     layout: PrefixLayout | None = kwargs.get("prefix_layout", self.__dict__.get("_prefixdpo_layout"))
     if layout is None:
+        check_layout_reached(self)
         return type(self).forward(self, *args, **kwargs)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if hidden.shape[-2] != layout.total_tokens:
