@@ -319,7 +319,7 @@ class PrefixDPOTrainer(DPOTrainer):
 
             enable_policy_graphs(policy)
         if self.ref_model is not None:
-            ref_model = self.accelerator.unwrap_model(self.ref_model)
+            ref_model = self.accelerator.unwrap_model(self.ref_model, keep_torch_compile=False)
             if self.args.use_liger_kernel:
                 # transformers' Trainer applies Liger's kernels to the policy only (when training starts); the frozen
                 # reference runs the same layers forward every step, so it gets them too (same config: TRL has
@@ -348,7 +348,8 @@ class PrefixDPOTrainer(DPOTrainer):
         return False
 
     def _packed_policy(self):
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        model = (self.accelerator.unwrap_model(self.model, keep_torch_compile=False) if hasattr(self, "accelerator")
+                 else self.model)
         return model.get_base_model() if is_peft_model(model) else model
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -487,7 +488,7 @@ class PrefixDPOTrainer(DPOTrainer):
         from peft import AutoPeftModelForCausalLM
 
         target = output_dir or os.path.join(self.args.output_dir, "merged")
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         base_path = getattr(model.peft_config[model.active_adapter], "base_model_name_or_path", None)
         if self.args.should_save:
             staged = checkpoints.staging_dir(target)
