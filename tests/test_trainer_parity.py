@@ -198,9 +198,14 @@ def test_bf16_autocast_matches_trl_to_bf16_precision(tmp_path):
             assert y[k] == pytest.approx(x[k], rel=2**-8), k
 
 
-def test_torch_compile_installs_into_the_compiled_model(tmp_path):
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_torch_compile_installs_into_the_compiled_model(tmp_path, monkeypatch, regional):
     # torch_compile wraps the model in torch's OptimizedModule before training starts; the packed forward goes into
-    # the module inside it. Dynamo's eager backend traces the same graphs as inductor without compiling kernels.
+    # the module inside it. Regional compilation instead makes an outer copy whose layers are compiled: that copy
+    # is the module called (the reference among them: were it left unpacked, its log-probs would round otherwise
+    # and the logged rewards differ). Dynamo's eager backend traces as inductor does without compiling kernels.
+    if regional:
+        monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
     kw = dict(torch_compile=True, torch_compile_backend="eager", max_steps=2)
     _, logs_trl = run(DPOTrainer, DPOConfig, tmp_path / "trl", DATA, **kw)
     _, logs_ours = run(PrefixDPOTrainer, PrefixDPOConfig, tmp_path / "ours", DATA, **kw)

@@ -319,7 +319,7 @@ class PrefixDPOTrainer(DPOTrainer):
 
             enable_policy_graphs(policy)
         if self.ref_model is not None:
-            ref_model = self.accelerator.unwrap_model(self.ref_model, keep_torch_compile=False)
+            ref_model = self._unwrapped(self.ref_model)
             if self.args.use_liger_kernel:
                 # transformers' Trainer applies Liger's kernels to the policy only (when training starts); the frozen
                 # reference runs the same layers forward every step, so it gets them too (same config: TRL has
@@ -347,9 +347,18 @@ class PrefixDPOTrainer(DPOTrainer):
                        "the models run without CUDA graphs", self.accelerator.distributed_type.value)
         return False
 
+    def _unwrapped(self, model):
+        """The module TRL's calls reach: accelerate's wrappers removed, and torch.compile's ``OptimizedModule``
+        (``torch_compile``), which routes every call to the module it holds. Regional compilation's outer copy is not
+        an ``OptimizedModule``: it is the module called, so it stays (``keep_torch_compile=False`` would return the
+        original behind it, which no call reaches)."""
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        model = self.accelerator.unwrap_model(model)
+        return model._orig_mod if isinstance(model, OptimizedModule) else model
+
     def _packed_policy(self):
-        model = (self.accelerator.unwrap_model(self.model, keep_torch_compile=False) if hasattr(self, "accelerator")
-                 else self.model)
+        model = self._unwrapped(self.model) if hasattr(self, "accelerator") else self.model
         return model.get_base_model() if is_peft_model(model) else model
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -488,7 +497,7 @@ class PrefixDPOTrainer(DPOTrainer):
         from peft import AutoPeftModelForCausalLM
 
         target = output_dir or os.path.join(self.args.output_dir, "merged")
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model = self._unwrapped(self.model)
         base_path = getattr(model.peft_config[model.active_adapter], "base_model_name_or_path", None)
         if self.args.should_save:
             staged = checkpoints.staging_dir(target)
