@@ -234,6 +234,30 @@ def test_short_convs_get_the_layout_from_a_decoder_layer_that_keeps_its_keywords
         assert rel(a, b) < 1e-4
 
 
+def test_short_convs_keep_the_forwards_set_on_their_layers():
+    # accelerate's device hooks (device_map="auto" puts them on the decoder layers) replace the layers' instance
+    # forwards: the packed model must still go through them. (A hook on a short convolution itself is not run by a
+    # packed call, which computes the convolution from the module's weights: offloading LFM2 is not supported.)
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = tiny_model("lfm2", vocab_size=VOCAB, seed=1)
+    for layer in model.model.layers:
+        add_hook_to_module(layer, Count())
+    examples = window_examples(3, seed=2)
+    pm = packed_model(model, "reference")
+    Count.calls = 0
+    got = packed_logps(pm, PrefixPackingCollator(pad_token_id=0)(examples))
+    assert Count.calls == len(model.model.layers)
+    assert rel(got, unshared_logps(model, examples)) < 1e-5
+
+
 def test_a_layer_the_layout_does_not_reach_is_refused(monkeypatch):
     # A transformers release whose attention modules do not pass their keyword arguments on to the attention
     # function: the packed row must not silently run as one causal sequence.

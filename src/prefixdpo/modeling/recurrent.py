@@ -29,7 +29,7 @@ def _packed_conv_forward(self, *args, **kwargs):
     layout: PrefixLayout | None = kwargs.get("prefix_layout", self.__dict__.get("_prefixdpo_layout"))
     if layout is None:
         check_layout_reached(self)
-        return type(self).forward(self, *args, **kwargs)
+        return _own_forward(self, *args, **kwargs)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if hidden.shape[-2] != layout.total_tokens:
         raise ValueError(f"{type(self).__name__}: a row of {hidden.shape[-2]} tokens with a layout of "
@@ -53,17 +53,25 @@ def _layer_forward(self, *args, **kwargs):
     for conv in self.children():
         if type(conv).__name__ in SHORT_CONV_CLASSES:
             conv._prefixdpo_layout = kwargs.get("prefix_layout")
-    return type(self).forward(self, *args, **kwargs)
+    return _own_forward(self, *args, **kwargs)
+
+
+def _own_forward(module, *args, **kwargs):
+    """The forward ``module`` had before ours: one set on the instance (accelerate's device hooks, say), else its
+    class's. Kept on the module, so a deep copy calls its own."""
+    previous = module.__dict__.get("_prefixdpo_previous_forward")
+    return previous(*args, **kwargs) if previous is not None else type(module).forward(module, *args, **kwargs)
 
 
 def install_short_convs(model: torch.nn.Module) -> int:
     """Make every short-convolution layer of ``model`` run packed calls through the layout (idempotent). Returns how
-    many layers it covers. The new forwards call the classes' own (no closure over a module), so a deep copy of the
-    model (TRL's reference model) runs its own weights."""
+    many layers it covers. The new forwards call the forwards they replace, kept on the modules (no closure over a
+    module), so a deep copy of the model (TRL's reference model) runs its own weights."""
     count = 0
     for parent in list(model.modules()):
         children = [m for m in parent.children() if type(m).__name__ in SHORT_CONV_CLASSES]
         if children and not getattr(parent, "_prefixdpo_packed", False):
+            parent._prefixdpo_previous_forward = parent.__dict__.get("forward")
             parent.forward = types.MethodType(_layer_forward, parent)
             parent._prefixdpo_packed = True
         for module in children:
@@ -71,6 +79,7 @@ def install_short_convs(model: torch.nn.Module) -> int:
             if conv.groups != conv.in_channels or conv.in_channels != conv.out_channels:
                 raise ValueError(f"{type(module).__name__}: expected a depthwise convolution")
             if not getattr(module, "_prefixdpo_packed", False):
+                module._prefixdpo_previous_forward = module.__dict__.get("forward")
                 module.forward = types.MethodType(_packed_conv_forward, module)
                 module._prefixdpo_packed = True
                 module._prefixdpo_layout = None
