@@ -352,10 +352,10 @@ class PrefixDPOTrainer(DPOTrainer):
         (``torch_compile``), which routes every call to the module it holds. Regional compilation's outer copy is not
         an ``OptimizedModule``: it is the module called, so it stays (``keep_torch_compile=False`` would return the
         original behind it, which no call reaches)."""
-        from torch._dynamo.eval_frame import OptimizedModule
+        from accelerate.utils import is_compiled_module
 
         model = self.accelerator.unwrap_model(model)
-        return model._orig_mod if isinstance(model, OptimizedModule) else model
+        return model._orig_mod if is_compiled_module(model) else model
 
     def _packed_policy(self):
         model = self._unwrapped(self.model) if hasattr(self, "accelerator") else self.model
