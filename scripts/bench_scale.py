@@ -1,19 +1,22 @@
 """How far one GPU goes: long prompts against trl.DPOTrainer, pairs/s and memory as the prompt grows.
 
 Each point trains a random-init model of a real shape (bf16, gradient checkpointing, a live reference model or, with
-LoRA, the base with adapters off, TRL's settings otherwise) on micro-batches of one prompt of ``P`` tokens each, with
-``--completions`` K distinct responses of ``--response`` tokens to it, and times ``--steps`` optimizer steps (one
-micro-batch each) after ``--warmup``. K = 2 (default): one pair per micro-batch. K > 2: all K(K-1)/2 pairs of the
-prompt (chosen: the response of lower index) form one micro-batch for both trainers (per_device_train_batch_size =
-K(K-1)/2); TRL runs prompt + response for each side of each pair, 2 * K(K-1)/2 sequences, ours keeps the pairs of a
-prompt together (``group_by_prompt: auto``) and runs the prompt once and each distinct response once. A point that
-runs out of memory is recorded as such and the grid goes on.
+LoRA, the base with adapters off, TRL's settings otherwise) on prompts of ``P`` tokens, each with ``--completions`` K
+distinct responses of ``--response`` tokens to it, and times ``--steps`` optimizer steps after ``--warmup``. A
+micro-batch holds ``--micro-prompts`` N prompts with all their pairs; an optimizer step ``--step-prompts`` S prompts
+(gradient accumulation over S / N micro-batches; default S = N). K = 2 (default): a prompt is one pair, so ``N = 1,
+S = 8`` is one pair per micro-batch accumulated to 8 pairs per step, and a list of N (``--micro-prompts 1 2 4 8``)
+finds the most pairs per micro-batch that fit. K > 2: all K(K-1)/2 pairs of a prompt (chosen: the response of lower
+index) go into one micro-batch for both trainers (per_device_train_batch_size = N * K(K-1)/2); TRL runs prompt +
+response for each side of each pair, 2 * K(K-1)/2 sequences a prompt, ours keeps the pairs of a prompt together
+(``group_by_prompt: auto``) and runs the prompt once and each distinct response once. A point that runs out of memory
+is recorded as such and the grid goes on.
 
-Per point: pairs/s (pairs, not micro-batches), unique tokens/s (per micro-batch the prompt once plus K responses with
+Per point: pairs/s (pairs, not micro-batches), unique tokens/s (per prompt the prompt once plus K responses with
 their eos), peak memory, and MFU in two parts over the bf16 matmul rate measured at the start: matmul FLOPs (8N per
 unique token, 6N with LoRA; N = parameters that multiply activations; the same useful work for both trainers:
 TRL's repeated prompts count as lost MFU) and attention FLOPs (the pairs each trainer's attention must compute per
-micro-batch: TRL each of its 2 * K(K-1)/2 sequences of prompt + response causally, ours the prompt once causally and
+prompt: TRL each of its 2 * K(K-1)/2 sequences of prompt + response causally, ours the prompt once causally and
 each of the K responses over the prompt and itself; forward 4 * Hq * D per (query, key) pair and layer, a policy step
 3.5x that with checkpointing's recomputation counted once, the reference forward 1x). For ours each row also records
 the ``prefix_sharing/*`` fractions the trainer logged, so a run whose pairs were not grouped as planned shows.
@@ -23,6 +26,7 @@ the ``prefix_sharing/*`` fractions the trainer logged, so a run whose pairs were
     python scripts/bench_scale.py --model llama-8b --lora 16 --prompts 16000 32000 \\
         --trainers trl+liger ours-triton+liger
     python scripts/bench_scale.py --prompts 32000 --completions 4 --trainers trl+liger ours-triton+liger ours-fa4+liger
+    python scripts/bench_scale.py --prompts 16000 --micro-prompts 1 8 --step-prompts 8  # accumulation vs one batch
     python scripts/bench_scale.py --dry-run --prompts 32000 --completions 4  # CPU: data, micro-batches, counts
 
 Writes ``bench_scale.csv`` (a row per point, with the GPU, versions, date and command) and ``bench_scale_*.png``
@@ -84,7 +88,7 @@ def attention_pairs(prompt: int, response: int, trl: bool, completions: int = 2)
     return prompt * (prompt + 1) // 2 + completions * (r * prompt + r * (r + 1) // 2)
 
 
-def run_point(name: str, prompt: int, args, tok, peak: float) -> dict:
+def run_point(name: str, prompt: int, micro: int, args, tok, peak: float) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     shape = {**MODELS[args.model], **LONG_CONTEXT}
@@ -96,26 +100,27 @@ def run_point(name: str, prompt: int, args, tok, peak: float) -> dict:
     ref, peft_config = reference_and_adapters(model, args.lora)
     k = args.completions
     pairs = pairs_per_prompt(k)
-    common = dict(output_dir=f"/tmp/bench_scale/{name}-{prompt}", report_to="none", bf16=True,
-                  per_device_train_batch_size=pairs, gradient_accumulation_steps=1,
+    step = step_prompts(micro, args)
+    common = dict(output_dir=f"/tmp/bench_scale/{name}-{prompt}-{micro}", report_to="none", bf16=True,
+                  per_device_train_batch_size=micro * pairs, gradient_accumulation_steps=step // micro,
                   max_steps=args.steps + args.warmup, logging_steps=1, save_strategy="no", gradient_checkpointing=True,
                   max_length=None, disable_tqdm=True)
     if args.optim:
         common["optim"] = args.optim
     timer = StepTimer()
-    # A prompt per step. TRL's random order mixes the pairs of different prompts in a micro-batch, which costs it the
-    # same (all prompts and all responses are of one length); ours keeps each prompt's pairs together.
-    data = pair_data(prompt, args.response, args.steps + args.warmup, k)
+    # ``step`` prompts per step. TRL's random order mixes the pairs of different prompts in a micro-batch, which costs it
+    # the same (all prompts and all responses are of one length); ours keeps each prompt's pairs together.
+    data = pair_data(prompt, args.response, (args.steps + args.warmup) * step, k)
     trainer = build_trainer(name, model, ref, data, tok, common, peft_config, callbacks=[timer.callback])
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     steps_s = args.steps / (timer.times[-1] - timer.times[args.warmup - 1])
-    unique = unique_tokens(prompt, args.response, k)
+    unique = step * unique_tokens(prompt, args.response, k)
     trl = name.split("+")[0] == "trl"
     heads, head_dim = shape["num_attention_heads"], shape["hidden_size"] // shape["num_attention_heads"]
-    attn = 4 * heads * head_dim * shape["num_hidden_layers"] * attention_pairs(prompt, args.response, trl, k)
+    attn = 4 * heads * head_dim * shape["num_hidden_layers"] * step * attention_pairs(prompt, args.response, trl, k)
     attn_flops_per_step = attn * (3.5 + 1)  # policy forward + recompute + backward (3.5x), reference forward
     mm_flops_per_step = unique * (6 if args.lora else 8) * n_params
     mem = torch.cuda.max_memory_allocated() / 2**30
@@ -130,18 +135,24 @@ def run_point(name: str, prompt: int, args, tok, peak: float) -> dict:
     if not trl and dedup != "" and abs(dedup - expected) > 1e-6:
         print(f"WARNING {name} P={prompt}: responses_deduplicated_frac {dedup:.3f}, not {expected:.3f}: the pairs of "
               "a prompt did not share a micro-batch, and the accounting above does not hold", flush=True)
-    values = (steps_s * pairs, steps_s * unique, steps_s * mm_flops_per_step / (peak * 1e12),
+    values = (steps_s * step * pairs, steps_s * unique, steps_s * mm_flops_per_step / (peak * 1e12),
               steps_s * attn_flops_per_step / (peak * 1e12), mem, logged["tokens_saved_frac"], dedup)
-    return {**point_key(name, prompt, args), "status": "ok", **dict(zip(METRICS, values))}
+    return {**point_key(name, prompt, micro, args), "status": "ok", **dict(zip(METRICS, values))}
 
 
 METRICS = ("pairs_per_s", "unique_tokens_per_s", "mfu_matmul", "mfu_attention", "peak_mem_gib", "tokens_saved_frac",
            "responses_deduplicated_frac")
 
 
-def point_key(name: str, prompt: int, args) -> dict:
-    return {"trainer": name, "model": args.model + (f"+lora{args.lora}" if args.lora else ""), "prompt": prompt,
-            "response": args.response, "completions": args.completions}
+def step_prompts(micro: int, args) -> int:
+    """Prompts per optimizer step: --step-prompts, or one micro-batch's ``micro`` without it."""
+    return args.step_prompts or micro
+
+
+def point_key(name: str, prompt: int, micro: int, args) -> dict:
+    return {"trainer": name, "model": args.model + (f"+lora{args.lora}" if args.lora else "")
+            + (f"+{args.optim}" if args.optim else ""), "prompt": prompt, "response": args.response,
+            "completions": args.completions, "micro_prompts": micro, "step_prompts": step_prompts(micro, args)}
 
 
 def dry_run(args, tok) -> list[dict]:
@@ -152,26 +163,30 @@ def dry_run(args, tok) -> list[dict]:
     from prefixdpo.data.sharing import predict_sharing
 
     k, pairs = args.completions, pairs_per_prompt(args.completions)
+    if len(args.micro_prompts) != 1:
+        raise SystemExit("--dry-run takes one --micro-prompts")
+    (micro,) = args.micro_prompts
     config = PrefixDPOConfig(output_dir="/tmp/bench_scale", report_to="none", bf16=False, use_cpu=True,
-                             per_device_train_batch_size=pairs, max_length=None)
+                             per_device_train_batch_size=micro * pairs, max_length=None)
     ids = lambda text: tok(text)["input_ids"]  # noqa: E731  (word-level: TRL's tokenization of these texts)
     out = []
     for prompt in args.prompts:
-        data = pair_data(prompt, args.response, args.steps + args.warmup, k)
+        data = pair_data(prompt, args.response, (args.steps + args.warmup) * step_prompts(micro, args), k)
         tokenized = [{"prompt_ids": ids(d["prompt"]), "chosen_ids": ids(d["chosen"]) + [tok.eos_token_id],
                       "rejected_ids": ids(d["rejected"]) + [tok.eos_token_id]} for d in data]
         groups = prompt_groups(tokenized)
         batches = training_micro_batches(tokenized, config)
         f = predict_sharing([[tokenized[i] for i in b] for b in batches])
         r = {"prompt": prompt, "completions": k, "pairs": len(data), "prompts": len(groups),
-             "micro_batches": len(batches), "whole_groups": sorted(map(sorted, batches)) == sorted(groups),
-             "unique_tokens": unique_tokens(prompt, args.response, k), "row_tokens": sorted(set(f.row_tokens)),
+             "micro_batches": len(batches),
+             "whole_groups": all(sum(set(g) <= set(b) for b in batches) == 1 for g in groups),
+             "unique_tokens": micro * unique_tokens(prompt, args.response, k), "row_tokens": sorted(set(f.row_tokens)),
              "tokens_saved_frac": f.tokens_saved_frac, "responses_deduplicated_frac": f.responses_deduplicated_frac,
              "attention_trl_over_ours": attention_pairs(prompt, args.response, True, k)
              / attention_pairs(prompt, args.response, False, k)}
         out.append(r)
         print(f"P={prompt} K={k}: {r['pairs']} pairs of {r['prompts']} prompts in {r['micro_batches']} micro-batches "
-              f"of {pairs} (each one prompt's pairs: {r['whole_groups']}); {r['unique_tokens']} unique tokens per "
+              f"of {micro * pairs} (each prompt's pairs in one: {r['whole_groups']}); {r['unique_tokens']} unique tokens per "
               f"micro-batch, packed row {r['row_tokens']}; tokens_saved_frac {r['tokens_saved_frac']:.3f}, "
               f"responses_deduplicated_frac {r['responses_deduplicated_frac']:.3f}; attention pairs TRL / ours "
               f"{r['attention_trl_over_ours']:.2f}", flush=True)
@@ -188,11 +203,14 @@ def plot(rows, path):
         print(f"no point trained: no plot ({path})")
         return
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["trainer"] for r in rows):
-        ok = [r for r in rows if r["trainer"] == name and r["status"] == "ok"]
+    line_of = lambda r: (r["trainer"], r.get("micro_prompts", 1), r.get("step_prompts", 1))  # noqa: E731
+    batches = {line[1:] for line in map(line_of, rows)}
+    for line in dict.fromkeys(map(line_of, rows)):
+        name = line[0] if len(batches) == 1 else f"{line[0]} ({line[1]}/{line[2]} prompts per micro-batch/step)"
+        ok = [r for r in rows if line_of(r) == line and r["status"] == "ok"]
         ax_speed.plot([r["prompt"] for r in ok], [r["pairs_per_s"] for r in ok], marker="o", label=name)
         ax_mem.plot([r["prompt"] for r in ok], [r["peak_mem_gib"] for r in ok], marker="o", label=name)
-        oom = [r["prompt"] for r in rows if r["trainer"] == name and r["status"] == "oom"]
+        oom = [r["prompt"] for r in rows if line_of(r) == line and r["status"] == "oom"]
         if oom:
             ax_mem.scatter(oom, [0] * len(oom), marker="x", label=f"{name}: out of memory")
     for ax, label in ((ax_speed, "pairs/s"), (ax_mem, "peak GiB")):
@@ -201,8 +219,8 @@ def plot(rows, path):
         ax.legend(fontsize=8)
     ax_speed.set_yscale("log")
     k = rows[0]["completions"]
-    batch = "one pair" if k == 2 else f"{k} responses, all {pairs_per_prompt(k)} pairs of a prompt"
-    fig.suptitle(f"{rows[0]['model']}: {batch} per micro-batch, responses of {rows[0]['response']} tokens")
+    batch = "one pair" if k == 2 else f"{k} responses, all {pairs_per_prompt(k)} pairs"
+    fig.suptitle(f"{rows[0]['model']}: {batch} per prompt, responses of {rows[0]['response']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -218,6 +236,10 @@ def main(argv=None):
                     help="responses per prompt; all K(K-1)/2 pairs of a prompt form one micro-batch (default 2: one "
                     "pair)")
     ap.add_argument("--trainers", nargs="+", default=["trl+liger", "ours-triton+liger"])
+    ap.add_argument("--micro-prompts", type=int, nargs="+", default=[1], metavar="N",
+                    help="prompts (each with its K(K-1)/2 pairs) per micro-batch; several: a point each (default 1)")
+    ap.add_argument("--step-prompts", type=int, default=None, metavar="S",
+                    help="prompts per optimizer step, by gradient accumulation over S / N micro-batches (default: N)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--optim", default=None, help="e.g. adafactor, for a full 8B fine-tune on one GPU")
@@ -229,6 +251,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.completions < 2:
         ap.error("--completions needs at least 2 responses per prompt")
+    if args.step_prompts and any(args.step_prompts % n for n in args.micro_prompts):
+        ap.error(f"--step-prompts {args.step_prompts} is not a multiple of every --micro-prompts {args.micro_prompts}")
     tok = make_tokenizer()
     if args.dry_run:
         return dry_run(args, tok)
@@ -237,36 +261,39 @@ def main(argv=None):
     print(f"bf16 matmul: {peak:.0f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
     meta = run_metadata()
     rows = []
-    for prompt in args.prompts:
-        for name in args.trainers:
-            if f"{name}@{prompt}" in args.skip:
-                continue
-            try:
-                with llama_module_restored():
-                    r = run_point(name, prompt, args, tok, peak)
-            except torch.cuda.OutOfMemoryError:
-                # The columns of a measured row, empty: the CSV's header is the first row's keys.
-                r = {**point_key(name, prompt, args), "status": "oom", **dict.fromkeys(METRICS, "")}
-                gc.collect()
-                torch.cuda.empty_cache()
-            rows.append(r)
-            append_csv(os.path.join(args.out, "bench_scale.csv"), {**r, **meta})
-            if r["status"] == "ok":
-                print(f"{r['model']:16s} P={prompt:6d} K={args.completions} {name:22s} {r['pairs_per_s']:7.3f} pairs/s "
-                      f"{r['unique_tokens_per_s']:8.0f} tok/s  MFU matmul {100 * r['mfu_matmul']:4.1f}% attention "
-                      f"{100 * r['mfu_attention']:4.1f}%  {r['peak_mem_gib']:6.1f} GiB", flush=True)
-            else:
-                print(f"{r['model']:16s} P={prompt:6d} K={args.completions} {name:22s} out of memory", flush=True)
+    for prompt, micro, name in itertools.product(args.prompts, args.micro_prompts, args.trainers):
+        if f"{name}@{prompt}" in args.skip:
+            continue
+        try:
+            with llama_module_restored():
+                r = run_point(name, prompt, micro, args, tok, peak)
+        except torch.cuda.OutOfMemoryError:
+            # The columns of a measured row, empty: the CSV's header is the first row's keys.
+            r = {**point_key(name, prompt, micro, args), "status": "oom", **dict.fromkeys(METRICS, "")}
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(r)
+        append_csv(os.path.join(args.out, "bench_scale.csv"), {**r, **meta})
+        where = f"{r['model']:16s} P={prompt:6d} K={args.completions} N={micro}/{r['step_prompts']} {name:22s}"
+        if r["status"] == "ok":
+            print(f"{where} {r['pairs_per_s']:7.3f} pairs/s {r['unique_tokens_per_s']:8.0f} tok/s  MFU matmul "
+                  f"{100 * r['mfu_matmul']:4.1f}% attention {100 * r['mfu_attention']:4.1f}%  "
+                  f"{r['peak_mem_gib']:6.1f} GiB", flush=True)
+        else:
+            print(f"{where} out of memory", flush=True)
     suffix = ("_lora" if args.lora else "") + (f"_k{args.completions}" if args.completions > 2 else "")
     plot(rows, os.path.join(args.out, f"bench_scale_{args.model}{suffix}.png"))
-    print("\n| model | prompt | K | trainer | pairs/s | tok/s | MFU matmul | MFU attn | peak GiB | x first trainer |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | prompt | K | prompts per micro-batch / step | trainer | pairs/s | tok/s | MFU matmul | MFU attn "
+          "| peak GiB | x first trainer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        first = next((x for x in rows if x["prompt"] == r["prompt"] and x["status"] == "ok"), None)
+        same = ("prompt", "micro_prompts")
+        first = next((x for x in rows if all(x[c] == r[c] for c in same) and x["status"] == "ok"), None)
+        batch = f"{r['micro_prompts']} / {r['step_prompts']}"
         if r["status"] != "ok":
-            print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {r['trainer']} | OOM | | | | | |")
+            print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {batch} | {r['trainer']} | OOM | | | | | |")
             continue
-        print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {r['trainer']} | {r['pairs_per_s']:.3f} | "
+        print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {batch} | {r['trainer']} | {r['pairs_per_s']:.3f} | "
               f"{r['unique_tokens_per_s']:.0f} | {100 * r['mfu_matmul']:.1f}% | {100 * r['mfu_attention']:.1f}% | "
               f"{r['peak_mem_gib']:.1f} | {r['pairs_per_s'] / first['pairs_per_s']:.2f} |")
 

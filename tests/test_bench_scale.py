@@ -58,7 +58,23 @@ def test_dry_run_micro_batches_are_whole_prompts(bench, capsys):
     # The packed row: the prompt once and each response once (its branch opens with the last prompt token).
     assert r["row_tokens"] == [bench.unique_tokens(48, 6, 4) + 4 - 1]
     assert r["responses_deduplicated_frac"] == pytest.approx(1 - 4 / 12)
-    assert "each one prompt's pairs: True" in capsys.readouterr().out
+    assert "each prompt's pairs in one: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_dry_run_several_prompts_per_micro_batch_with_accumulation(bench, k):
+    # N = 2 prompts per micro-batch, S = 4 per step: 2 steps of 2 micro-batches, each holding two whole prompts.
+    (r,) = bench.main(["--dry-run", "--prompts", "40", "--response", "5", "--completions", str(k), "--steps", "1",
+                       "--warmup", "1", "--micro-prompts", "2", "--step-prompts", "4"])
+    per_prompt = k * (k - 1) // 2
+    assert (r["pairs"], r["prompts"], r["micro_batches"]) == (8 * per_prompt, 8, 4) and r["whole_groups"]
+    assert r["unique_tokens"] == 2 * bench.unique_tokens(40, 5, k)
+    assert r["row_tokens"] == [r["unique_tokens"] + 2 * (k - 1)]
+
+
+def test_step_prompts_must_be_a_multiple_of_the_micro_batch(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--prompts", "40", "--micro-prompts", "1", "3", "--step-prompts", "4"])
 
 
 def test_csv_rows_never_land_under_another_header(tmp_path, capsys):
