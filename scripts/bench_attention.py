@@ -374,7 +374,7 @@ def main(argv=None):
         return bench(fwd), bench(fwdbwd)
 
     # ------------------------------------------------------------------ optional config sweep (SWEEP_VARIANTS)
-    base = ta.default_config(D, dtype, dev)
+    base = ta.default_config(D, dtype, dev, Hq // Hkv)  # the config a call with these heads gets
     best = base
     if args.sweep:
         best = run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu)

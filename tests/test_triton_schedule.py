@@ -28,13 +28,14 @@ if type(tsch.token_tile_kernel).__name__ != "InterpretedFunction":  # pragma: no
     pytest.skip("prefix_attn.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 CPU_CFG = ta.default_config(16, torch.float32, torch.device("cpu"))  # fwd 16x16, kv 32 keys x 16, dq 16x16
-GPU_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 128 keys x 64, dq 32x64
-GPU_G1_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=64, dq_block_m=128)  # a GQA group of 1
+GPU_CFG = CONFIGS["cuda_16bit"]  # fwd 16x64, kv 64 keys x 64, dq 16x64
+GPU_G1_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=64, dq_block_m=64)  # a GQA group of 1
+GPU_BEFORE_CFG = dataclasses.replace(GPU_CFG, kv_block_n=128, dq_block_m=32)  # the earlier 128-key KV tiles
 FP32_GPU_CFG = CONFIGS["cuda_fp32"]
 # query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
 SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
                                  dq_block_m=16, dq_block_n=64)
-CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, FP32_GPU_CFG, SKEWED_CFG]
+CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, GPU_BEFORE_CFG, FP32_GPU_CFG, SKEWED_CFG]
 
 
 NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq", "window_ranges", "kv_qmin")
@@ -255,3 +256,13 @@ def test_tables_inside_a_compiled_graph(dynamic):
     hit = torch.compile(f, dynamic=dynamic)(x, tile)
     want = sch.build_tables(PrefixLayout.from_lengths([40, 3], [[9, 20], [5]]), tile).fwd.sum()
     assert miss.tolist() == hit.tolist() == [want.item()] * 3
+
+
+@pytest.mark.parametrize("groups,tokens,fwd_warps,dq_warps", [(1, 64, 4, 4), (2, 32, 4, 4), (4, 16, 4, 4),
+                                                               (7, 8, 4, 4), (8, 8, 4, 4), (16, 8, 8, 8)])
+def test_gpu_default_config_packs_the_group_into_64_rows(groups, tokens, fwd_warps, dq_warps):
+    # The forward and dq programs hold `tokens` query tokens x next_pow2(groups) heads: 64 MMA rows on one warpgroup
+    # (so that two programs share an SM), down to 8-token tiles; a group of 16 takes 128 rows on two warpgroups.
+    cfg = ta.default_config(128, torch.bfloat16, torch.device("cuda"), groups)
+    assert (cfg.fwd_block_m, cfg.dq_block_m, cfg.fwd_warps, cfg.dq_warps) == (tokens, tokens, fwd_warps, dq_warps)
+    assert (cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps) == (64, 64, 4)

@@ -47,8 +47,8 @@ def make_layout(name: str, tokens: int, device):
 
 
 # Config variants timed by --sweep: name -> fields replaced on the default config (``default_config`` for a GQA group of
-# 4: forward 16 tokens x 64 keys, 4 warps, 3 stages, TMA; KV-major 64 queries x 128 keys, 8 warps, 2 stages; dq 32
-# tokens x 64 keys, 8 warps, 2 stages). *_block_m of the forward and dq kernels count TOKENS: the MMA has
+# 4: forward 16 tokens x 64 keys, 4 warps, 3 stages, TMA; KV-major 64 queries x 64 keys, 4 warps, 2 stages; dq 16
+# tokens x 64 keys, 4 warps, 2 stages). *_block_m of the forward and dq kernels count TOKENS: the MMA has
 # block_m x (Hq / Hkv) rows. The comments say what each is predicted to move (scripts/check_sm90_compile.py shows the
 # compiles: registers, spills, shared memory).
 SWEEP_VARIANTS = {
@@ -63,6 +63,16 @@ SWEEP_VARIANTS = {
     # overlap between programs, the one kind of overlap Triton 3.6 gives on Hopper without warp specialization)
     "doc_order_pack16_merged_n32": dict(fwd_block_n=32),
     "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3),
+    # the backward before: 128-key KV programs and 128-row dq programs of two warpgroups each, one program per SM
+    # (the default's one-warpgroup programs fit two per SM, so one program's softmax runs under the other's MMAs)
+    "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8),
+    # 3 stages of q/dO: more shared memory, one KV program per SM again
+    "bwd_kv_s3": dict(kv_stages=3),
+    # GQA groups of 5-8 (--heads 28 --kv-heads 4): 8-token tiles make the packed forward and dq programs 64 rows and
+    # one warpgroup, as for smaller groups, instead of 16 tokens x 8 heads over two warpgroups
+    "g8_fwd8_w4": dict(fwd_block_m=8, fwd_warps=4),
+    "g8_dq8_w4": dict(dq_block_m=8, dq_warps=4),
+    "g8_fwd8_dq8_w4": dict(fwd_block_m=8, fwd_warps=4, dq_block_m=8, dq_warps=4),
 }
 
 

@@ -122,9 +122,10 @@ def test_awkward_layouts(name, prefix, branches):
     _check(_triton(layout), layout, 8, 2, 128, torch.bfloat16, 1, label=name)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4)], ids=["mha", "g8", "g3", "g3x4"])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4), (28, 4), (16, 1)],
+                         ids=["mha", "g8", "g3", "g3x4", "g7", "g16"])
 def test_default_config_per_group_size(hq, hkv):
-    """default_config sizes the packed tiles from the GQA group (64 forward rows, 128 dq rows): every group size."""
+    """default_config sizes the packed tiles from the GQA group (64 forward rows, 64 dq rows): every group size."""
     layout = random_layout(random.Random(hq * 31 + hkv), tokens=1800, device=DEV)
     _check(_triton(layout), layout, hq, hkv, 128, torch.bfloat16, hq + hkv, label=f"{hq}/{hkv} heads")
 
@@ -138,7 +139,8 @@ GPU_VARIANTS = {
     "fwd_nontma": dict(fwd_tma=False),
     "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
     "bwd_nontma": dict(bwd_tma=False),
-    "dq_pack16_w4": dict(dq_block_m=16, dq_warps=4),
+    "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8),
+    "bwd_kv_s3": dict(kv_stages=3),
 }
 
 
@@ -155,7 +157,7 @@ def test_speed_variants(variant, name, prefix, branches, hq, hkv):
     _check(_triton(layout, config=cfg), layout, hq, hkv, 128, torch.bfloat16, 2, label=f"{variant} {name}")
 
 
-@pytest.mark.parametrize("variant", ["fwd_pack32_w8", "bwd_kv32_s3", "bwd_nontma", "fwd_nontma"])
+@pytest.mark.parametrize("variant", ["fwd_pack32_w8", "bwd_kv32_s3", "bwd_kv128_w8_dq32_w8", "bwd_nontma", "fwd_nontma"])
 def test_speed_variants_with_options(variant):
     from dataclasses import replace
 

@@ -60,11 +60,13 @@ class TritonAttentionConfig(IntFieldsConfig):
 # The configs ``default_config`` chooses from. On a GPU the packed kernels' *_block_m (query tokens per tile) is then
 # sized from the GQA group; the values here are those of a group of 4.
 CONFIGS = {
-    # 16-bit inputs on a GPU (head dims 64 and 128 alike): the fastest of the sweep of scripts/bench_attention.py
-    # --sweep on Hopper (docs/PERFORMANCE.md, "doc_order_all_pack16").
+    # 16-bit inputs on a GPU (head dims 64 and 128 alike): the fastest of the sweeps of scripts/bench_attention.py
+    # --sweep on Hopper (docs/PERFORMANCE.md). Every kernel runs one warpgroup per program, so that two programs share
+    # an SM and one's softmax runs under the other's MMAs: the overlap Triton gives on Hopper without warp
+    # specialization.
     "cuda_16bit": TritonAttentionConfig(
-        fwd_block_m=16, fwd_block_n=64, fwd_warps=4, fwd_stages=3, kv_block_m=64, kv_block_n=128, kv_warps=8,
-        kv_stages=2, dq_block_m=32, dq_block_n=64, dq_warps=8, dq_stages=2, fwd_tma=True, bwd_tma=True),
+        fwd_block_m=16, fwd_block_n=64, fwd_warps=4, fwd_stages=3, kv_block_m=64, kv_block_n=64, kv_warps=4,
+        kv_stages=2, dq_block_m=16, dq_block_n=64, dq_warps=4, dq_stages=2, fwd_tma=True, bwd_tma=True),
     # fp32 inputs on a GPU: smaller tiles (twice the bytes per element).
     "cuda_fp32": TritonAttentionConfig(
         fwd_block_m=16, fwd_block_n=32, fwd_warps=4, fwd_stages=2, kv_block_m=32, kv_block_n=64, kv_warps=4,
@@ -74,9 +76,10 @@ CONFIGS = {
         fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, kv_block_m=16, kv_block_n=32, kv_warps=4,
         kv_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4, dq_stages=1, fwd_tma=True, bwd_tma=True),
 }
-# MMA rows the packed kernels aim at on a GPU (tokens = rows / next_pow2(group), at least 16): 64 in the forward
-# (16 tokens x 4 heads: the sweep's fastest), 64 in the fp32 dq kernel, 128 in the 16-bit one; 8 warps beyond.
-_PACKED_ROWS = {"cuda_16bit": (64, 128), "cuda_fp32": (64, 64)}
+# MMA rows the packed kernels aim at on a GPU (tokens = rows / next_pow2(group), at least _MIN_TOKENS): 64 in the
+# forward and the dq kernel (16 tokens x 4 heads, 8 x 8: the sweeps' fastest); 8 warps beyond.
+_PACKED_ROWS = {"cuda_16bit": (64, 64), "cuda_fp32": (64, 64)}
+_MIN_TOKENS = 8
 _OVERRIDE: TritonAttentionConfig | None = None
 
 
@@ -100,7 +103,7 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, grou
 
 def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
     fwd_rows, dq_rows = _PACKED_ROWS[kind]
-    fwd_m, dq_m = max(fwd_rows // g, 16), max(dq_rows // g, 16)
+    fwd_m, dq_m = max(fwd_rows // g, _MIN_TOKENS), max(dq_rows // g, _MIN_TOKENS)
     cfg = CONFIGS[kind]
     return replace(cfg, fwd_block_m=fwd_m, fwd_warps=cfg.fwd_warps if fwd_m * g <= fwd_rows else 8,
                    dq_block_m=dq_m, dq_warps=cfg.dq_warps if dq_m * g <= dq_rows else 8)
