@@ -108,8 +108,8 @@ def run_point(name: str, prompt: int, micro: int, args, tok, peak: float) -> dic
     if args.optim:
         common["optim"] = args.optim
     timer = StepTimer()
-    # ``step`` prompts per step. TRL's random order mixes the pairs of different prompts in a micro-batch, which costs it
-    # the same (all prompts and all responses are of one length); ours keeps each prompt's pairs together.
+    # ``step`` prompts per step. TRL's random order mixes the pairs of different prompts in a micro-batch, which costs
+    # it the same (all prompts and all responses are of one length); ours keeps each prompt's pairs together.
     data = pair_data(prompt, args.response, (args.steps + args.warmup) * step, k)
     trainer = build_trainer(name, model, ref, data, tok, common, peft_config, callbacks=[timer.callback])
     gc.collect()
@@ -186,8 +186,8 @@ def dry_run(args, tok) -> list[dict]:
              / attention_pairs(prompt, args.response, False, k)}
         out.append(r)
         print(f"P={prompt} K={k}: {r['pairs']} pairs of {r['prompts']} prompts in {r['micro_batches']} micro-batches "
-              f"of {micro * pairs} (each prompt's pairs in one: {r['whole_groups']}); {r['unique_tokens']} unique tokens per "
-              f"micro-batch, packed row {r['row_tokens']}; tokens_saved_frac {r['tokens_saved_frac']:.3f}, "
+              f"of {micro * pairs} (each prompt's pairs in one: {r['whole_groups']}); {r['unique_tokens']} unique "
+              f"tokens per micro-batch, packed row {r['row_tokens']}; tokens_saved_frac {r['tokens_saved_frac']:.3f}, "
               f"responses_deduplicated_frac {r['responses_deduplicated_frac']:.3f}; attention pairs TRL / ours "
               f"{r['attention_trl_over_ours']:.2f}", flush=True)
     return out
@@ -242,7 +242,8 @@ def main(argv=None):
                     help="prompts per optimizer step, by gradient accumulation over S / N micro-batches (default: N)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--optim", default=None, help="e.g. adafactor, for a full 8B fine-tune on one GPU")
+    ap.add_argument("--optim", default=None, help="TRL's optim, e.g. adafactor: a full 8B fine-tune with AdamW (the "
+                    "default) fits a 141 GB GPU, not an 80 GB one")
     ap.add_argument("--skip", nargs="*", default=[], metavar="TRAINER@PROMPT",
                     help="points not to run (e.g. trl+liger@128000: too slow for the call)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -293,7 +294,8 @@ def main(argv=None):
         if r["status"] != "ok":
             print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {batch} | {r['trainer']} | OOM | | | | | |")
             continue
-        print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {batch} | {r['trainer']} | {r['pairs_per_s']:.3f} | "
+        print(f"| {r['model']} | {r['prompt']} | {r['completions']} | {batch} | {r['trainer']} | "
+              f"{r['pairs_per_s']:.3f} | "
               f"{r['unique_tokens_per_s']:.0f} | {100 * r['mfu_matmul']:.1f}% | {100 * r['mfu_attention']:.1f}% | "
               f"{r['peak_mem_gib']:.1f} | {r['pairs_per_s'] / first['pairs_per_s']:.2f} |")
 

@@ -93,7 +93,8 @@ MODELS = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                      max_position_embeddings=8192),
     # Llama-3-8B: 8.0B parameters; 16 GB of bf16 weights, so a full fine-tune with AdamW states and a separate
-    # reference copy does not fit an 80 GB GPU: run it with --lora (the reference is the base, adapters off).
+    # reference copy (~80 GB before activations) fits a 141 GB H200 but not an 80 GB GPU: there, --lora (the
+    # reference is the base, adapters off) or a smaller optimizer (bench_scale.py --optim adafactor).
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),

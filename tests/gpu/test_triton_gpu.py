@@ -157,7 +157,8 @@ def test_speed_variants(variant, name, prefix, branches, hq, hkv):
     _check(_triton(layout, config=cfg), layout, hq, hkv, 128, torch.bfloat16, 2, label=f"{variant} {name}")
 
 
-@pytest.mark.parametrize("variant", ["fwd_pack32_w8", "bwd_kv32_s3", "bwd_kv128_w8_dq32_w8", "bwd_nontma", "fwd_nontma"])
+@pytest.mark.parametrize("variant",
+                         ["fwd_pack32_w8", "bwd_kv32_s3", "bwd_kv128_w8_dq32_w8", "bwd_nontma", "fwd_nontma"])
 def test_speed_variants_with_options(variant):
     from dataclasses import replace
 
