@@ -109,21 +109,20 @@ VARIANTS = [
     _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
     _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
     _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
-    # KV-major backward (default: 64 queries x 128 keys, 8 warps, 2 stages, TMA)
+    # KV-major backward (default: 64 queries x 64 keys, 4 warps, 2 stages, TMA; two programs per SM)
+    _kv("kv 64x64 w4 s2 merged", 64, 64, 4, 2),
+    _kv("kv 64x64 w4 s3 merged", 64, 64, 4, 3),
     _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2),
-    _kv("kv 64x128 w8 s3 merged", 64, 128, 8, 3),
     _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3),
-    # dq kernel (default for a GQA group of 4: 32 tokens x 4 heads, 64 keys, 8 warps, 2 stages, TMA)
-    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
+    # dq kernel (default for a GQA group of 4: 16 tokens x 4 heads, 64 keys, 4 warps, 2 stages, TMA)
     _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2),
+    _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
     # The options at the default configs (the forward and dq kernels take a window through their tables alone).
     _fwd("fwd pack 16tok x64 w4 s3 merged softcap", 16, 64, 4, 3, softcap=SOFTCAP),
-    _kv("kv 64x128 w8 s2 merged softcap", 64, 128, 8, 2, softcap=SOFTCAP),
-    _kv("kv 64x128 w8 s2 merged window", 64, 128, 8, 2, window=WINDOW),
-    _kv("kv 64x128 w8 s2 merged window softcap", 64, 128, 8, 2, softcap=SOFTCAP, window=WINDOW),
-    _kv("kv 32x128 w8 s3 merged softcap", 32, 128, 8, 3, softcap=SOFTCAP),
-    _kv("kv 32x128 w8 s3 merged window softcap", 32, 128, 8, 3, softcap=SOFTCAP, window=WINDOW),
-    _dq("dq pack 32tok x64 w8 s2 merged softcap", 32, 64, 8, 2, softcap=SOFTCAP),
+    _kv("kv 64x64 w4 s2 merged softcap", 64, 64, 4, 2, softcap=SOFTCAP),
+    _kv("kv 64x64 w4 s2 merged window", 64, 64, 4, 2, window=WINDOW),
+    _kv("kv 64x64 w4 s2 merged window softcap", 64, 64, 4, 2, softcap=SOFTCAP, window=WINDOW),
+    _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged softcap", 16, 64, 4, 2, softcap=SOFTCAP),
 ]
 
 

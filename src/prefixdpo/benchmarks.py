@@ -395,14 +395,22 @@ def compile_sm90(fn, types, consts, num_warps, num_stages):
 
 def ptxas_stats(ptx: str):
     """(registers, spill store bytes, spill load bytes, ptxas's output if it failed, whether it reports C7514) of
-    ``ptx`` assembled by Triton's bundled ptxas for sm_90a."""
+    ``ptx`` assembled for sm_90a by the ptxas Triton itself uses there."""
     import re
     import subprocess
     import tempfile
 
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:  # newer Triton bundles two ptxas and picks one per architecture (the older one rejects its PTX version)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            ptxas = get_ptxas(90).path
+        except TypeError:  # Triton releases whose get_ptxas takes no architecture
+            ptxas = get_ptxas().path
+    except ImportError:
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
         with open(p, "w") as f:
