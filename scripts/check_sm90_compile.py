@@ -9,6 +9,7 @@ any such overlap). Run on any machine with Triton (no GPU needed):
 
     python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
     python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"
+    python scripts/check_sm90_compile.py --exact --only "kv 64x64 w4 s2 merged"   # one variant
     python scripts/check_sm90_compile.py --dump DIR      # also write each variant's ttgir / ptx to DIR
 
 Argument specialization mirrors the runtime's: pointers and strides divisible by 16 (``tt.divisibility``), ``T``
@@ -128,14 +129,15 @@ VARIANTS = [
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", nargs="+", default=[""], help="variants whose names contain any of these")
+    ap.add_argument("--exact", action="store_true", help="--only names whole variants")
     ap.add_argument("--dump", default=None)
     args = ap.parse_args(argv)
     print(f"# triton {triton.__version__}, target sm_90a, G={G} D={D} {DT}")
     print(f"{'variant':<44}{'wgmma':>6}{'tma ld':>7}{'cp.async':>9}{'smem KB':>8}{'regs':>5}{'spill st/ld B':>15}"
           f"{'ex2@mma':>8}{'ser':>4}")
     for name, fn, types, consts, w, s in VARIANTS:
-        if args.only not in name:
+        if not any(name == o if args.exact else o in name for o in args.only):
             continue
         try:
             k = compile_sm90(fn, types, consts, w, s)

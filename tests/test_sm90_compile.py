@@ -1,0 +1,48 @@
+"""The tuned Hopper configs compile for sm_90a with the Triton installed here (no GPU needed; the GPU tests are not in
+CI), and each default program fits twice per SM: the occupancy the configs are chosen for (triton/config.py).
+
+The compile runs in a subprocess: this process's kernels are Triton interpreter objects (conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+# The defaults for a GQA group of 4 (config.CONFIGS["cuda_16bit"]), as scripts/check_sm90_compile.py names them.
+DEFAULTS = ["fwd pack 16tok x64 w4 s3 merged", "kv 64x64 w4 s2 merged", "dq pack 16tok(x4=64 rows) x64 w4 s2 merged"]
+SM_SHARED_KB = 227  # shared memory an H100/H200 SM gives its blocks
+
+
+def test_default_programs_compile_for_sm90_and_fit_twice_per_sm():
+    from prefix_attn.triton.config import CONFIGS
+
+    cfg = CONFIGS["cuda_16bit"]
+    assert (cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_warps, cfg.fwd_stages) == (16, 64, 4, 3)
+    assert (cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps, cfg.kv_stages) == (64, 64, 4, 2)
+    assert (cfg.dq_block_m, cfg.dq_block_n, cfg.dq_warps, cfg.dq_stages) == (16, 64, 4, 2)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_sm90_compile.py"), "--exact", "--only",
+                        *DEFAULTS], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {}
+    for line in r.stdout.splitlines():
+        for name in DEFAULTS:
+            if line.startswith(name + " ") or line.startswith(name + "\t"):
+                rows[name] = line[len(name):].split()
+    assert set(rows) == set(DEFAULTS), r.stdout
+    for name, cols in rows.items():
+        assert cols[0] != "FAILED", f"{name}: {' '.join(cols)}"
+        wgmma, smem_kb, regs = int(cols[0]), float(cols[3]), int(cols[4])
+        assert wgmma > 0, f"{name}: no wgmma (not compiled for Hopper's tensor cores)"
+        assert 2 * smem_kb <= SM_SHARED_KB, f"{name}: {smem_kb} KB of shared memory, one program per SM"
+        assert regs > 0, f"{name}: ptxas did not assemble it:\n{r.stdout}"
+        assert regs * 128 * 2 <= 65536, f"{name}: {regs} registers x 4 warps, one program per SM"
+        assert re.fullmatch(r"0/0", cols[5]), f"{name}: spills {cols[5]} bytes"
