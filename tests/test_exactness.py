@@ -286,6 +286,15 @@ def test_a_layer_the_layout_does_not_reach_is_refused(monkeypatch):
     assert layer(x).shape == x.shape
     with packed_row(), pytest.raises(RuntimeError, match="ran inside a packed row without its prefix_layout"):
         layer(x)
+    # Per thread: another thread's call while this one runs a packed row is an ordinary unpacked call.
+    import threading
+
+    seen = []
+    with packed_row():
+        worker = threading.Thread(target=lambda: seen.append(layer(x).shape))
+        worker.start()
+        worker.join()
+    assert seen == [x.shape]
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -14,6 +14,7 @@ Features we cannot honour exactly are refused with an error naming them.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -39,25 +40,26 @@ def _options(kwargs) -> dict:
             "sinks": kwargs.get("sinks") if sinks is None else sinks}
 
 
-# How many packed rows are running (``packed_row``). Inside one, a layer called without the row's layout means the
-# model does not pass its keyword arguments down to that layer (a transformers release that drops them): it would
-# treat the whole row as one sequence, so it is refused instead.
-_packed_rows = [0]
+# How many packed rows this thread is running (``packed_row``). Inside one, a layer called without the row's layout
+# means the model does not pass its keyword arguments down to that layer (a transformers release that drops them): it
+# would treat the whole row as one sequence, so it is refused instead. Per thread: a model called unpacked in another
+# thread meanwhile (an evaluation or generation thread) is not inside this row.
+_packed_rows = threading.local()
 
 
 @contextlib.contextmanager
 def packed_row():
     """Marks the forward of a packed row: attention layers (and short convolutions) that get no layout raise."""
-    _packed_rows[0] += 1
+    _packed_rows.depth = getattr(_packed_rows, "depth", 0) + 1
     try:
         yield
     finally:
-        _packed_rows[0] -= 1
+        _packed_rows.depth -= 1
 
 
 def check_layout_reached(layer: torch.nn.Module) -> None:
-    """Raise if ``layer`` runs inside a packed row's forward without the row's layout."""
-    if _packed_rows[0]:
+    """Raise if ``layer`` runs inside a packed row's forward (in this thread) without the row's layout."""
+    if getattr(_packed_rows, "depth", 0):
         raise RuntimeError(
             f"{type(layer).__name__} ran inside a packed row without its prefix_layout: this transformers version "
             "does not pass the model's keyword arguments down to it, so it would attend across the whole row. "
