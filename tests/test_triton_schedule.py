@@ -266,3 +266,10 @@ def test_gpu_default_config_packs_the_group_into_64_rows(groups, tokens, fwd_war
     cfg = ta.default_config(128, torch.bfloat16, torch.device("cuda"), groups)
     assert (cfg.fwd_block_m, cfg.dq_block_m, cfg.fwd_warps, cfg.dq_warps) == (tokens, tokens, fwd_warps, dq_warps)
     assert (cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps) == (64, 64, 4)
+
+
+@pytest.mark.parametrize("groups,tokens,warps", [(1, 64, 4), (4, 16, 4), (8, 16, 8)])
+def test_gpu_fp32_default_config_keeps_16_token_tiles(groups, tokens, warps):
+    # fp32 keeps its measured floor of 16 tokens (8 warps past 64 rows); only the 16-bit tiles go down to 8.
+    cfg = ta.default_config(128, torch.float32, torch.device("cuda"), groups)
+    assert (cfg.fwd_block_m, cfg.dq_block_m, cfg.fwd_warps, cfg.dq_warps) == (tokens, tokens, warps, warps)

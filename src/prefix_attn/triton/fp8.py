@@ -339,9 +339,10 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     """The layout's tables at cfg's forward tiles under the sliding ``window`` (cached on the layout); the FP8
     forward reads ``fwd`` and ``ranges``.
 
-    The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do), the
-    policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
-    (the 16-bit config depends on it)."""
+    The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do for GQA
+    groups up to 4; from 5 the 16-bit forward takes 8-token tiles and the FP8 one 16), the policy's forward and
+    backward on the same layout find these tables built. ``groups``: query heads per KV head (the 16-bit config
+    depends on it)."""
     t = default_config(head_dim, dtype, layout.device, groups).tile_shape
     # The constructor, not ``_replace``: the tables are cached on the layout keyed by this tuple, and torch 2.11's
     # dynamo could not rebuild a named tuple made by ``_replace`` when such a cache entry was written in a graph.
