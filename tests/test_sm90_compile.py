@@ -1,5 +1,6 @@
 """The tuned Hopper configs compile for sm_90a with the Triton installed here (no GPU needed; the GPU tests are not in
-CI), and each default program fits twice per SM (shared memory and registers): the occupancy the configs are chosen for (triton/config.py).
+CI), and each default program fits twice per SM (shared memory; registers without heavy spills): the occupancy the
+configs are chosen for (triton/config.py).
 
 The compile runs in a subprocess: this process's kernels are Triton interpreter objects (conftest.py)."""
 
@@ -16,7 +17,8 @@ pytest.importorskip("triton")
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # The defaults for a GQA group of 4 (config.CONFIGS["cuda_16bit"]), as scripts/check_sm90_compile.py names them.
 DEFAULTS = ["fwd pack 16tok x64 w4 s3 merged", "kv 64x64 w4 s2 merged", "dq pack 16tok(x4=64 rows) x64 w4 s2 merged"]
-SM_SHARED_KB = 227  # shared memory an H100/H200 SM gives its blocks
+SM_SHARED_KB = 228  # shared memory of an H100/H200 SM; each resident block also reserves 1 KB of it
+SPILL_BYTES = 256  # Triton 3.6 spills ~116 bytes in the KV program, 3.9 none; the options' programs spill 300-820
 
 
 def test_default_programs_compile_for_sm90_and_fit_twice_per_sm():
@@ -40,9 +42,11 @@ def test_default_programs_compile_for_sm90_and_fit_twice_per_sm():
     for name, cols in rows.items():
         assert cols[0] != "FAILED", f"{name}: {' '.join(cols)}"
         wgmma, smem_kb, regs = int(cols[0]), float(cols[3]), int(cols[4])
+        spill_st, spill_ld = (int(x) for x in cols[5].split("/"))
         assert wgmma > 0, f"{name}: no wgmma (not compiled for Hopper's tensor cores)"
-        assert 2 * smem_kb <= SM_SHARED_KB, f"{name}: {smem_kb} KB of shared memory, one program per SM"
+        assert 2 * (smem_kb + 1) <= SM_SHARED_KB, f"{name}: {smem_kb} KB of shared memory, one program per SM"
+        # 4 warps at ptxas's ceiling of 255 registers still fit twice (the register file holds 64K); what the
+        # ceiling costs shows as spills, bounded here by what the measured configs spill.
         assert regs > 0, f"{name}: ptxas did not assemble it:\n{r.stdout}"
-        assert regs * 128 * 2 <= 65536, f"{name}: {regs} registers x 4 warps, one program per SM"
-        # Spills are not checked: they differ between Triton releases (the KV program spills ~116 bytes on 3.6 and
-        # none on 3.9) and the measured speed-up held with them.
+        assert max(spill_st, spill_ld) <= SPILL_BYTES, f"{name}: spills {cols[5]} bytes"
+        assert cols[7] == "no", f"{name}: ptxas serialized the wgmmas (C7514)"
