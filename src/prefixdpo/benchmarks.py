@@ -68,11 +68,9 @@ SWEEP_VARIANTS = {
     "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8),
     # 3 stages of q/dO: more shared memory, one KV program per SM again
     "bwd_kv_s3": dict(kv_stages=3),
-    # GQA groups of 5-8 (--heads 28 --kv-heads 4): 8-token tiles make the packed forward and dq programs 64 rows and
-    # one warpgroup, as for smaller groups, instead of 16 tokens x 8 heads over two warpgroups
-    "g8_fwd8_w4": dict(fwd_block_m=8, fwd_warps=4),
-    "g8_dq8_w4": dict(dq_block_m=8, dq_warps=4),
-    "g8_fwd8_dq8_w4": dict(fwd_block_m=8, fwd_warps=4, dq_block_m=8, dq_warps=4),
+    # GQA groups of 5-8 (--heads 28 --kv-heads 4), the tiles before: 16 tokens x 8 heads over two warpgroups, where
+    # the default's 8-token tiles make the packed forward and dq programs 64 rows of one warpgroup
+    "g8_before": dict(fwd_block_m=16, fwd_warps=8, dq_block_m=16, dq_warps=8),
 }
 
 
