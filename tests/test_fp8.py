@@ -253,6 +253,29 @@ def test_attention_with_a_window(name, prefix, branches, window):
 
 
 @needs_interpreter
+def test_attention_with_a_large_gqa_group_split(monkeypatch):
+    # As the 16-bit kernels, the FP8 forward repeats KV heads past MAX_PACKED_GROUP query heads per KV head (a small
+    # limit here): 8 query heads on one KV head run as groups of 2.
+    from prefix_attn.triton import attention as tattn
+
+    monkeypatch.setattr(tattn, "MAX_PACKED_GROUP", 2)
+    groups = []
+    real = tattn.fp8_default_config
+    monkeypatch.setattr(tattn, "fp8_default_config", lambda d, device, g=4: groups.append(g) or real(d, device, g))
+    layout = PrefixLayout.from_lengths([10, 3], [[9, 20], [1, 4]])
+    T = layout.total_tokens
+    q, k, v = _qkv(T, 8, 1, 32, torch.float16, seed=3)
+    got = tf.triton_fp8_prefix_attention(q, k, v, layout)
+    assert groups == [2]
+    truth = attention_math(q.double(), k.double(), v.double(), layout)
+    emul = fr.fp8_attention_reference(q, k, v, layout, block_m=real(32, q.device, 2).block_m,
+                                      block_n=real(32, q.device, 2).block_n)
+    err = ((got.double() - truth).norm() / truth.norm()).item()
+    ref_err = ((emul.double() - truth).norm() / truth.norm()).item()
+    assert err <= 2 * ref_err + 4 * F32_EPS, f"kernel error {err:.3e} > 2 x fp8 torch reference error {ref_err:.3e}"
+
+
+@needs_interpreter
 def test_options_the_fp8_forward_lacks_run_on_triton(caplog):
     layout = PrefixLayout.from_lengths([9], [[4, 6]])
     q, k, v = _qkv(layout.total_tokens, 2, 1, 32, torch.float16, seed=0)

@@ -300,3 +300,21 @@ def test_schedules_cover_mask_exactly(seed, bm, bn, window):
     assert kvisited.max() <= 1
     assert (kvisited.bool() | ~any_allowed.t()).all()
     assert (~kfull | all_allowed.t()).all()
+
+
+@pytest.mark.parametrize("hq,hkv,limit,kv_heads", [(8, 1, 2, 4), (6, 2, 2, 6), (12, 1, 16, 1)],
+                         ids=["g8_split_by_4", "g3_split_by_3", "g12_not_split"])
+def test_large_gqa_groups_run_with_kv_heads_repeated(monkeypatch, hq, hkv, limit, kv_heads):
+    # A group of more than MAX_PACKED_GROUP query heads per KV head would outgrow an SM's shared memory in the packed
+    # kernels: each KV head is repeated until the group fits. Here with a small limit, so that the interpreter runs
+    # it; the repeats' gradients must sum back into dk and dv (float64 harness).
+    from prefix_attn.triton import attention as tattn
+
+    monkeypatch.setattr(tattn, "MAX_PACKED_GROUP", limit)
+    groups = []
+    real = tattn.default_config
+    monkeypatch.setattr(tattn, "default_config",
+                        lambda d, dtype, device, g=4: groups.append(g) or real(d, dtype, device, g))
+    layout = PrefixLayout.from_lengths([20, 3], [[13, 30], [1, 5, 8]])
+    _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=torch.float32, seed=hq + hkv)
+    assert groups and set(groups) == {hq // kv_heads}

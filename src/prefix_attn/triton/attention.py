@@ -138,6 +138,25 @@ def triton_supported(device, dtype: torch.dtype | None = None, head_dim: int | N
                       (torch.float16, torch.bfloat16, torch.float32), SUPPORTED_HEAD_DIMS)
 
 
+# The packed kernels run every query head of a KV head in one program (config.py), so a program's tiles grow with the
+# GQA group. Past MAX_PACKED_GROUP query heads they outgrow an SM (compiled for sm_90a at the default configs: a group
+# of 64 needs 322 KB of shared memory in the dq kernel, an SM has 227). Such a group is split: each KV head is
+# repeated r times so that every program sees at most MAX_PACKED_GROUP query heads. Exact (query head h still reads
+# KV head h // group; autograd sums the repeats' gradients), at the K/V memory of the smaller group. Multi-query
+# models with many heads (one KV head for 48 or 71 query heads) take this path.
+MAX_PACKED_GROUP = 16
+
+
+def split_large_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """k and v with each KV head repeated so that the GQA group is at most ``MAX_PACKED_GROUP`` (as they are if it
+    already is)."""
+    groups = q.shape[1] // max(1, k.shape[1])
+    if groups <= MAX_PACKED_GROUP:
+        return k, v
+    r = next(d for d in range(2, groups + 1) if groups % d == 0 and groups // d <= MAX_PACKED_GROUP)
+    return k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+
+
 def triton_prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -153,8 +172,9 @@ def triton_prefix_attention(
     """Prefix-shared attention over one packed row with the Triton kernels. Differentiable in q, k, v.
 
     Args:
-        q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA; K/V are never repeated in memory).
-            D in (16, 32, 64, 128); dtype float16, bfloat16 or float32 (all three the same).
+        q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA; K/V are repeated in memory only for a group
+            of more than ``MAX_PACKED_GROUP`` query heads). D in (16, 32, 64, 128); dtype float16, bfloat16 or float32
+            (all three the same).
         layout: the row's PrefixLayout, on q's device, with ``total_tokens == T``.
         softmax_scale: defaults to D ** -0.5.
         window: a sliding window in positions (``prefix_attn.prefix_attention``); None: none.
@@ -170,6 +190,7 @@ def triton_prefix_attention(
         raise ValueError(f"triton backend: head_dim {D} not supported ({SUPPORTED_HEAD_DIMS})")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     softcap = None if softcap is None else float(softcap)
+    k, v = split_large_groups(q, k, v)
     cfg = config or default_config(D, q.dtype, q.device, Hq // max(1, k.shape[1]))
     t = build_tables(layout, cfg.tile_shape, window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -247,6 +268,7 @@ def triton_fp8_prefix_attention(
     if not ok:
         raise ValueError(f"triton_fp8: {why}")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    k, v = split_large_groups(q, k, v)
     groups = Hq // max(1, k.shape[1])
     cfg = config or fp8_default_config(D, q.device, groups)
     t = fp8_tables(layout, cfg, D, q.dtype, groups, window)
