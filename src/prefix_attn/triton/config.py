@@ -76,10 +76,10 @@ CONFIGS = {
         fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, kv_block_m=16, kv_block_n=32, kv_warps=4,
         kv_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4, dq_stages=1, fwd_tma=True, bwd_tma=True),
 }
-# MMA rows the packed kernels aim at on a GPU (tokens = rows / next_pow2(group), at least _MIN_TOKENS): 64 in the
-# forward and the dq kernel (16 tokens x 4 heads, 8 x 8 in 16 bits: the sweeps' fastest); 8 warps beyond. fp32 keeps
-# 16-token tiles (its 8-token tiles were never measured).
-_PACKED_ROWS = {"cuda_16bit": (64, 64), "cuda_fp32": (64, 64)}
+# MMA rows the packed forward and dq programs aim at on a GPU (tokens = rows / next_pow2(group), at least the kind's
+# _MIN_TOKENS): 64, one warpgroup (16 tokens x 4 heads, 8 x 8 in 16 bits: the sweeps' fastest); 8 warps beyond. fp32
+# keeps 16-token tiles (its 8-token tiles were never measured).
+_PACKED_ROWS = 64
 _MIN_TOKENS = {"cuda_16bit": 8, "cuda_fp32": 16}
 _OVERRIDE: TritonAttentionConfig | None = None
 
@@ -103,11 +103,10 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, grou
 
 
 def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
-    fwd_rows, dq_rows = _PACKED_ROWS[kind]
-    fwd_m, dq_m = max(fwd_rows // g, _MIN_TOKENS[kind]), max(dq_rows // g, _MIN_TOKENS[kind])
+    tokens = max(_PACKED_ROWS // g, _MIN_TOKENS[kind])
     cfg = CONFIGS[kind]
-    return replace(cfg, fwd_block_m=fwd_m, fwd_warps=cfg.fwd_warps if fwd_m * g <= fwd_rows else 8,
-                   dq_block_m=dq_m, dq_warps=cfg.dq_warps if dq_m * g <= dq_rows else 8)
+    return replace(cfg, fwd_block_m=tokens, fwd_warps=cfg.fwd_warps if tokens * g <= _PACKED_ROWS else 8,
+                   dq_block_m=tokens, dq_warps=cfg.dq_warps if tokens * g <= _PACKED_ROWS else 8)
 
 
 # The configs of every power-of-two group up to _MAX_GROUP, built once at import: dynamo traces through an lru_cache
@@ -115,7 +114,7 @@ def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
 # here returns an object that exists outside it.
 _MAX_GROUP = 128
 _GROUPS = [2**i for i in range(_MAX_GROUP.bit_length())]
-_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _PACKED_ROWS for g in _GROUPS}
+_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _MIN_TOKENS for g in _GROUPS}
 
 
 @dataclass(frozen=True)
