@@ -26,7 +26,8 @@ from prefixdpo import benchmarks
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dataset", default="hh-rlhf", choices=list(benchmarks.SHAPES))
+    ap.add_argument("--dataset", default="hh-rlhf",
+                    choices=list(benchmarks.SHAPES) + list(benchmarks.ALL_PAIRS_SHAPES))
     ap.add_argument("--model", default="llama-1b", choices=list(benchmarks.MODELS))
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--backend", default="triton")
