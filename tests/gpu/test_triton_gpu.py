@@ -122,10 +122,12 @@ def test_awkward_layouts(name, prefix, branches):
     _check(_triton(layout), layout, 8, 2, 128, torch.bfloat16, 1, label=name)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4), (28, 4), (16, 1)],
-                         ids=["mha", "g8", "g3", "g3x4", "g7", "g16"])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2), (12, 4), (28, 4), (16, 1), (32, 1), (48, 1), (71, 1)],
+                         ids=["mha", "g8", "g3", "g3x4", "g7", "g16", "g32", "g48", "g71"])
 def test_default_config_per_group_size(hq, hkv):
-    """default_config sizes the packed tiles from the GQA group (64 forward rows, 64 dq rows): every group size."""
+    """default_config sizes the packed tiles from the GQA group (64 forward rows, 64 dq rows): every group size. Past
+    MAX_PACKED_GROUP the KV heads are repeated (32 and 48 down to 16, a prime 71 down to 1), the path whose packed
+    programs would otherwise outgrow an SM's shared memory."""
     layout = random_layout(random.Random(hq * 31 + hkv), tokens=1800, device=DEV)
     _check(_triton(layout), layout, hq, hkv, 128, torch.bfloat16, hq + hkv, label=f"{hq}/{hkv} heads")
 
