@@ -5,7 +5,9 @@ program owns one key tile of one KV head, walks the query tiles that see it (the
 unmasked, boundary tiles masked by the per-key query range ``[k, q_hi)``) for every query head of its GQA group, and
 accumulates dk and dv in fp32 in registers; ``bwd_dq_kernel``, query-major, GQA-packed as the forward, walks the
 forward's schedule at its own tiles (the schedule's ``dq``). dq without atomics: the backward is bitwise
-reproducible, for one more QK^T and dO V^T recompute. P and dS are rounded to the input dtype before their products.
+reproducible, for one more QK^T and dO V^T recompute (dq added up by TMA reduce-adds in the KV-major kernel, as
+FlashAttention-3 does, measured 0.54-0.84x as fast: docs/PERFORMANCE.md). P and dS are rounded to the input dtype
+before their products.
 
 Options, each behind a constexpr so that the kernels without them compile as they did: ``SOFTCAP`` (dS takes the
 factor 1 - tanh^2 of the cap); a gradient of the log-sum-exp (``HAS_DLSE`` in the delta kernel: d lse / d s = P, so
