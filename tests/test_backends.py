@@ -42,12 +42,15 @@ def tolerance(same_precision_err, ref, dtype, terms=1, head_dim=16):
 @pytest.mark.parametrize("case", range(len(LAYOUTS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (6, 1)])
-def test_reference_backend_forward_and_grads(case, dtype, heads):
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_dense_backends_forward_and_grads(backend, case, dtype, heads):
+    """The dense-mask reference and the per-sequence SDPA decomposition (empty prefixes, one-token branches, many
+    branches, GQA)."""
     layout = PrefixLayout.from_lengths(*LAYOUTS[case])
     hq, hkv = heads
     q, k, v = random_qkv(layout.total_tokens, hq, hkv, 16, dtype, seed=case, requires_grad=True)
     scale = 0.3
-    out = prefix_attention(q, k, v, layout, softmax_scale=scale, backend="reference")
+    out = prefix_attention(q, k, v, layout, softmax_scale=scale, backend=backend)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
 
@@ -207,3 +210,29 @@ def test_auto_backend_is_reference_on_cpu():
     from prefix_attn import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
+
+
+def test_auto_runs_rows_of_long_prefixes_on_sdpa(monkeypatch):
+    """Where ``auto`` means triton, a row whose every document has a prefix of at least DENSE_PREFIX_MIN tokens runs
+    on the SDPA decomposition when the call needs no option; a row with one short prefix, or a call with an option,
+    stays on triton. A row whose longest document is short is decided from host integers alone (no lengths read)."""
+    from prefix_attn import ops, sdpa
+
+    calls = []
+    for name in ("triton", "sdpa"):
+        monkeypatch.setitem(ops._BACKENDS, name, ops._Backend(
+            lambda q, k, v, layout, scale, name=name, **kw: calls.append(name) or q, features=ops.ALL_FEATURES))
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, *a, **kw: "triton" if backend == "auto" else backend)
+    monkeypatch.setattr(sdpa, "DENSE_PREFIX_MIN", 8)
+
+    def run(prefix, branches, **options):
+        layout = PrefixLayout.from_lengths(prefix, branches)
+        q, k, v = random_qkv(layout.total_tokens, 2, 1, 16, torch.float32, seed=0)
+        prefix_attention(q, k, v, layout, backend="auto", **options)
+        return calls.pop(), layout
+
+    assert run([8, 12], [[1, 2], [3]])[0] == "sdpa"
+    assert run([8, 7], [[1, 2], [3]])[0] == "triton"
+    assert run([8, 12], [[1, 2], [3]], softcap=5.0)[0] == "triton"
+    name, layout = run([3, 4], [[1, 2], [3]])
+    assert name == "triton" and layout.cached("host_documents") is None

@@ -58,7 +58,7 @@ def test_unknown_key_suggests_the_field(tmp_path, capsys, tiny_model_dir, data_f
 def test_invalid_values_name_the_field_and_what_is_allowed(tmp_path, capsys):
     cfg = write(tmp_path, "run.yaml", "attn_backend: fastest\n")
     assert_one_error(capsys, ["train", "--config", cfg, *CPU], "attn_backend: invalid value 'fastest'",
-                     "allowed: auto, triton, fa4, flex, reference")
+                     "allowed: auto, triton, fa4, sdpa, flex, reference")
     assert_one_error(capsys, ["train", "--attn_backend", "fastest", *CPU], "attn_backend: invalid value 'fastest'")
     cfg = write(tmp_path, "beta.yaml", "beta: abc\n")
     line = assert_one_error(capsys, ["train", "--config", cfg, *CPU], "beta: invalid value 'abc' (expected float)")

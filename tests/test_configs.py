@@ -73,7 +73,7 @@ def test_invalid_prefixdpo_field_is_rejected(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset_name: x\nmodel_name_or_path: y\nattn_backend: cuda\n")
-    with pytest.raises(ValueError, match="attn_backend: invalid value 'cuda'; allowed: auto, triton, fa4, flex"):
+    with pytest.raises(ValueError, match="attn_backend: invalid value 'cuda'; allowed: auto, triton, fa4, sdpa, flex"):
         parse_config(["--config", str(bad), "--use_cpu", "true"])
 
 

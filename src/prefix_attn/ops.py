@@ -6,7 +6,11 @@ Backends (all take the same layout and must agree):
 - ``triton``: our Triton kernels (Hopper-tuned).
 - ``fa4``: FlashAttention-4's causal varlen kernels on a per-branch decomposition of the layout (``prefix_attn.fa4``;
   the optional ``flash-attn-4`` package, Hopper or newer).
-- ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``.
+- ``sdpa``: torch's ``scaled_dot_product_attention`` (cuDNN's or FlashAttention's dense kernels) on the same
+  decomposition, one call per sequence (``prefix_attn.sdpa``); no options.
+- ``auto``: ``triton`` where it runs (CUDA GPU, Triton importable), else ``flex`` on CUDA, else ``reference``; on
+  the ``triton`` choice, a row whose every document has a long prefix and that needs no option runs on ``sdpa``
+  (``sdpa.routes_here``: the dense kernels are faster there).
 - ``triton_fp8`` / ``triton_fp8_rotate``: the FP8 (e4m3) forward (``prefix_attn.triton.fp8``), without / with the
   random Hadamard rotation of q and k (FlashAttention-3's incoherent processing). Forward only (the frozen reference
   model): a call whose inputs require grad in grad mode raises. Where FP8 does not run (``fp8_supported``: CUDA
@@ -50,6 +54,12 @@ def _flex(q, k, v, layout, scale, **options):
     from .flex import flex_prefix_attention
 
     return flex_prefix_attention(q, k, v, layout, scale, **options)
+
+
+def _sdpa(q, k, v, layout, scale, **options):
+    from .sdpa import sdpa_prefix_attention
+
+    return sdpa_prefix_attention(q, k, v, layout, scale)
 
 
 def _triton(q, k, v, layout, scale, **options):
@@ -116,6 +126,7 @@ _BACKENDS = {
     "flex": _Backend(_flex, features=ALL_FEATURES),
     "triton": _Backend(_triton, _triton_supported, features=ALL_FEATURES),
     "fa4": _Backend(_fa4, _fa4_supported, features=ALL_FEATURES),
+    "sdpa": _Backend(_sdpa),
     "triton_fp8": _Backend(_fp8(rotate=False), _fp8_supported, forward_only=True, features=frozenset({"window"})),
     "triton_fp8_rotate": _Backend(_fp8(rotate=True), _fp8_supported, forward_only=True,
                                   features=frozenset({"window"})),
@@ -251,7 +262,7 @@ def prefix_attention(
         q: [total_tokens, Hq, head_dim]. k, v: [total_tokens, Hkv, head_dim], Hq a multiple of Hkv (GQA, no repeat).
         layout: the row's :class:`PrefixLayout` (on q's device).
         softmax_scale: defaults to head_dim ** -0.5.
-        backend: ``auto`` | ``triton`` | ``fa4`` | ``flex`` | ``reference`` | ``triton_fp8`` |
+        backend: ``auto`` | ``triton`` | ``fa4`` | ``sdpa`` | ``flex`` | ``reference`` | ``triton_fp8`` |
             ``triton_fp8_rotate`` (the FP8 forward, without / with rotation; forward only, falls back to ``triton`` with a warning where FP8 does
             not run or lacks an option the call needs).
         window: a sliding window of this many positions (transformers' ``sliding_window``): a query sees an allowed
@@ -283,5 +294,10 @@ def prefix_attention(
     if sinks is not None:
         options["return_lse"] = True
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], frozenset(options))
+    if backend == "auto" and name == "triton" and not options:
+        from .sdpa import routes_here
+
+        if routes_here(layout):
+            name = "sdpa"
     out = _BACKENDS[name].run(q, k, v, layout, softmax_scale, **options)
     return out if sinks is None else apply_sinks(*out, sinks)

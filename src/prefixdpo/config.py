@@ -9,7 +9,7 @@ from trl import DPOConfig
 
 from .data.ranked import RULES as PAIRS_FROM_RANKS
 
-ATTN_BACKENDS = ("auto", "triton", "fa4", "flex", "reference")
+ATTN_BACKENDS = ("auto", "triton", "fa4", "sdpa", "flex", "reference")
 # The reference model runs forward only, so it may also use the FP8 forward (prefix_attn's `triton_fp8`).
 REF_ATTN_BACKENDS = ATTN_BACKENDS + ("triton_fp8",)
 BATCHING_MODES = ("pairs", "token_budget")
@@ -51,7 +51,9 @@ class PrefixDPOConfig(DPOConfig):
         metadata={
             "help": "Attention backend for the packed rows: 'auto' (triton on a CUDA GPU where it runs, else flex on "
             "CUDA, else reference), 'triton' (our kernels), 'fa4' (FlashAttention-4 on a per-branch decomposition; "
-            "pip install \"prefixdpo[fa4]\"), 'flex' (FlexAttention, the prefix-sharing paper's method), "
+            "pip install \"prefixdpo[fa4]\"), 'sdpa' (torch's dense SDPA kernels on the same decomposition, one call "
+            "per sequence; auto's choice for rows of long prefixes), 'flex' (FlexAttention, the prefix-sharing "
+            "paper's method), "
             "'reference' (dense-mask SDPA: CPU, tests, tiny models).",
             "choices": list(ATTN_BACKENDS),
         },
