@@ -432,6 +432,11 @@ def main(argv=None):
             f_fa4 = lambda q, k, v: fa4_prefix_attention(q, k, v, lay)  # noqa: E731
             print(f"{name}: ours vs fa4 rel diff {rel_err(o1, f_fa4(q, k, v)):.1e}")
             res["fa4"] = time_fwd_bwd(f_fa4, q, k, v, do)
+        from prefix_attn.sdpa import sdpa_prefix_attention
+
+        f_sdpa = lambda q, k, v: sdpa_prefix_attention(q, k, v, lay)  # noqa: E731
+        print(f"{name}: ours vs sdpa rel diff {rel_err(o1, f_sdpa(q, k, v)):.1e}")
+        res["sdpa"] = time_fwd_bwd(f_sdpa, q, k, v, do)
         if not args.no_flex:
             o2 = f_flex(q, k, v)
             print(f"{name}: ours vs flex rel diff {rel_err(o1, o2):.1e}")

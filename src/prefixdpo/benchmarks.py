@@ -29,6 +29,10 @@ LAYOUTS = {
     "p1024_r64x2": (1024, [64, 64]),
     "p300_r256x2": (300, [256, 256]),  # 20 documents in a 16K row: many small documents for the table build
     "p700_r300x2_g7": (700, [300, 300], (28, 4)),  # Qwen2.5-7B heads: a GQA group of 7
+    # long prompts (one document per 16K row from 8K on), where auto may route a row to the sdpa backend
+    "p4096_r512x2": (4096, [512, 512]),
+    "p8192_r512x2": (8192, [512, 512]),
+    "p16000_r512x2": (16000, [512, 512]),
 }
 
 
