@@ -101,6 +101,17 @@ def test_packed_logps_and_grads_equal_unshared(arch):
     assert_packed_equals_alone(model, batch, examples)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_logps_and_grads_equal_unshared_on_sdpa(arch):
+    """The sdpa backend (``auto``'s choice for rows of long prefixes) through a whole model, with prompts and
+    responses shared in the row."""
+    torch.manual_seed(0)
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    examples = examples_sharing_responses(seed=7)
+    batch = PrefixPackingCollator(pad_token_id=0)(examples)
+    assert_packed_equals_alone(model, batch, examples, backend="sdpa")
+
+
 def examples_sharing_responses(seed, prompts=3, responses=4, max_prompt=10, max_resp=8):
     """Every pair of ``responses`` responses for each of ``prompts`` prompts (the first prompt of one token), in a
     shuffled order, so documents and branches are shared by pairs that are not adjacent. Responses of one prompt begin
