@@ -32,8 +32,9 @@ from .layout import PrefixLayout
 
 # The prefix length from which ``auto`` runs a row here. End to end (1B shape, one pair per step, an H200:
 # docs/PERFORMANCE.md) the decomposition was 0.95x the Triton kernels at a 16K-token prompt and 1.05x at 32K (1.15x
-# at 64K, 1.31x at 128K): attention alone its backward is faster from 8K on, its forward slower, and a step runs
-# three forwards (policy, checkpoint recompute, reference) for one backward. The midpoint of the measured crossover.
+# at 64K, 1.31x at 128K): attention alone its forward+backward is faster from 8K on, its forward slower, and a step
+# runs three forwards (policy, checkpoint recompute, reference) for one backward. The midpoint of the measured
+# crossover.
 DENSE_PREFIX_MIN = 24000
 
 
@@ -41,9 +42,10 @@ def host_documents(layout: PrefixLayout) -> tuple[tuple[int, int, tuple[int, ...
     """(first token, prefix length, branch lengths) of each document, as host integers (one sync, cached)."""
 
     def build():
-        prefix = layout.prefix_lens.tolist()
-        per_doc = layout.branches_per_doc.tolist()
-        lens = layout.branch_lens.tolist()
+        d = layout.num_docs
+        flat = torch.cat([layout.prefix_lens.long(), layout.branches_per_doc.long(), layout.branch_lens.long()])
+        flat = flat.tolist()  # the one sync
+        prefix, per_doc, lens = flat[:d], flat[d:2 * d], flat[2 * d:]
         docs, start, b = [], 0, 0
         for p, n in zip(prefix, per_doc):
             branches = tuple(lens[b:b + n])
