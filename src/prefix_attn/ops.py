@@ -40,6 +40,7 @@ import torch
 
 from .layout import PrefixLayout
 from .schedule import AttentionTables, build_tables
+from .sdpa import routes_here, sdpa_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def _flex(q, k, v, layout, scale, **options):
 
 
 def _sdpa(q, k, v, layout, scale, **options):
-    from .sdpa import sdpa_prefix_attention
-
     return sdpa_prefix_attention(q, k, v, layout, scale)
 
 
@@ -294,10 +293,7 @@ def prefix_attention(
     if sinks is not None:
         options["return_lse"] = True
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], frozenset(options))
-    if backend == "auto" and name == "triton" and not options:
-        from .sdpa import routes_here
-
-        if routes_here(layout):
-            name = "sdpa"
+    if backend == "auto" and name == "triton" and not options and routes_here(layout):
+        name = "sdpa"
     out = _BACKENDS[name].run(q, k, v, layout, softmax_scale, **options)
     return out if sinks is None else apply_sinks(*out, sinks)

@@ -86,6 +86,16 @@ def _attend(q, k, v, scale, mask=None, causal=False):
     return out[0].transpose(0, 1)
 
 
+def _branch_mask(layout: PrefixLayout, p: int, n: int, device) -> torch.Tensor:
+    """The bottom-right causal mask [n, p + n] of a later branch of n tokens over a prefix of p, built once per layout
+    and shape (every layer of a forward asks for the same ones)."""
+    masks = layout.cached("sdpa_branch_masks", dict)
+    key = (p, n, str(device))
+    if key not in masks:
+        masks[key] = torch.ones(n, p + n, dtype=torch.bool, device=device).tril(diagonal=p)
+    return masks[key]
+
+
 def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PrefixLayout,
                           softmax_scale: float | None = None) -> torch.Tensor:
     """Prefix-shared attention over one packed row (``prefix_attention``'s contract), one SDPA call per sequence of
@@ -103,7 +113,6 @@ def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             else:
                 keys = torch.cat([k[start:start + p], k[b0:b1]])
                 values = torch.cat([v[start:start + p], v[b0:b1]])
-                mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(diagonal=p)
-                pieces.append(_attend(q[b0:b1], keys, values, scale, mask=mask))
+                pieces.append(_attend(q[b0:b1], keys, values, scale, mask=_branch_mask(layout, p, n, q.device)))
             b0 = b1
     return torch.cat(pieces) if pieces else torch.empty_like(q)
