@@ -27,6 +27,7 @@ import triton
 from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
+from prefix_attn.triton import backward_gluon, forward_gluon  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 
 G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
@@ -38,18 +39,20 @@ def _desc(rows):
 
 
 def _ex2_in_flight(ptx: str) -> int:
-    """The most ex2 instructions between a wgmma.commit_group and the next wgmma.wait_group (PTX text order)."""
-    best, count = 0, None
+    """The most ex2 instructions issued in one stretch while a wgmma group is outstanding (PTX text order: each
+    wgmma.commit_group adds a group, ``wgmma.wait_group N`` leaves at most N)."""
+    best, count, outstanding = 0, 0, 0
     for line in ptx.splitlines():
         if "wgmma.commit_group" in line:
-            count = 0
+            outstanding += 1
         elif "wgmma.wait_group" in line:
-            if count is not None:
-                best = max(best, count)
-            count = None
-        elif count is not None and "ex2.approx" in line:
+            best = max(best, count)
+            count = 0
+            m = re.search(r"wait_group\.sync\.aligned\s+(\d+)", line)
+            outstanding = min(outstanding, int(m.group(1))) if m else 0
+        elif outstanding and "ex2.approx" in line:
             count += 1
-    return best
+    return max(best, count)
 
 
 # The options' constexprs (soft-capping in log2 units, the sliding window): a cap of Gemma 2's 50 and gpt-oss's window
@@ -69,7 +72,52 @@ def _fwd(name, bm, bn, w, s, tma=True, softcap=0.0):
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
         consts.update(K_DESC=None, V_DESC=None)
-    return name, fn, types, consts, w, s
+    return name, fn, types, consts, w, s, {}
+
+
+def _fwd_gluon(name, groups=G, stages=3, ws=False):
+    """The Gluon forward (forward_gluon.py) at 64 packed rows for a GQA group of ``groups``."""
+    if not forward_gluon.available():
+        return None
+    fn = forward_gluon.fwd_kernel_gluon
+    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32", qk_scale="fp32", K_DESC=desc,
+                 V_DESC=desc)
+    g2 = triton.next_power_of_2(groups)
+    consts = dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=forward_gluon.ROWS // g2, BLOCK_N=64,
+                  STAGES=stages, WS=ws)
+    return name, fn, types, consts, 4, 1, dict(gluon=True, maxnreg=forward_gluon.WS_MAXNREG if ws else None)
+
+
+def _kv_gluon(name, groups=G, stages=2):
+    """The Gluon KV-major backward (backward_gluon.py) at 64 x 64 tiles."""
+    if not forward_gluon.available():
+        return None
+    fn = backward_gluon.bwd_kv_kernel_gluon
+    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(K_DESC=desc, V_DESC=desc, Q_DESC=desc, DO_DESC=desc, LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
+                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
+    consts = dict(H_KV=HKV, GROUPS=groups, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=64, STAGES=stages)
+    return name, fn, types, consts, 4, 1, dict(gluon=True)
+
+
+def _dq_gluon(name, groups=G, stages=2):
+    """The Gluon dq kernel (backward_gluon.py) at 64 packed rows x 64 keys."""
+    if not forward_gluon.available():
+        return None
+    fn = backward_gluon.bwd_dq_kernel_gluon
+    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(Q=f"*{DT}", DO=f"*{DT}", DQ=f"*{DT}", LSE="*fp32", DELTA="*fp32", K_DESC=desc, V_DESC=desc,
+                 SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
+    g2 = triton.next_power_of_2(groups)
+    consts = dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=64 // g2, BLOCK_N=64, STAGES=stages)
+    return name, fn, types, consts, 4, 1, dict(gluon=True)
 
 
 def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
@@ -85,7 +133,7 @@ def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
         types.update(Q_DESC=_desc(bm), DO_DESC=_desc(bm))
     else:
         consts.update(Q_DESC=None, DO_DESC=None)
-    return name, fn, types, consts, w, s
+    return name, fn, types, consts, w, s, {}
 
 
 def _dq(name, bm, bn, w, s, tma=True, softcap=0.0):
@@ -99,7 +147,7 @@ def _dq(name, bm, bn, w, s, tma=True, softcap=0.0):
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
         consts.update(K_DESC=None, V_DESC=None)
-    return name, fn, types, consts, w, s
+    return name, fn, types, consts, w, s, {}
 
 
 # Every kernel packs the GQA group ("pack"), walks its tiles in one loop ("merged") and runs them in position order;
@@ -110,13 +158,26 @@ VARIANTS = [
     _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
     _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
     _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
+    # the Gluon forward (forward_gluon.py; absent where this Triton has no Gluon), groups of 4 and 7
+    _fwd_gluon("fwd gluon 16tok x64 w4 s3"),
+    _fwd_gluon("fwd gluon 8tok(x8) x64 w4 s3 g7", 7),
+    _fwd_gluon("fwd gluon 16tok x64 w4 s2", stages=2),
+    _fwd_gluon("fwd gluon 16tok x64 w4 s3 ws", ws=True),
+    _fwd_gluon("fwd gluon 16tok x64 w4 s2 ws", stages=2, ws=True),
     # KV-major backward (default: 64 queries x 64 keys, 4 warps, 2 stages, TMA; two programs per SM)
     _kv("kv 64x64 w4 s2 merged", 64, 64, 4, 2),
+    # the Gluon KV-major backward (backward_gluon.py)
+    _kv_gluon("kv gluon 64x64 w4 s2"),
+    _kv_gluon("kv gluon 64x64 w4 s3", stages=3),
     _kv("kv 64x64 w4 s3 merged", 64, 64, 4, 3),
     _kv("kv 64x128 w8 s2 merged", 64, 128, 8, 2),
     _kv("kv 32x128 w8 s3 merged", 32, 128, 8, 3),
     # dq kernel (default for a GQA group of 4: 16 tokens x 4 heads, 64 keys, 4 warps, 2 stages, TMA)
     _dq("dq pack 16tok(x4=64 rows) x64 w4 s2 merged", 16, 64, 4, 2),
+    # the Gluon dq kernel (backward_gluon.py)
+    _dq_gluon("dq gluon 16tok(x4) x64 w4 s2"),
+    _dq_gluon("dq gluon 16tok(x4) x64 w4 s3", stages=3),
+    _dq_gluon("dq gluon 8tok(x8) x64 w4 s2 g7", 7),
     _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
     # The options at the default configs (the forward and dq kernels take a window through their tables alone).
     _fwd("fwd pack 16tok x64 w4 s3 merged softcap", 16, 64, 4, 3, softcap=SOFTCAP),
@@ -136,11 +197,11 @@ def main(argv=None):
     print(f"# triton {triton.__version__}, target sm_90a, G={G} D={D} {DT}")
     print(f"{'variant':<44}{'wgmma':>6}{'tma ld':>7}{'cp.async':>9}{'smem KB':>8}{'regs':>5}{'spill st/ld B':>15}"
           f"{'ex2@mma':>8}{'ser':>4}")
-    for name, fn, types, consts, w, s in VARIANTS:
+    for name, fn, types, consts, w, s, opts in filter(None, VARIANTS):
         if not any(name == o if args.exact else o in name for o in args.only):
             continue
         try:
-            k = compile_sm90(fn, types, consts, w, s)
+            k = compile_sm90(fn, types, consts, w, s, **opts)
         except Exception as e:  # noqa: BLE001
             print(f"{name:<44} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue

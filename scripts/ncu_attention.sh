@@ -86,7 +86,7 @@ for LAYOUT in $LAYOUTS; do
   for B in $BACKENDS; do
     if [ "$B" = triton ]; then
       for VARIANT in "${@:-default}"; do
-        profile "ncu_${VARIANT}_${LAYOUT}" 'regex:^(fwd|bwd_delta|bwd_kv|bwd_dq)_kernel$' 4 \
+        profile "ncu_${VARIANT}_${LAYOUT}" 'regex:^(fwd|bwd_delta|bwd_kv|bwd_dq)_kernel(_gluon)?$' 4 \
           --backend triton --variant "$VARIANT" --layout "$LAYOUT"
       done
     else

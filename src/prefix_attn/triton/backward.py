@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backward_gluon
 from .common import allowed, descriptor, dot_prec, packed_rows, softcap_scores, tma_ok, walk_bounds, walk_kv
 from .config import TritonAttentionConfig
 from .forward import score_scale
@@ -306,19 +307,29 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
         options["SOFTCAP"] = cap
     if window is not None:
         options.update(POS=positions, QMIN=kv_qmin, WINDOW=window)
-    bwd_kv_kernel[(kv_sched.shape[0] * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qd, dod,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        T, qk_scale, scale,
-        H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
-        DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
-    )
-    bwd_dq_kernel[(dq_sched.shape[0] * Hkv,)](
-        q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        T, qk_scale, scale,
-        H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
-        BLOCK_N=cfg.dq_block_n, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-        SOFTCAP=cap,
-    )
+    if cfg.bwd_gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
+        backward_gluon.launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
+                                           cfg.kv_stages)
+    else:
+        bwd_kv_kernel[(kv_sched.shape[0] * Hkv,)](
+            q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qd, dod,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            T, qk_scale, scale,
+            H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
+            DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
+        )
+    if cfg.dq_gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m,
+                                                                                   cfg.dq_block_n, softcap):
+        backward_gluon.launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale, scale,
+                                           cfg.dq_block_m, cfg.dq_stages)
+    else:
+        bwd_dq_kernel[(dq_sched.shape[0] * Hkv,)](
+            q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            T, qk_scale, scale,
+            H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
+            BLOCK_N=cfg.dq_block_n, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps,
+            num_stages=cfg.dq_stages, SOFTCAP=cap,
+        )
     return dq, dk, dv
+

@@ -33,7 +33,9 @@ class TritonAttentionConfig(IntFieldsConfig):
     packs all query heads of a KV head, so its MMA has ``fwd_block_m x next_pow2(Hq / Hkv)`` rows); ``kv_*``: the
     KV-major backward (``kv_block_n`` keys per program, ``kv_block_m`` queries per step); ``dq_*``: the dq kernel
     (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` / ``bwd_tma``: the forward's K/V and the backward's
-    q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere)."""
+    q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere).
+    ``fwd_gluon``: the forward runs the Gluon kernel (``forward_gluon``) where it applies (Hopper, 16-bit, head dim 64
+    or 128, 64 packed rows, no soft-cap), the plain kernel elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
@@ -49,6 +51,10 @@ class TritonAttentionConfig(IntFieldsConfig):
     dq_stages: int = 2
     fwd_tma: bool = True
     bwd_tma: bool = True
+    fwd_gluon: bool = False
+    fwd_ws: bool = False
+    bwd_gluon: bool = False
+    dq_gluon: bool = False
 
     @property
     def tile_shape(self) -> TileShape:

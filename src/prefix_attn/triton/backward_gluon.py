@@ -1,0 +1,313 @@
+"""The KV-major backward kernel of the `triton` backend written in Gluon for Hopper, and its launcher.
+
+Same contract as ``backward.bwd_kv_kernel`` (the same schedule and per-key query bound, dk and dv of one key tile of
+one KV head summed over its GQA group, the same numerics: P and dS rounded to the input dtype before their
+products), for 16-bit inputs with head dim 64 or 128 and no options. The dq kernel and the delta kernel stay as they
+are.
+
+What Gluon adds is the order of the four MMAs of a step and what runs under them, which plain Triton does not give
+(it waits for each non-accumulating wgmma right after issuing it):
+
+    S^T = K Q^T and dP^T = V dO^T issued together;
+    wait for S^T alone; P^T = exp2(S^T - lse), masked, while dP^T runs;
+    dV += P^T dO issued (P^T from registers);
+    wait for dP^T; dS^T = P^T (dP^T - delta) while dV runs;
+    dK += dS^T Q issued (dS^T from registers); wait for both accumulations.
+
+K and V sit in shared memory for the whole program (one TMA load each); q and dO tiles come in through TMA into a
+ring of STAGES slots, a slot refilled as soon as the step's dK MMA (its last reader) is done. One program is one
+warpgroup over 64 keys, so two programs share an SM, as with the plain kernel. Gluon does not run in Triton's CPU
+interpreter: this kernel is held to float64 by the GPU tests, and a CPU test compiles it for sm_90a.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import forward_gluon
+from .common import _major_capability
+
+gluon = forward_gluon.gluon
+if gluon is not None:
+    from .forward_gluon import TensorDescriptor, _key_tile, _load, _tma_load, fence_async_shared, gl, mbarrier
+    from .forward_gluon import warpgroup_mma, warpgroup_mma_wait
+
+BLOCK = 64  # keys per program and queries per step: one warpgroup's MMA rows
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _load_qdo(q_desc, do_desc, q_smem, do_smem, bar, i, total, n, s0, hk, GROUPS: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """Issue step i's q and dO tiles (query head g = i // n, query tile s0 + i % n) into slot i % STAGES."""
+        if i < total:
+            g = i // n
+            m0 = (s0 + (i - g * n)) * BLOCK_M
+            col = (hk * GROUPS + g) * HEAD_DIM
+            slot = i % STAGES
+            mbarrier.expect(bar.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            _tma_load(q_desc, [m0, col], bar.index(slot), q_smem.index(slot))
+            _tma_load(do_desc, [m0, col], bar.index(slot), do_smem.index(slot))
+
+    @gluon.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
+    def bwd_kv_kernel_gluon(
+        K_DESC, V_DESC,  # TMA descriptors over k/v viewed as [T, Hkv * D], block [BLOCK_N, D]
+        Q_DESC, DO_DESC,  # TMA descriptors over q/dO viewed as [T, Hq * D], block [BLOCK_M, D]
+        LSE, DELTA, DK, DV,  # lse, delta [Hq, T] fp32; dk, dv [T, Hkv, D] out
+        SCHED, QHI,  # as bwd_kv_kernel's
+        stride_kt, stride_kh,
+        T, qk_scale, sm_scale,
+        H_KV: gl.constexpr,
+        GROUPS: gl.constexpr,
+        HEAD_DIM: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        dtype: gl.constexpr = K_DESC.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        keys_l: gl.constexpr = gl.SliceLayout(1, st_layout)
+        queries_l: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+        pid = gl.program_id(0)
+        tile = pid // H_KV
+        hk = pid % H_KV
+        n0 = tile * BLOCK_N
+        sp = SCHED + tile * 4
+        s0 = gl.load(sp + 0)  # masked [s0, s1), full [s1, s2), masked [s2, s3)
+        s1 = gl.load(sp + 1)
+        s2 = gl.load(sp + 2)
+        s3 = gl.load(sp + 3)
+        n = s3 - s0
+        total = GROUPS * n
+
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], K_DESC.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], V_DESC.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], Q_DESC.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], DO_DESC.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar.index(0), count=1)
+        for b in gl.static_range(STAGES):
+            mbarrier.init(bar.index(b), count=1)
+        mbarrier.expect(kv_bar.index(0), K_DESC.block_type.nbytes + V_DESC.block_type.nbytes)
+        _tma_load(K_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), k_smem)
+        _tma_load(V_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), v_smem)
+        for b in gl.static_range(STAGES):
+            _load_qdo(Q_DESC, DO_DESC, q_smem, do_smem, bar, b, total, n, s0, hk, GROUPS, HEAD_DIM, BLOCK_M, STAGES)
+
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_l)
+        qhi = gl.load(QHI + offs_n, mask=offs_n < T, other=0)  # padding keys are seen by no query
+        offs_mm = gl.arange(0, BLOCK_M, layout=queries_l)
+        zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+        mbarrier.wait(kv_bar.index(0), 0)
+
+        for i in range(0, total):
+            slot = i % STAGES
+            g = i // n
+            j = s0 + (i - g * n)
+            h = (hk * GROUPS + g).to(gl.int64)
+            offs_m = j * BLOCK_M + offs_mm
+            row_ok = offs_m < T
+            lse = gl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+            delta = gl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+            mbarrier.wait(bar.index(slot), (i // STAGES) & 1)
+            qt = q_smem.index(slot).permute((1, 0))
+            dot = do_smem.index(slot).permute((1, 0))
+            st = warpgroup_mma(k_smem, qt, zero_st, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(v_smem, dot, zero_st, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st, ))  # S^T done; dP^T still running
+            pt = gl.exp2(st * qk_scale - lse[None, :])
+            if (j < s1) | (j >= s2):
+                ok = (offs_m[None, :] >= offs_n[:, None]) & (offs_m[None, :] < qhi[:, None])
+                pt = gl.where(ok, pt, 0.0)
+            pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+            dv = warpgroup_mma(pt_op, do_smem.index(slot), dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dP^T done; dV still running
+            dst = (pt * (dpt - delta[None, :])).to(dtype)
+            ds_op = gl.convert_layout(dst, op_layout)
+            dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
+            # Waiting for dK here, rather than under the next step's S^T and dP^T, keeps dk and dv out of the
+            # registers of MMAs in flight: ptxas then spills 8 bytes instead of 176 (Triton 3.9; 56 instead of 176 in
+            # 3.6). The slot's last reader is done: refill it.
+            dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+            _load_qdo(Q_DESC, DO_DESC, q_smem, do_smem, bar, i + STAGES, total, n, s0, hk, GROUPS, HEAD_DIM, BLOCK_M,
+                      STAGES)
+        mbarrier.invalidate(kv_bar.index(0))
+        for b in gl.static_range(STAGES):
+            mbarrier.invalidate(bar.index(b))
+
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        off = (hk.to(gl.int64) * stride_kh + rows.to(gl.int64) * stride_kt)[:, None] + cols[None, :]
+        ok_r = (rows < T)[:, None]
+        gl.store(DK + off, (dk * sm_scale).to(dtype), mask=ok_r)
+        gl.store(DV + off, dv.to(dtype), mask=ok_r)
+
+
+    @gluon.jit(do_not_specialize=["T"])  # T varies per row: no recompile when it is a multiple of 16
+    def bwd_dq_kernel_gluon(
+        Q, DO, LSE, DELTA, DQ,  # q, dO, dq [T, Hq, D] (same strides); lse, delta [Hq, T] fp32
+        K_DESC, V_DESC,  # TMA descriptors over k/v viewed as [T, Hkv * D], block [BLOCK_N, D]
+        SCHED, TOK,  # the forward's schedule for this kernel's tiles, and the per-token ranges
+        stride_qt, stride_qh,
+        T, qk_scale, sm_scale,
+        H_KV: gl.constexpr,
+        GROUPS: gl.constexpr,
+        GROUPS_P2: gl.constexpr,
+        HEAD_DIM: gl.constexpr,
+        BLOCK_M: gl.constexpr,  # query TOKENS per tile; BLOCK_M * GROUPS_P2 == 64 rows
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """dq as ``backward.bwd_dq_kernel`` (GQA-packed rows, the forward's walk): per key tile, S = Q K^T and
+        dP = dO V^T issued together, P computed while dP runs, then dq += dS K."""
+        ROWS_: gl.constexpr = BLOCK_M * GROUPS_P2
+        dtype: gl.constexpr = Q.dtype.element_ty
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+        x_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+        pid = gl.program_id(0)
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV  # back to front, as common.packed_rows
+        hk = pid % H_KV
+        kv_col = hk * HEAD_DIM
+        sp = SCHED + tile * 10
+        sb = (gl.load(sp + 0), gl.load(sp + 1), gl.load(sp + 2), gl.load(sp + 3), gl.load(sp + 4), gl.load(sp + 5),
+              gl.load(sp + 6), gl.load(sp + 7), gl.load(sp + 8))
+        n = (sb[3] - sb[0]) + (gl.load(sp + 9) - sb[4])  # >= 1: every query sees itself
+
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(b), count=1)
+            mbarrier.init(v_bar.index(b), count=1)
+        for b in gl.static_range(STAGES):
+            _load(K_DESC, k_smem, k_bar, b, n, sb, kv_col, BLOCK_N, STAGES)
+            _load(V_DESC, v_smem, v_bar, b, n, sb, kv_col, BLOCK_N, STAGES)
+
+        # q and dO: the packed rows (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2).
+        offs_r = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, ld_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+        tok = tile * BLOCK_M + offs_r // GROUPS_P2
+        g = offs_r % GROUPS_P2
+        ok_ld = (tok < T) & (g < GROUPS)
+        x_off = (tok.to(gl.int64) * stride_qt + (hk * GROUPS + g).to(gl.int64) * stride_qh)[:, None] + offs_d[None, :]
+        q_smem = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], x_slayout,
+                                           gl.load(Q + x_off, mask=ok_ld[:, None], other=0.0))
+        do_smem = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], x_slayout,
+                                            gl.load(DO + x_off, mask=ok_ld[:, None], other=0.0))
+        fence_async_shared()
+
+        offs_rs = gl.arange(0, ROWS_, layout=rows_s)
+        offs_m = tile * BLOCK_M + offs_rs // GROUPS_P2
+        ok_s = (offs_m < T) & (offs_rs % GROUPS_P2 < GROUPS)
+        h_s = (hk * GROUPS + offs_rs % GROUPS_P2).to(gl.int64)
+        lse = gl.load(LSE + h_s * T + offs_m, mask=ok_s, other=0.0)
+        delta = gl.load(DELTA + h_s * T + offs_m, mask=ok_s, other=0.0)
+        lo1 = gl.load(TOK + offs_m, mask=ok_s, other=0)
+        hi1 = gl.load(TOK + T + offs_m, mask=ok_s, other=0)
+        lo2 = gl.load(TOK + 2 * T + offs_m, mask=ok_s, other=T + 1)  # padded rows: no allowed key
+        zero_s = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
+        dq = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=acc_layout)
+
+        for i in range(0, n):
+            slot = i % STAGES
+            ph = (i // STAGES) & 1
+            mbarrier.wait(k_bar.index(slot), ph)
+            s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_bar.index(slot), ph)
+            dp = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s, ))  # S done; dP still running
+            p = gl.exp2(s * qk_scale - lse[:, None])
+            n0, full = _key_tile(i, sb, BLOCK_N)
+            if not full:
+                kk = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                ok = ((kk[None, :] >= lo1[:, None]) & (kk[None, :] < hi1[:, None])) | (
+                    (kk[None, :] >= lo2[:, None]) & (kk[None, :] <= offs_m[:, None]))
+                p = gl.where(ok, p, 0.0)
+            dp = warpgroup_mma_wait(0, deps=(dp, ))
+            ds = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            dq = warpgroup_mma(ds, k_smem.index(slot), dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            _load(K_DESC, k_smem, k_bar, i + STAGES, n, sb, kv_col, BLOCK_N, STAGES)
+            _load(V_DESC, v_smem, v_bar, i + STAGES, n, sb, kv_col, BLOCK_N, STAGES)
+        for b in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(b))
+            mbarrier.invalidate(v_bar.index(b))
+
+        offs_ra = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, acc_layout))
+        tok_a = tile * BLOCK_M + offs_ra // GROUPS_P2
+        g_a = offs_ra % GROUPS_P2
+        ok_a = (tok_a < T) & (g_a < GROUPS)
+        offs_da = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        a_off = (tok_a.to(gl.int64) * stride_qt + (hk * GROUPS + g_a).to(gl.int64) * stride_qh)[:, None]
+        gl.store(DQ + a_off + offs_da[None, :], (dq * sm_scale).to(dtype), mask=ok_a[:, None])
+
+
+def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap) -> bool:
+    """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs: as the Gluon forward (``forward_gluon.
+    supported``: 64 packed rows), at 64-key tiles."""
+    return block_n == BLOCK and forward_gluon.supported(q, k, block_m, softcap)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
+    """Whether this kernel runs the KV-major backward of these inputs: Gluon here, a Hopper GPU, 16-bit, head dim 64
+    or 128, 64 x 64 tiles, rows TMA can address, and no soft-cap or window."""
+    if gluon is None or softcap is not None or window is not None or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in forward_gluon.HEAD_DIMS:
+        return False
+    if block_m != BLOCK or block_n != BLOCK or _major_capability(q.device.index or 0) != 9:
+        return False
+    return (q.shape[1] * q.shape[2] * q.element_size()) % 16 == 0 and (k.shape[1] * k.shape[2] * k.element_size()) % 16 == 0
+
+
+def launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale: float, scale: float, stages: int):
+    """dk, dv (written) as ``backward.bwd_kv_kernel`` computes them, on this kernel; ``supported`` must hold."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [BLOCK, D], layout)
+    vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [BLOCK, D], layout)
+    qd = TensorDescriptor.from_tensor(q.view(T, Hq * D), [BLOCK, D], layout)
+    dod = TensorDescriptor.from_tensor(do.view(T, Hq * D), [BLOCK, D], layout)
+    bwd_kv_kernel_gluon[(kv_sched.shape[0] * Hkv,)](
+        kd, vd, qd, dod, lse, delta, dk, dv, kv_sched, q_hi,
+        dk.stride(0), dk.stride(1),
+        T, qk_scale, scale,
+        H_KV=Hkv, GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, STAGES=stages, num_warps=4,
+    )
+
+
+def launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale: float, scale: float, block_m: int,
+                        stages: int):
+    """dq (written) as ``backward.bwd_dq_kernel`` computes it, on this kernel; ``supported_dq`` must hold."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [BLOCK, D], layout)
+    vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [BLOCK, D], layout)
+    groups = Hq // Hkv
+    bwd_dq_kernel_gluon[(dq_sched.shape[0] * Hkv,)](
+        q, do, lse, delta, dq, kd, vd, dq_sched, ranges,
+        q.stride(0), q.stride(1),
+        T, qk_scale, scale,
+        H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=block_m,
+        BLOCK_N=BLOCK, STAGES=stages, num_warps=4,
+    )
