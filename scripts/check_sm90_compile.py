@@ -27,7 +27,7 @@ import triton
 from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
-from prefix_attn.triton import backward_gluon, forward_gluon  # noqa: E402
+from prefix_attn.triton import backward_gluon  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 
 G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
@@ -75,28 +75,12 @@ def _fwd(name, bm, bn, w, s, tma=True, softcap=0.0):
     return name, fn, types, consts, w, s, {}
 
 
-def _fwd_gluon(name, groups=G, stages=3, ws=False):
-    """The Gluon forward (forward_gluon.py) at 64 packed rows for a GQA group of ``groups``."""
-    if not forward_gluon.available():
-        return None
-    fn = forward_gluon.fwd_kernel_gluon
-    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
-    types = {n: "i32" for n in fn.arg_names}
-    types.update(Q=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32", qk_scale="fp32", K_DESC=desc,
-                 V_DESC=desc)
-    g2 = triton.next_power_of_2(groups)
-    consts = dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=forward_gluon.ROWS // g2, BLOCK_N=64,
-                  STAGES=stages, WS=ws)
-    return name, fn, types, consts, 4, 1, dict(gluon=True, maxnreg=forward_gluon.WS_MAXNREG if ws else None)
-
-
 def _kv_gluon(name, groups=G, stages=2):
     """The Gluon KV-major backward (backward_gluon.py) at 64 x 64 tiles."""
-    if not forward_gluon.available():
+    if not backward_gluon.available():
         return None
     fn = backward_gluon.bwd_kv_kernel_gluon
-    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    layout = backward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
     types = {n: "i32" for n in fn.arg_names}
     types.update(K_DESC=desc, V_DESC=desc, Q_DESC=desc, DO_DESC=desc, LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
@@ -107,10 +91,10 @@ def _kv_gluon(name, groups=G, stages=2):
 
 def _dq_gluon(name, groups=G, stages=2):
     """The Gluon dq kernel (backward_gluon.py) at 64 packed rows x 64 keys."""
-    if not forward_gluon.available():
+    if not backward_gluon.available():
         return None
     fn = backward_gluon.bwd_dq_kernel_gluon
-    layout = forward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    layout = backward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", DO=f"*{DT}", DQ=f"*{DT}", LSE="*fp32", DELTA="*fp32", K_DESC=desc, V_DESC=desc,
@@ -158,12 +142,6 @@ VARIANTS = [
     _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
     _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
     _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
-    # the Gluon forward (forward_gluon.py; absent where this Triton has no Gluon), groups of 4 and 7
-    _fwd_gluon("fwd gluon 16tok x64 w4 s3"),
-    _fwd_gluon("fwd gluon 8tok(x8) x64 w4 s3 g7", 7),
-    _fwd_gluon("fwd gluon 16tok x64 w4 s2", stages=2),
-    _fwd_gluon("fwd gluon 16tok x64 w4 s3 ws", ws=True),
-    _fwd_gluon("fwd gluon 16tok x64 w4 s2 ws", stages=2, ws=True),
     # KV-major backward (default: 64 queries x 64 keys, 4 warps, 2 stages, TMA; two programs per SM)
     _kv("kv 64x64 w4 s2 merged", 64, 64, 4, 2),
     # the Gluon KV-major backward (backward_gluon.py)

@@ -56,7 +56,7 @@ STALL_FAMILIES = (
 # Kernel name -> role. Ours are named by their Triton function; FA4's by the CuTe class inside the generated name
 # (the more specific class names first: Combine before Forward, Pre/Postprocess before Backward).
 OURS = {"fwd_kernel": "fwd", "bwd_delta_kernel": "bwd_delta", "bwd_kv_kernel": "bwd_kv", "bwd_dq_kernel": "bwd_dq",
-        "fwd_kernel_gluon": "fwd", "bwd_kv_kernel_gluon": "bwd_kv"}
+        "bwd_kv_kernel_gluon": "bwd_kv", "bwd_dq_kernel_gluon": "bwd_dq"}
 FA4_CLASSES = (
     ("FlashAttentionForwardCombine", "fwd_combine"),
     ("FlashAttentionBackwardPreprocess", "bwd_pre"),

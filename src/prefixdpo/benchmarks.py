@@ -75,19 +75,9 @@ SWEEP_VARIANTS = {
     # GQA groups of 5-8 (--heads 28 --kv-heads 4), the tiles before: 16 tokens x 8 heads over two warpgroups, where
     # the default's 8-token tiles make the packed forward and dq programs 64 rows of one warpgroup
     "g8_before": dict(fwd_block_m=16, fwd_warps=8, dq_block_m=16, dq_warps=8),
-    # the forward in Gluon (prefix_attn/triton/forward_gluon.py): the softmax of a key tile under the previous tile's
-    # P V MMA
-    "fwd_gluon": dict(fwd_gluon=True),
-    "fwd_gluon_s2": dict(fwd_gluon=True, fwd_stages=2),
-    "fwd_gluon_ws": dict(fwd_gluon=True, fwd_ws=True),
-    "fwd_gluon_ws_s2": dict(fwd_gluon=True, fwd_ws=True, fwd_stages=2),
-    # the KV-major backward in Gluon (prefix_attn/triton/backward_gluon.py): its four MMAs issued in FA3's order
-    "bwd_gluon": dict(bwd_gluon=True),
-    "bwd_gluon_s3": dict(bwd_gluon=True, kv_stages=3),
-    "gluon_fwd_ws_s2_bwd": dict(fwd_gluon=True, fwd_ws=True, fwd_stages=2, bwd_gluon=True),
-    "dq_gluon": dict(dq_gluon=True),
-    "bwd_dq_gluon": dict(bwd_gluon=True, dq_gluon=True),
-    "bwd_dq_gluon_s3": dict(bwd_gluon=True, dq_gluon=True, dq_stages=3),
+    # the backward's plain-Triton KV-major and dq kernels, where the default runs their Gluon versions on Hopper
+    # (prefix_attn/triton/backward_gluon.py)
+    "bwd_plain": dict(bwd_gluon=False),
 }
 
 
@@ -387,9 +377,8 @@ def append_csv(path: str, row: dict) -> None:
         w.writerow(row)
 
 
-def compile_sm90(fn, types, consts, num_warps, num_stages, gluon=False, maxnreg=None):
-    """Compile the Triton kernel ``fn`` (a Gluon kernel with ``gluon``; ``maxnreg``: the launch's register cap) for
-    Hopper (sm_90a) without a GPU. ``types``:
+def compile_sm90(fn, types, consts, num_warps, num_stages, gluon=False):
+    """Compile the Triton kernel ``fn`` (a Gluon kernel with ``gluon``) for Hopper (sm_90a) without a GPU. ``types``:
     arg name -> signature type (constexprs are filled in from ``consts``); pointers and strides are marked
     16-divisible and ``T`` not, as the runtime specializes them (scripts/check_sm90_compile.py)."""
     import triton
@@ -411,8 +400,6 @@ def compile_sm90(fn, types, consts, num_warps, num_stages, gluon=False, maxnreg=
     else:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 

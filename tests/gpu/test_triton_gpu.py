@@ -143,8 +143,7 @@ GPU_VARIANTS = {
     "bwd_nontma": dict(bwd_tma=False),
     "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8),
     "bwd_kv_s3": dict(kv_stages=3),
-    "fwd_gluon": dict(fwd_gluon=True),
-    "fwd_gluon_ws": dict(fwd_gluon=True, fwd_ws=True),
+    "bwd_plain": dict(bwd_gluon=False),
 }
 
 
@@ -272,54 +271,62 @@ def test_row_of_135k_tokens():
             assert err <= 2 * ref + floor, f"doc {i} {name}: error {err:.3e} > 2 x torch {dtype} error {ref:.3e}"
 
 
-# The Gluon forward (prefix_attn/triton/forward_gluon.py) on the layouts above, for every GQA group it takes (64 packed
-# rows: groups 1, 2, 4, 8 and the padded 3, 6, 7), checked to have run rather than fallen back to the plain kernel.
+# The backward's KV-major and dq kernels both ways, Gluon (the default on Hopper: prefix_attn/triton/backward_gluon.py)
+# and plain Triton, for every GQA group the Gluon dq kernel takes (64 packed rows: groups 1, 2, 4, 8 and the padded 3,
+# 6, 7), the Gluon kernels checked to have run rather than fallen back to the plain ones.
 GLUON_HEADS = [(8, 2), (28, 4), (4, 4), (6, 3), (16, 2), (32, 8), (6, 1), (14, 7)]
+BACKWARD_KERNELS = {"gluon": dict(bwd_gluon=True), "plain": dict(bwd_gluon=False)}
 
 
-GLUON_MODES = {"fwd": dict(fwd_gluon=True), "fwd_ws": dict(fwd_gluon=True, fwd_ws=True), "bwd": dict(bwd_gluon=True),
-               "dq": dict(dq_gluon=True)}
-
-
-def _gluon(layout, hq, hkv, d, dtype, mode="fwd", **kw):
-    """The triton backend with the Gluon kernels of ``mode`` on, after checking that they would run here."""
+def _backward_kernels(layout, hq, hkv, d, dtype, kernels="gluon", **kw):
     from dataclasses import replace
 
-    from prefix_attn.triton import backward_gluon, default_config, forward_gluon
+    from prefix_attn.triton import backward_gluon, default_config
 
-    cfg = replace(default_config(d, dtype, torch.device(DEV), hq // hkv), **GLUON_MODES[mode])
-    q = torch.empty(1, hq, d, device=DEV, dtype=dtype)
-    k = torch.empty(1, hkv, d, device=DEV, dtype=dtype)
-    if cfg.fwd_gluon:
-        assert forward_gluon.supported(q, k, cfg.fwd_block_m, None), "the Gluon forward would not run here"
+    cfg = replace(default_config(d, dtype, torch.device(DEV), hq // hkv), **BACKWARD_KERNELS[kernels])
     if cfg.bwd_gluon:
-        assert backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, kw.get("window")), \
-            "the Gluon backward would not run here"
-    if cfg.dq_gluon:
-        assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None), "the Gluon dq would not run here"
+        q = torch.empty(1, hq, d, device=DEV, dtype=dtype)
+        k = torch.empty(1, hkv, d, device=DEV, dtype=dtype)
+        assert backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, None), "Gluon KV kernel not run"
+        assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None), "Gluon dq kernel not run"
     return _triton(layout, config=cfg, **kw)
 
 
-@pytest.mark.parametrize("mode", list(GLUON_MODES))
+@pytest.mark.parametrize("kernels", list(BACKWARD_KERNELS))
 @pytest.mark.parametrize("seed", range(len(GLUON_HEADS)))
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
                          ids=["d128-bf16", "d64-bf16", "d128-fp16"])
-def test_gluon_random_layouts(seed, d, dtype, mode):
+def test_backward_kernels_random_layouts(seed, d, dtype, kernels):
     layout = random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]), device=DEV)
     hq, hkv = GLUON_HEADS[seed]
-    _check(_gluon(layout, hq, hkv, d, dtype, mode), layout, hq, hkv, d, dtype, seed, label=f"{hq}/{hkv} heads")
+    _check(_backward_kernels(layout, hq, hkv, d, dtype, kernels), layout, hq, hkv, d, dtype, seed,
+           label=f"{kernels} {hq}/{hkv} heads")
 
 
-@pytest.mark.parametrize("mode", list(GLUON_MODES))
+@pytest.mark.parametrize("kernels", list(BACKWARD_KERNELS))
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (28, 4)], ids=["g4", "g7"])
-def test_gluon_awkward_layouts(name, prefix, branches, hq, hkv, mode):
+def test_backward_kernels_awkward_layouts(name, prefix, branches, hq, hkv, kernels):
     layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
-    _check(_gluon(layout, hq, hkv, 128, torch.bfloat16, mode), layout, hq, hkv, 128, torch.bfloat16, 5, label=name)
+    _check(_backward_kernels(layout, hq, hkv, 128, torch.bfloat16, kernels), layout, hq, hkv, 128, torch.bfloat16, 5,
+           label=f"{kernels} {name}")
 
 
-def test_gluon_forward_with_a_window():
-    """A window reaches the Gluon forward through the windowed tables alone, as it does the plain kernel."""
-    layout = PrefixLayout.from_lengths([700, 63], [[1, 64, 129, 300, 2, 127], [65, 1]], device=DEV)
-    _check(_gluon(layout, 8, 2, 128, torch.bfloat16, window=100), layout, 8, 2, 128, torch.bfloat16, 6,
-           label="window", window=100)
+def test_gluon_backward_agrees_bitwise_with_the_plain_kernels():
+    """Same operations in the same order, no atomics: dq, dk and dv equal the plain kernels' bit for bit."""
+    from dataclasses import replace
+
+    from prefix_attn.triton import default_config
+
+    layout = random_layout(random.Random(11), tokens=2600, device=DEV)
+    g = torch.Generator(device=DEV).manual_seed(11)
+    q, k, v, do = (torch.randn(layout.total_tokens, h, 128, device=DEV, generator=g).to(torch.bfloat16)
+                   for h in (32, 8, 8, 32))
+    outs = []
+    for kernels in BACKWARD_KERNELS:
+        cfg = replace(default_config(128, torch.bfloat16, torch.device(DEV), 4), **BACKWARD_KERNELS[kernels])
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        o = _triton(layout, config=cfg)(*xs)
+        outs.append(torch.autograd.grad(o, xs, do))
+    for name, a, b in zip(("dq", "dk", "dv"), *outs):
+        assert torch.equal(a, b), f"{name} differs"

@@ -318,7 +318,7 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
             H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
             DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
         )
-    if cfg.dq_gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m,
+    if cfg.bwd_gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m,
                                                                                    cfg.dq_block_n, softcap):
         backward_gluon.launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale, scale,
                                            cfg.dq_block_m, cfg.dq_stages)

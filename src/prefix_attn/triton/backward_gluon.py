@@ -1,12 +1,16 @@
-"""The KV-major backward kernel of the `triton` backend written in Gluon for Hopper, and its launcher.
+"""The backward's two main kernels for Hopper, written in Gluon: ``bwd_kv_kernel_gluon`` (dk, dv) and
+``bwd_dq_kernel_gluon`` (dq), and their launchers. The `triton` backend runs them on Hopper for 16-bit inputs with
+head dim 64 or 128 and no soft-cap or window (``supported``, ``supported_dq``); the plain-Triton kernels of
+``backward`` run every other case, the CPU interpreter's included.
 
-Same contract as ``backward.bwd_kv_kernel`` (the same schedule and per-key query bound, dk and dv of one key tile of
-one KV head summed over its GQA group, the same numerics: P and dS rounded to the input dtype before their
-products), for 16-bit inputs with head dim 64 or 128 and no options. The dq kernel and the delta kernel stay as they
-are.
+Same contracts as ``backward.bwd_kv_kernel`` and ``backward.bwd_dq_kernel``: the same schedules and per-token
+ranges, GQA handled the same way, no atomics (the backward stays bitwise reproducible), and the same numerics: scores
+and accumulators fp32, P and dS rounded to the input dtype before their products. On the GPU they agree bitwise with
+the plain kernels on the layouts of scripts/bench_attention.py.
 
-What Gluon adds is the order of the four MMAs of a step and what runs under them, which plain Triton does not give
-(it waits for each non-accumulating wgmma right after issuing it):
+What Gluon adds is the order of a step's MMAs and what runs under them. Plain Triton waits for each wgmma that does
+not accumulate right after issuing it, so the exponentials never run under an MMA (``scripts/check_sm90_compile.py``,
+column ex2@mma). A KV-major step here:
 
     S^T = K Q^T and dP^T = V dO^T issued together;
     wait for S^T alone; P^T = exp2(S^T - lse), masked, while dP^T runs;
@@ -14,10 +18,17 @@ What Gluon adds is the order of the four MMAs of a step and what runs under them
     wait for dP^T; dS^T = P^T (dP^T - delta) while dV runs;
     dK += dS^T Q issued (dS^T from registers); wait for both accumulations.
 
-K and V sit in shared memory for the whole program (one TMA load each); q and dO tiles come in through TMA into a
-ring of STAGES slots, a slot refilled as soon as the step's dK MMA (its last reader) is done. One program is one
-warpgroup over 64 keys, so two programs share an SM, as with the plain kernel. Gluon does not run in Triton's CPU
-interpreter: this kernel is held to float64 by the GPU tests, and a CPU test compiles it for sm_90a.
+The dq kernel does the same with S = Q K^T and dP = dO V^T, then dq += dS K. Waiting for the accumulations at the
+end of each step, rather than leaving them in flight under the next step's first MMAs, keeps their registers out of
+MMAs in flight: the KV kernel then spills 12 bytes instead of 176 (ptxas of Triton 3.9) and ran 1.27x faster than the
+version that overlapped them (docs/PERFORMANCE.md).
+
+The tiles the KV kernel walks (q, dO) and those the dq kernel walks (K, V) come in through TMA into rings of STAGES
+slots, a slot refilled once the last MMA that reads it is done; what a program keeps (K and V, or the packed q and
+dO) is loaded once into shared memory. Each program is one warpgroup over 64 rows, so two programs share an SM, as
+with the plain kernels. Gluon does not run in Triton's CPU interpreter: these kernels are held to float64 by the GPU
+tests, and a CPU test compiles them for sm_90a with the Triton installed. Gluon's API is experimental: where the
+import below fails, the plain kernels run.
 """
 
 from __future__ import annotations
@@ -25,18 +36,51 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import forward_gluon
 from .common import _major_capability
 
-gluon = forward_gluon.gluon
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # The TMA load's name: ``async_load`` from Triton 3.7, ``async_copy_global_to_shared`` in 3.6.
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+except ImportError:  # a Triton without Gluon, or with another layout of it: the plain kernels run
+    gluon = None
+
+HEAD_DIMS = (64, 128)
+BLOCK = 64  # MMA rows per program (keys of the KV kernel, packed query rows of the dq kernel) and keys per dq step
+
+
+def available() -> bool:
+    """Whether this Triton has the Gluon API the kernels are written against."""
+    return gluon is not None
+
+
 if gluon is not None:
-    from .forward_gluon import TensorDescriptor, _key_tile, _load, _tma_load, fence_async_shared, gl, mbarrier
-    from .forward_gluon import warpgroup_mma, warpgroup_mma_wait
 
-BLOCK = 64  # keys per program and queries per step: one warpgroup's MMA rows
+    @gluon.jit
+    def _key_tile(i, sb, BLOCK_N: gl.constexpr):
+        """Step i's first key and whether its tile is full, from a query tile's walk bounds ``sb`` = (s0, ..., s8)
+        of the forward schedule (as ``common.walk_tile``: range 1 [s0, s3), then range 2 [s4, s9))."""
+        s0, s1, s2, s3, s4, s5, s6, s7, s8 = sb
+        n1 = s3 - s0
+        j = gl.where(i < n1, s0 + i, s4 + (i - n1))
+        full = ((j >= s1) & (j < s2)) | ((j >= s5) & (j < s6)) | ((j >= s7) & (j < s8))
+        return j * BLOCK_N, full
 
-
-if gluon is not None:
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, bar, i, n, sb, kv_col, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+        """Issue step i's K and V tiles of the dq walk into slot i % STAGES (nothing past the walk's end)."""
+        if i < n:
+            n0, _full = _key_tile(i, sb, BLOCK_N)
+            slot = i % STAGES
+            mbarrier.expect(bar.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [n0, kv_col], bar.index(slot), k_smem.index(slot))
+            _tma_load(v_desc, [n0, kv_col], bar.index(slot), v_smem.index(slot))
 
     @gluon.jit
     def _load_qdo(q_desc, do_desc, q_smem, do_smem, bar, i, total, n, s0, hk, GROUPS: gl.constexpr,
@@ -192,14 +236,11 @@ if gluon is not None:
 
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for b in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(b), count=1)
-            mbarrier.init(v_bar.index(b), count=1)
+            mbarrier.init(bar.index(b), count=1)
         for b in gl.static_range(STAGES):
-            _load(K_DESC, k_smem, k_bar, b, n, sb, kv_col, BLOCK_N, STAGES)
-            _load(V_DESC, v_smem, v_bar, b, n, sb, kv_col, BLOCK_N, STAGES)
+            _load_kv(K_DESC, V_DESC, k_smem, v_smem, bar, b, n, sb, kv_col, BLOCK_N, STAGES)
 
         # q and dO: the packed rows (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2).
         offs_r = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, ld_layout))
@@ -229,9 +270,8 @@ if gluon is not None:
         for i in range(0, n):
             slot = i % STAGES
             ph = (i // STAGES) & 1
-            mbarrier.wait(k_bar.index(slot), ph)
+            mbarrier.wait(bar.index(slot), ph)
             s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_bar.index(slot), ph)
             dp = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s, ))  # S done; dP still running
             p = gl.exp2(s * qk_scale - lse[:, None])
@@ -245,11 +285,9 @@ if gluon is not None:
             ds = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
             dq = warpgroup_mma(ds, k_smem.index(slot), dq, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq, ))
-            _load(K_DESC, k_smem, k_bar, i + STAGES, n, sb, kv_col, BLOCK_N, STAGES)
-            _load(V_DESC, v_smem, v_bar, i + STAGES, n, sb, kv_col, BLOCK_N, STAGES)
+            _load_kv(K_DESC, V_DESC, k_smem, v_smem, bar, i + STAGES, n, sb, kv_col, BLOCK_N, STAGES)
         for b in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bar.index(b))
-            mbarrier.invalidate(v_bar.index(b))
+            mbarrier.invalidate(bar.index(b))
 
         offs_ra = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, acc_layout))
         tok_a = tile * BLOCK_M + offs_ra // GROUPS_P2
@@ -260,22 +298,28 @@ if gluon is not None:
         gl.store(DQ + a_off + offs_da[None, :], (dq * sm_scale).to(dtype), mask=ok_a[:, None])
 
 
-def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap) -> bool:
-    """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs: as the Gluon forward (``forward_gluon.
-    supported``: 64 packed rows), at 64-key tiles."""
-    return block_n == BLOCK and forward_gluon.supported(q, k, block_m, softcap)
+def _inputs_ok(q: torch.Tensor, k: torch.Tensor, softcap, window) -> bool:
+    """Gluon here, a Hopper GPU (wgmma and this use of TMA are Hopper's alone), 16-bit, head dim 64 or 128, rows TMA
+    can address, and no soft-cap or window (the plain kernels take those)."""
+    if gluon is None or softcap is not None or window is not None or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
+        return False
+    rows_ok = all((x.shape[1] * x.shape[2] * x.element_size()) % 16 == 0 for x in (q, k))
+    return rows_ok and _major_capability(q.device.index or 0) == 9
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
-    """Whether this kernel runs the KV-major backward of these inputs: Gluon here, a Hopper GPU, 16-bit, head dim 64
-    or 128, 64 x 64 tiles, rows TMA can address, and no soft-cap or window."""
-    if gluon is None or softcap is not None or window is not None or not q.is_cuda:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in forward_gluon.HEAD_DIMS:
-        return False
-    if block_m != BLOCK or block_n != BLOCK or _major_capability(q.device.index or 0) != 9:
-        return False
-    return (q.shape[1] * q.shape[2] * q.element_size()) % 16 == 0 and (k.shape[1] * k.shape[2] * k.element_size()) % 16 == 0
+    """Whether ``bwd_kv_kernel_gluon`` runs the dk, dv of these inputs at the KV kernel's tiles (64 x 64)."""
+    return block_m == BLOCK and block_n == BLOCK and _inputs_ok(q, k, softcap, window)
+
+
+def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap) -> bool:
+    """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs at the dq kernel's tiles: ``block_m`` tokens x
+    the GQA group (rounded up to a power of two) making 64 rows, 64 keys."""
+    groups = q.shape[1] // k.shape[1]
+    return (block_m * triton.next_power_of_2(groups) == BLOCK and block_n == BLOCK
+            and _inputs_ok(q, k, softcap, None))
 
 
 def launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale: float, scale: float, stages: int):

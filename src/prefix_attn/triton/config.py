@@ -34,8 +34,8 @@ class TritonAttentionConfig(IntFieldsConfig):
     KV-major backward (``kv_block_n`` keys per program, ``kv_block_m`` queries per step); ``dq_*``: the dq kernel
     (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` / ``bwd_tma``: the forward's K/V and the backward's
     q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere).
-    ``fwd_gluon``: the forward runs the Gluon kernel (``forward_gluon``) where it applies (Hopper, 16-bit, head dim 64
-    or 128, 64 packed rows, no soft-cap), the plain kernel elsewhere."""
+    ``bwd_gluon``: the KV-major and dq kernels run their Gluon versions (``backward_gluon``) where those apply
+    (Hopper, 16-bit, head dim 64 or 128, 64-row tiles, no soft-cap or window), the plain kernels elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
@@ -51,10 +51,7 @@ class TritonAttentionConfig(IntFieldsConfig):
     dq_stages: int = 2
     fwd_tma: bool = True
     bwd_tma: bool = True
-    fwd_gluon: bool = False
-    fwd_ws: bool = False
     bwd_gluon: bool = False
-    dq_gluon: bool = False
 
     @property
     def tile_shape(self) -> TileShape:
@@ -72,7 +69,8 @@ CONFIGS = {
     # specialization.
     "cuda_16bit": TritonAttentionConfig(
         fwd_block_m=16, fwd_block_n=64, fwd_warps=4, fwd_stages=3, kv_block_m=64, kv_block_n=64, kv_warps=4,
-        kv_stages=2, dq_block_m=16, dq_block_n=64, dq_warps=4, dq_stages=2, fwd_tma=True, bwd_tma=True),
+        kv_stages=2, dq_block_m=16, dq_block_n=64, dq_warps=4, dq_stages=2, fwd_tma=True, bwd_tma=True,
+        bwd_gluon=True),
     # fp32 inputs on a GPU: smaller tiles (twice the bytes per element).
     "cuda_fp32": TritonAttentionConfig(
         fwd_block_m=16, fwd_block_n=32, fwd_warps=4, fwd_stages=2, kv_block_m=32, kv_block_n=64, kv_warps=4,

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import forward_gluon
 from .common import (LOG2E, allowed, descriptor, dot_prec, online_softmax_step, packed_rows, softcap_scores, tma_ok,
                      walk_bounds, walk_kv)
 from .config import TritonAttentionConfig
@@ -106,9 +105,6 @@ def launch_forward(q, k, v, sched, ranges, scale: float, cfg: TritonAttentionCon
     """o [T, Hq, D] and lse [Hq, T] (fp32, base 2) of contiguous q [T, Hq, D], k/v [T, Hkv, D]; ``sched`` the forward
     schedule at cfg's tiles, ``ranges`` the per-token ranges (``AttentionTables.fwd``, ``.ranges``); ``softcap``:
     the logit soft-cap (None: none)."""
-    if cfg.fwd_gluon and forward_gluon.supported(q, k, cfg.fwd_block_m, softcap):
-        return forward_gluon.launch_forward_gluon(q, k, v, sched, ranges, score_scale(scale, None)[0], cfg.fwd_block_m,
-                                                  cfg.fwd_block_n, cfg.fwd_stages, cfg.fwd_ws)
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     o = torch.empty_like(q)
