@@ -31,11 +31,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .layout import PrefixLayout
 
 # The prefix length from which ``auto`` runs a row here. End to end (1B shape, one pair per step, an H200:
-# docs/PERFORMANCE.md) the decomposition was 0.95x the Triton kernels at a 16K-token prompt and 1.05x at 32K (1.15x
-# at 64K, 1.31x at 128K): attention alone its forward+backward is faster from 8K on, its forward slower, and a step
-# runs three forwards (policy, checkpoint recompute, reference) for one backward. The midpoint of the measured
-# crossover.
-DENSE_PREFIX_MIN = 24000
+# docs/PERFORMANCE.md), against the Triton kernels with their Gluon backward, the decomposition was 0.95x at a
+# 16K-token prompt and 1.01x at 32K; against the plain-Triton backward before it, 1.05x at 32K, 1.15x at 64K and 1.31x
+# at 128K. Attention alone its forward+backward is faster at long prefixes, its forward not, and a step runs three
+# forwards (policy, checkpoint recompute, reference) for one backward. The measured crossover.
+DENSE_PREFIX_MIN = 32000
 
 
 def host_documents(layout: PrefixLayout) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
