@@ -2,10 +2,10 @@
 
 For each variant: wgmma instructions in the PTX, whether the key/query loop got multi-buffered async copies (TMA
 ``cp.async.bulk.tensor`` or ``cp.async``), shared memory per program (Triton's metadata), and ptxas's registers per
-thread and spill bytes (the bundled ptxas, ``-v``). ``ex2@mma``: the most ``ex2`` (softmax exponentials) issued
-between a ``wgmma.commit_group`` and the next ``wgmma.wait_group`` in the PTX text, i.e. softmax work with a wgmma in
-flight (0: the softmax never overlaps an MMA); ``ser``: ptxas reports C7514 (it serialized the wgmmas itself, undoing
-any such overlap). Run on any machine with Triton (no GPU needed):
+thread and spill bytes (the bundled ptxas, ``-v``). ``ex2@mma``: the most ``ex2`` (softmax exponentials) issued in
+one stretch of the PTX text while a wgmma group is outstanding (0: the softmax never overlaps an MMA, as in the
+plain-Triton kernels; the Gluon kernels of backward_gluon.py overlap it); ``ser``: ptxas reports C7514 (it serialized
+the wgmmas itself, undoing any such overlap). Run on any machine with Triton (no GPU needed):
 
     python scripts/check_sm90_compile.py                 # all variants, Llama-3-8B head shape (G=4, D=128, bf16)
     python scripts/check_sm90_compile.py --only fwd      # names containing "fwd"

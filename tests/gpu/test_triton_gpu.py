@@ -288,7 +288,7 @@ def _backward_kernels(layout, hq, hkv, d, dtype, kernels="gluon", **kw):
         q = torch.empty(1, hq, d, device=DEV, dtype=dtype)
         k = torch.empty(1, hkv, d, device=DEV, dtype=dtype)
         assert backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, None), "Gluon KV kernel not run"
-        assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None), "Gluon dq kernel not run"
+        assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None, None), "Gluon dq kernel not run"
     return _triton(layout, config=cfg, **kw)
 
 

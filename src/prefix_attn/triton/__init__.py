@@ -2,7 +2,8 @@
 FP8 forward for the frozen reference model), with the fused builder of the tables the kernels read.
 
 Modules: ``common`` (the kernels' shared helpers), ``config`` (tile sizes, tuned defaults), ``forward``,
-``backward``, ``fp8`` (kernels and launchers), ``tables`` (the fused table builder), ``attention`` (the entry points
+``backward``, ``backward_gluon`` (the backward's two main kernels in Gluon, for Hopper), ``fp8`` (kernels and
+launchers), ``tables`` (the fused table builder), ``attention`` (the entry points
 and their autograd / custom-op glue). This package imports triton; ``prefix_attn`` itself does not.
 """
 

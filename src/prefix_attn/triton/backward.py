@@ -9,6 +9,10 @@ reproducible, for one more QK^T and dO V^T recompute (dq added up by TMA reduce-
 FlashAttention-3 does, measured 0.54-0.84x as fast: docs/PERFORMANCE.md). P and dS are rounded to the input dtype
 before their products.
 
+On Hopper, for 16-bit inputs of head dim 64 or 128 without options or an lse gradient, the KV-major and dq launches
+run the Gluon versions of these two kernels instead (``backward_gluon``, ``TritonAttentionConfig.bwd_gluon``): the
+same results, bit for bit, with the softmax work under the MMAs.
+
 Options, each behind a constexpr so that the kernels without them compile as they did: ``SOFTCAP`` (dS takes the
 factor 1 - tanh^2 of the cap); a gradient of the log-sum-exp (``HAS_DLSE`` in the delta kernel: d lse / d s = P, so
 dS = P * (dP - (delta - dlse))); ``WINDOW`` in the KV-major kernel. The dq kernel needs no window flag (the windowed
@@ -307,7 +311,10 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
         options["SOFTCAP"] = cap
     if window is not None:
         options.update(POS=positions, QMIN=kv_qmin, WINDOW=window)
-    if cfg.bwd_gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
+    # The Gluon kernels take no option and no lse gradient (sinks): those run on the plain kernels, whose GPU tests
+    # cover them; the Gluon ones are tested without.
+    gluon = cfg.bwd_gluon and dlse is None
+    if gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
         backward_gluon.launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
                                            cfg.kv_stages)
     else:
@@ -318,8 +325,8 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
             H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
             DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
         )
-    if cfg.bwd_gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m,
-                                                                                   cfg.dq_block_n, softcap):
+    if gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n,
+                                                                              softcap, window):
         backward_gluon.launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale, scale,
                                            cfg.dq_block_m, cfg.dq_stages)
     else:

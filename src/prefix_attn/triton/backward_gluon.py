@@ -1,7 +1,8 @@
 """The backward's two main kernels for Hopper, written in Gluon: ``bwd_kv_kernel_gluon`` (dk, dv) and
 ``bwd_dq_kernel_gluon`` (dq), and their launchers. The `triton` backend runs them on Hopper for 16-bit inputs with
-head dim 64 or 128 and no soft-cap or window (``supported``, ``supported_dq``); the plain-Triton kernels of
-``backward`` run every other case, the CPU interpreter's included.
+head dim 64 or 128, no soft-cap or window and no lse gradient (``supported``, ``supported_dq``,
+``backward.launch_backward``); the plain-Triton kernels of ``backward`` run every other case, the CPU interpreter's
+included.
 
 Same contracts as ``backward.bwd_kv_kernel`` and ``backward.bwd_dq_kernel``: the same schedules and per-token
 ranges, GQA handled the same way, no atomics (the backward stays bitwise reproducible), and the same numerics: scores
@@ -314,12 +315,12 @@ def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, soft
     return block_m == BLOCK and block_n == BLOCK and _inputs_ok(q, k, softcap, window)
 
 
-def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap) -> bool:
+def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
     """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs at the dq kernel's tiles: ``block_m`` tokens x
     the GQA group (rounded up to a power of two) making 64 rows, 64 keys."""
     groups = q.shape[1] // k.shape[1]
     return (block_m * triton.next_power_of_2(groups) == BLOCK and block_n == BLOCK
-            and _inputs_ok(q, k, softcap, None))
+            and _inputs_ok(q, k, softcap, window))
 
 
 def launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale: float, scale: float, stages: int):
