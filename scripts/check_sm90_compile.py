@@ -75,33 +75,32 @@ def _fwd(name, bm, bn, w, s, tma=True, softcap=0.0):
     return name, fn, types, consts, w, s, {}
 
 
-def _kv_gluon(name, groups=G, stages=2):
-    """The Gluon KV-major backward (backward_gluon.py) at 64 x 64 tiles."""
+def _gluon(name, kernel, types, consts):
+    """A Gluon kernel of backward_gluon.py (None where this Triton has no Gluon): its descriptors are [64, D] blocks,
+    every other argument an i32 unless ``types`` says otherwise; one warpgroup."""
     if not backward_gluon.available():
         return None
-    fn = backward_gluon.bwd_kv_kernel_gluon
+    fn = getattr(backward_gluon, kernel)
     layout = backward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
-    types = {n: "i32" for n in fn.arg_names}
-    types.update(K_DESC=desc, V_DESC=desc, Q_DESC=desc, DO_DESC=desc, LSE="*fp32", DELTA="*fp32", DK=f"*{DT}",
-                 DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=groups, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=64, STAGES=stages)
-    return name, fn, types, consts, 4, 1, dict(gluon=True)
+    sig = {n: desc if n.endswith("_DESC") else types.get(n, "i32") for n in fn.arg_names}
+    return name, fn, sig, consts, 4, 1, dict(gluon=True)
+
+
+def _kv_gluon(name, groups=G, stages=2):
+    """The Gluon KV-major backward at 64 x 64 tiles."""
+    return _gluon(name, "bwd_kv_kernel_gluon", dict(LSE="*fp32", DELTA="*fp32", DK=f"*{DT}", DV=f"*{DT}",
+                                                    SCHED="*i32", QHI="*i32", qk_scale="fp32", sm_scale="fp32"),
+                  dict(H_KV=HKV, GROUPS=groups, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=64, STAGES=stages))
 
 
 def _dq_gluon(name, groups=G, stages=2):
-    """The Gluon dq kernel (backward_gluon.py) at 64 packed rows x 64 keys."""
-    if not backward_gluon.available():
-        return None
-    fn = backward_gluon.bwd_dq_kernel_gluon
-    layout = backward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
-    types = {n: "i32" for n in fn.arg_names}
-    types.update(Q=f"*{DT}", DO=f"*{DT}", DQ=f"*{DT}", LSE="*fp32", DELTA="*fp32", K_DESC=desc, V_DESC=desc,
-                 SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
+    """The Gluon dq kernel at 64 packed rows x 64 keys."""
     g2 = triton.next_power_of_2(groups)
-    consts = dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=64 // g2, BLOCK_N=64, STAGES=stages)
-    return name, fn, types, consts, 4, 1, dict(gluon=True)
+    return _gluon(name, "bwd_dq_kernel_gluon", dict(Q=f"*{DT}", DO=f"*{DT}", DQ=f"*{DT}", LSE="*fp32", DELTA="*fp32",
+                                                    SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32"),
+                  dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=64 // g2, BLOCK_N=64,
+                       STAGES=stages))
 
 
 def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
