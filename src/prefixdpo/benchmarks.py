@@ -61,17 +61,18 @@ SWEEP_VARIANTS = {
     "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
     "fwd_pack32_merged_n128_w8_s2": dict(fwd_block_m=32, fwd_block_n=128, fwd_warps=8, fwd_stages=2),
-    # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages
-    "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3),
+    # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages. The backward
+    # variants are of the plain-Triton kernels, so they turn the Gluon ones off.
+    "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3, bwd_gluon=False),
     # 32-key forward tiles: 3 stages in 64 KB of shared memory, so 3 programs per SM instead of 2 (more softmax/MMA
     # overlap between programs, the one kind of overlap Triton 3.6 gives on Hopper without warp specialization)
     "doc_order_pack16_merged_n32": dict(fwd_block_n=32),
-    "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3),
+    "all_pack32_w8": dict(fwd_block_m=32, fwd_warps=8, kv_block_m=32, kv_stages=3, bwd_gluon=False),
     # the backward before: 128-key KV programs and 128-row dq programs of two warpgroups each, one program per SM
     # (the default's one-warpgroup programs fit two per SM, so one program's softmax runs under the other's MMAs)
-    "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8),
+    "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8, bwd_gluon=False),
     # 3 stages of q/dO: more shared memory, one KV program per SM again
-    "bwd_kv_s3": dict(kv_stages=3),
+    "bwd_kv_s3": dict(kv_stages=3, bwd_gluon=False),
     # GQA groups of 5-8 (--heads 28 --kv-heads 4), the tiles before: 16 tokens x 8 heads over two warpgroups, where
     # the default's 8-token tiles make the packed forward and dq programs 64 rows of one warpgroup
     "g8_before": dict(fwd_block_m=16, fwd_warps=8, dq_block_m=16, dq_warps=8),

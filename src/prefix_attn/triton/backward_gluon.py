@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .common import _major_capability
+from .common import _major_capability, interpret
 
 try:
     from triton.experimental import gluon
@@ -181,8 +181,8 @@ if gluon is not None:
             ds_op = gl.convert_layout(dst, op_layout)
             dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
             # Waiting for dK here, rather than under the next step's S^T and dP^T, keeps dk and dv out of the
-            # registers of MMAs in flight: ptxas then spills 8 bytes instead of 176 (Triton 3.9; 56 instead of 176 in
-            # 3.6). The slot's last reader is done: refill it.
+            # registers of MMAs in flight: ptxas of Triton 3.9 then spills 12 bytes instead of 176. The slot's last
+            # reader is done: refill it.
             dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
             _load_qdo(Q_DESC, DO_DESC, q_smem, do_smem, bar, i + STAGES, total, n, s0, hk, GROUPS, HEAD_DIM, BLOCK_M,
                       STAGES)
@@ -300,14 +300,16 @@ if gluon is not None:
 
 
 def _inputs_ok(q: torch.Tensor, k: torch.Tensor, softcap, window) -> bool:
-    """Gluon here, a Hopper GPU (wgmma and this use of TMA are Hopper's alone), 16-bit, head dim 64 or 128, rows TMA
-    can address, and no soft-cap or window (the plain kernels take those)."""
-    if gluon is None or softcap is not None or window is not None or not q.is_cuda:
+    """Gluon here and not the interpreter, a Hopper GPU (wgmma and this use of TMA are Hopper's alone), 16-bit, head
+    dim 64 or 128, q and k contiguous (the launchers view them as [T, H * D] for TMA; v and dO are made so alongside
+    them), and no soft-cap or window (the plain kernels take those)."""
+    if gluon is None or interpret() or softcap is not None or window is not None or not q.is_cuda:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
         return False
-    rows_ok = all((x.shape[1] * x.shape[2] * x.element_size()) % 16 == 0 for x in (q, k))
-    return rows_ok and _major_capability(q.device.index or 0) == 9
+    if not (q.is_contiguous() and k.is_contiguous()):
+        return False
+    return _major_capability(q.device.index or 0) == 9
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
