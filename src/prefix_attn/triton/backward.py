@@ -10,9 +10,8 @@ FlashAttention-3 does, measured 0.54-0.84x as fast: docs/PERFORMANCE.md). P and 
 before their products.
 
 On Hopper, for 16-bit inputs of head dim 64 or 128 without options or an lse gradient, the KV-major and dq launches
-run the Gluon versions of these two kernels instead (``backward_gluon``, ``TritonAttentionConfig.bwd_gluon``), each
-where its tiles are 64 rows (the KV kernel at 64 x 64; the dq kernel for GQA groups up to 8): the same results, bit
-for bit, with the softmax work under the MMAs.
+run the Gluon versions of these two kernels instead (``backward_gluon``, ``TritonAttentionConfig.bwd_gluon``) for
+GQA groups up to 8 and 64-row tiles: the same results, bit for bit, with the softmax work under the MMAs.
 
 Options, each behind a constexpr so that the kernels without them compile as they did: ``SOFTCAP`` (dS takes the
 factor 1 - tanh^2 of the cap); a gradient of the log-sum-exp (``HAS_DLSE`` in the delta kernel: d lse / d s = P, so

@@ -1,6 +1,6 @@
 """The backward's two main kernels for Hopper, written in Gluon: ``bwd_kv_kernel_gluon`` (dk, dv) and
 ``bwd_dq_kernel_gluon`` (dq), and their launchers. The `triton` backend runs them on Hopper for 16-bit inputs with
-head dim 64 or 128, no soft-cap or window and no lse gradient (``supported``, ``supported_dq``,
+head dim 64 or 128, GQA groups up to 8, no soft-cap or window and no lse gradient (``supported``, ``supported_dq``,
 ``backward.launch_backward``); the plain-Triton kernels of ``backward`` run every other case, the CPU interpreter's
 included.
 
@@ -312,9 +312,14 @@ def _inputs_ok(q: torch.Tensor, k: torch.Tensor, softcap, window) -> bool:
     return _major_capability(q.device.index or 0) == 9
 
 
+MAX_GROUP = 8  # the GQA groups the GPU tests hold these kernels to (the dq kernel's 64 packed rows allow no more)
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
-    """Whether ``bwd_kv_kernel_gluon`` runs the dk, dv of these inputs at the KV kernel's tiles (64 x 64)."""
-    return block_m == BLOCK and block_n == BLOCK and _inputs_ok(q, k, softcap, window)
+    """Whether ``bwd_kv_kernel_gluon`` runs the dk, dv of these inputs: 64 x 64 tiles, a GQA group of at most
+    ``MAX_GROUP`` (the kernel's loop takes any; larger ones have not run on the GPU)."""
+    groups = q.shape[1] // k.shape[1]
+    return block_m == BLOCK and block_n == BLOCK and groups <= MAX_GROUP and _inputs_ok(q, k, softcap, window)
 
 
 def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:

@@ -35,8 +35,8 @@ class TritonAttentionConfig(IntFieldsConfig):
     (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` / ``bwd_tma``: the forward's K/V and the backward's
     q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere).
     ``bwd_gluon``: the KV-major and dq kernels run their Gluon versions (``backward_gluon``) where those apply
-    (Hopper, 16-bit, head dim 64 or 128, 64-row tiles, no soft-cap, window or lse gradient), the plain kernels
-    elsewhere."""
+    (Hopper, 16-bit, head dim 64 or 128, GQA groups up to 8, 64-row tiles, no soft-cap, window or lse gradient), the
+    plain kernels elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
