@@ -81,8 +81,7 @@ def _gluon(name, kernel, types, consts):
     if not backward_gluon.available():
         return None
     fn = getattr(backward_gluon, kernel)
-    layout = backward_gluon.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    desc = f"tensordesc<{DT}[64,{D}],{layout!r}>"
+    desc = f"tensordesc<{DT}[64,{D}],{backward_gluon.SMEM_LAYOUT!r}>"
     sig = {n: desc if n.endswith("_DESC") else types.get(n, "i32") for n in fn.arg_names}
     return name, fn, sig, consts, 4, 1, dict(gluon=True)
 

@@ -299,25 +299,27 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
                                                  HEAD_DIM=D, BLOCK_T=64, num_warps=4, **dlse_args)
     qk_scale, cap = score_scale(scale, softcap)
     prec = dot_prec(q.dtype)
-    use_tma = cfg.bwd_tma and tma_ok(q)
-    qd = dod = kd = vd = None
-    if use_tma:
-        qd = descriptor(q.view(T, Hq * D), cfg.kv_block_m, D)
-        dod = descriptor(do.view(T, Hq * D), cfg.kv_block_m, D)
-        kd = descriptor(k.view(T, Hkv * D), cfg.dq_block_n, D)
-        vd = descriptor(v.view(T, Hkv * D), cfg.dq_block_n, D)
-    options = {}
-    if cap:
-        options["SOFTCAP"] = cap
-    if window is not None:
-        options.update(POS=positions, QMIN=kv_qmin, WINDOW=window)
     # The Gluon kernels take no option and no lse gradient (sinks): those run on the plain kernels, whose GPU tests
-    # cover them; the Gluon ones are tested without.
+    # cover them; the Gluon ones are tested without. q, dO and dq are contiguous here (the dq kernel relies on it).
     gluon = cfg.bwd_gluon and dlse is None
-    if gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
-        backward_gluon.launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
+    gluon_kv = gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window)
+    gluon_dq = gluon and backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, softcap, window)
+    if gluon_kv or gluon_dq:
+        gkd, gvd = backward_gluon.descriptor(k), backward_gluon.descriptor(v)
+    use_tma = cfg.bwd_tma and tma_ok(q)
+    if gluon_kv:
+        backward_gluon.launch_bwd_kv_gluon(gkd, gvd, q, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
                                            cfg.kv_stages)
     else:
+        qd = dod = None
+        if use_tma:
+            qd = descriptor(q.view(T, Hq * D), cfg.kv_block_m, D)
+            dod = descriptor(do.view(T, Hq * D), cfg.kv_block_m, D)
+        options = {}
+        if cap:
+            options["SOFTCAP"] = cap
+        if window is not None:
+            options.update(POS=positions, QMIN=kv_qmin, WINDOW=window)
         bwd_kv_kernel[(kv_sched.shape[0] * Hkv,)](
             q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qd, dod,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -325,11 +327,14 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
             H_KV=Hkv, GROUPS=groups, HEAD_DIM=D, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, USE_TMA=use_tma,
             DOT_PREC=prec, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **options,
         )
-    if gluon and q.stride() == do.stride() and backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n,
-                                                                              softcap, window):
-        backward_gluon.launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale, scale,
+    if gluon_dq:
+        backward_gluon.launch_bwd_dq_gluon(gkd, gvd, q, do, lse, delta, dq, dq_sched, ranges, qk_scale, scale,
                                            cfg.dq_block_m, cfg.dq_stages)
     else:
+        kd = vd = None
+        if use_tma:
+            kd = descriptor(k.view(T, Hkv * D), cfg.dq_block_n, D)
+            vd = descriptor(v.view(T, Hkv * D), cfg.dq_block_n, D)
         bwd_dq_kernel[(dq_sched.shape[0] * Hkv,)](
             q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -339,4 +344,3 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
             num_stages=cfg.dq_stages, SOFTCAP=cap,
         )
     return dq, dk, dv
-

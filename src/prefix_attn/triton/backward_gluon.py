@@ -48,6 +48,8 @@ try:
 
     # The TMA load's name: ``async_load`` from Triton 3.7, ``async_copy_global_to_shared`` in 3.6.
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    # The shared-memory layout of every tile the kernels take through TMA (16-bit, rows of 64 or 128 elements).
+    SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 except ImportError:  # a Triton without Gluon, or with another layout of it: the plain kernels run
     gluon = None
 
@@ -330,15 +332,20 @@ def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, s
             and _inputs_ok(q, k, softcap, window))
 
 
-def launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale: float, scale: float, stages: int):
-    """dk, dv (written) as ``backward.bwd_kv_kernel`` computes them, on this kernel; ``supported`` must hold."""
+def descriptor(x: torch.Tensor):
+    """A TMA descriptor over contiguous ``x`` [T, H, D] viewed as [T, H * D], in [64, D] blocks: the tiles both
+    kernels load (K and V are read by both, so the caller builds theirs once)."""
+    T, H, D = x.shape
+    return TensorDescriptor.from_tensor(x.view(T, H * D), [BLOCK, D], SMEM_LAYOUT)
+
+
+def launch_bwd_kv_gluon(kd, vd, q, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale: float, scale: float,
+                        stages: int):
+    """dk, dv (written) as ``backward.bwd_kv_kernel`` computes them, on this kernel; ``supported`` must hold; kd, vd:
+    ``descriptor`` of k and v."""
     T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [BLOCK, D], layout)
-    vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [BLOCK, D], layout)
-    qd = TensorDescriptor.from_tensor(q.view(T, Hq * D), [BLOCK, D], layout)
-    dod = TensorDescriptor.from_tensor(do.view(T, Hq * D), [BLOCK, D], layout)
+    Hkv = dk.shape[1]
+    qd, dod = descriptor(q), descriptor(do)
     bwd_kv_kernel_gluon[(kv_sched.shape[0] * Hkv,)](
         kd, vd, qd, dod, lse, delta, dk, dv, kv_sched, q_hi,
         dk.stride(0), dk.stride(1),
@@ -347,14 +354,12 @@ def launch_bwd_kv_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scal
     )
 
 
-def launch_bwd_dq_gluon(q, k, v, do, lse, delta, dq, dq_sched, ranges, qk_scale: float, scale: float, block_m: int,
+def launch_bwd_dq_gluon(kd, vd, q, do, lse, delta, dq, dq_sched, ranges, qk_scale: float, scale: float, block_m: int,
                         stages: int):
-    """dq (written) as ``backward.bwd_dq_kernel`` computes it, on this kernel; ``supported_dq`` must hold."""
+    """dq (written) as ``backward.bwd_dq_kernel`` computes it, on this kernel; ``supported_dq`` must hold; kd, vd:
+    ``descriptor`` of k and v; q, dO and dq contiguous (the kernel reads all three with q's strides)."""
     T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    kd = TensorDescriptor.from_tensor(k.view(T, Hkv * D), [BLOCK, D], layout)
-    vd = TensorDescriptor.from_tensor(v.view(T, Hkv * D), [BLOCK, D], layout)
+    Hkv = kd.shape[1] // D
     groups = Hq // Hkv
     bwd_dq_kernel_gluon[(dq_sched.shape[0] * Hkv,)](
         q, do, lse, delta, dq, kd, vd, dq_sched, ranges,
