@@ -108,8 +108,9 @@ def test_prompt_grouping_under_two_processes_deals_whole_micro_batches(tmp_path)
 
 
 def test_fsdp2_policy_keeps_log_probs_in_fp32():
-    # accelerate's FSDP2 bf16 policy casts every module output to bf16; on two H200s that rounded the summed
+    # accelerate's FSDP2 bf16 policy (before 1.16) casts every module output to bf16; on two H200s that rounded the summed
     # log-probs to 8 bits (rewards 0 or noise). The trainer drops output_dtype and keeps the rest of the policy.
+    import dataclasses
     from types import SimpleNamespace
 
     import torch
@@ -119,7 +120,8 @@ def test_fsdp2_policy_keeps_log_probs_in_fp32():
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")
-    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16  # what accelerate does
+    # accelerate 1.4-1.15 set output_dtype=bf16 here; 1.16 leaves it None. The policy those versions build:
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=torch.bfloat16)
     keep_fsdp2_outputs_as_computed(plugin)
     p = plugin.mixed_precision_policy
     assert p.output_dtype is None and p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.bfloat16

@@ -121,9 +121,9 @@ def keep_fsdp2_outputs_as_computed(plugin) -> None:
     """FSDP2 under accelerate with mixed_precision=bf16: drop the policy's ``output_dtype`` (parameters are still
     gathered in bf16 and gradients reduced as accelerate chose).
 
-    accelerate sets ``output_dtype=bf16``, so every wrapped module's output is cast to bf16, the root model's too: the
-    per-token log-probs that TRL's fused head computes in fp32 reach the loss in bf16 and their sum over a response is
-    rounded to 8 bits (an ulp of 32 nats at -4500). Seen on 2 H200s: rewards exactly 0 on one GPU, noise of several
+    accelerate 1.4-1.15 set ``output_dtype=bf16`` (1.16 leaves it None, and this does nothing), so every wrapped
+    module's output is cast to bf16, the root model's too: the per-token log-probs that TRL's fused head computes in
+    fp32 reach the loss in bf16 and their sum over a response is rounded to 8 bits (an ulp of 32 nats at -4500). Seen on 2 H200s: rewards exactly 0 on one GPU, noise of several
     nats on two. The reference model, which TRL wraps with the same plugin policy, follows.
     """
     policy = getattr(plugin, "mixed_precision_policy", None)
