@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import triton
 
+from prefix_attn.triton.common import packed_row_count
 from prefix_attn.triton.config import FP8_CONFIGS, FP8AttentionConfig
 from prefix_attn.triton.fp8 import fp8_fwd_kernel, fp8_quantize_kernel
 from prefixdpo.benchmarks import compile_sm90, ptxas_stats
@@ -41,9 +42,8 @@ def _fwd(d, cfg: FP8AttentionConfig, hq=HQ, hkv=HKV):
     types.update(Q8="*fp8e4nv", K8="*fp8e4nv", VT8="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16",
                  SCHED="*i32", TOK="*i32", sm_scale_log2="fp32")
     bm, bn = cfg.block_m, cfg.block_n
-    gp2 = 1 << (hq // hkv - 1).bit_length()
-    consts = dict(H_KV=hkv, GROUPS=hq // hkv, GROUPS_P2=gp2, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=cfg.tma,
-                  EXACT_CAST=False)
+    consts = dict(H_KV=hkv, GROUPS=hq // hkv, ROWS=packed_row_count(bm, hq // hkv), HEAD_DIM=d, BLOCK_M=bm,
+                  BLOCK_N=bn, USE_TMA=cfg.tma, EXACT_CAST=False)
     if cfg.tma:
         types.update(K_DESC=f"tensordesc<fp8e4nv[{bn}, {d}]>", VT_DESC=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:

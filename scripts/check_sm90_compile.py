@@ -29,6 +29,7 @@ from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
 from prefix_attn.triton import backward_gluon  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
+from prefix_attn.triton.common import packed_row_count  # noqa: E402
 
 G, D, HKV = 4, 128, 8  # Llama-3-8B: 32 query heads, 8 KV heads, head dim 128
 DT = "bf16"
@@ -66,8 +67,8 @@ def _fwd(name, bm, bn, w, s, tma=True, softcap=0.0):
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32",
                  qk_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
-                  SOFTCAP=softcap)
+    consts = dict(H_KV=HKV, GROUPS=G, ROWS=packed_row_count(bm, G), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma,
+                  DOT_PREC="tf32", SOFTCAP=softcap)
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -94,11 +95,10 @@ def _kv_gluon(name, groups=G, stages=2):
 
 
 def _dq_gluon(name, groups=G, stages=2):
-    """The Gluon dq kernel at 64 packed rows x 64 keys."""
-    g2 = triton.next_power_of_2(groups)
+    """The Gluon dq kernel at 64 packed rows (as many tokens as fit) x 64 keys."""
     return _gluon(name, "bwd_dq_kernel_gluon", dict(Q=f"*{DT}", DO=f"*{DT}", DQ=f"*{DT}", LSE="*fp32", DELTA="*fp32",
                                                     SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32"),
-                  dict(H_KV=HKV, GROUPS=groups, GROUPS_P2=g2, HEAD_DIM=D, BLOCK_M=64 // g2, BLOCK_N=64,
+                  dict(H_KV=HKV, GROUPS=groups, ROWS=64, HEAD_DIM=D, BLOCK_M=64 // groups, BLOCK_N=64,
                        STAGES=stages))
 
 
@@ -123,8 +123,8 @@ def _dq(name, bm, bn, w, s, tma=True, softcap=0.0):
     types = {n: "i32" for n in fn.arg_names}
     types.update(Q=f"*{DT}", K=f"*{DT}", V=f"*{DT}", DO=f"*{DT}", LSE="*fp32", DELTA="*fp32", DQ=f"*{DT}",
                  SCHED="*i32", TOK="*i32", qk_scale="fp32", sm_scale="fp32")
-    consts = dict(H_KV=HKV, GROUPS=G, GROUPS_P2=G, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, DOT_PREC="tf32",
-                  SOFTCAP=softcap)
+    consts = dict(H_KV=HKV, GROUPS=G, ROWS=packed_row_count(bm, G), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma,
+                  DOT_PREC="tf32", SOFTCAP=softcap)
     if tma:
         types.update(K_DESC=_desc(bn), V_DESC=_desc(bn))
     else:
@@ -153,7 +153,7 @@ VARIANTS = [
     # the Gluon dq kernel (backward_gluon.py)
     _dq_gluon("dq gluon 16tok(x4) x64 w4 s2"),
     _dq_gluon("dq gluon 16tok(x4) x64 w4 s3", stages=3),
-    _dq_gluon("dq gluon 8tok(x8) x64 w4 s2 g7", 7),
+    _dq_gluon("dq gluon 9tok(x7) x64 w4 s2 g7", 7),
     _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
     # The options at the default configs (the forward and dq kernels take a window through their tables alone).
     _fwd("fwd pack 16tok x64 w4 s3 merged softcap", 16, 64, 4, 3, softcap=SOFTCAP),

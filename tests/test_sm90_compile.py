@@ -24,7 +24,7 @@ SPILL_BYTES = 256  # Triton 3.6 spills ~116 bytes in the KV program, 3.9 none; t
 
 # The Gluon versions of the backward's kernels that the defaults run on Hopper (triton/backward_gluon.py), at a GQA
 # group of 4 and of 7.
-GLUON = ["kv gluon 64x64 w4 s2", "dq gluon 16tok(x4) x64 w4 s2", "dq gluon 8tok(x8) x64 w4 s2 g7"]
+GLUON = ["kv gluon 64x64 w4 s2", "dq gluon 16tok(x4) x64 w4 s2", "dq gluon 9tok(x7) x64 w4 s2 g7"]
 
 
 @functools.lru_cache(maxsize=None)

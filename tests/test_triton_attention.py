@@ -106,7 +106,7 @@ def test_awkward_layouts(name, prefix, branches, dtype, hq, hkv):
     _check_against_float64(layout, hq=hq, hkv=hkv, d=16, dtype=dtype, seed=len(name))
 
 
-# GQA groups 1, 3 (padded to 4 rows per token), 4 and 8, one head and several KV heads.
+# GQA groups 1, 3 (16 tokens x 3 heads: 48 rows padded to 64), 4 and 8, one head and several KV heads.
 @pytest.mark.parametrize("hq,hkv", [(3, 1), (3, 3), (6, 2), (1, 1), (8, 1), (8, 2)])
 def test_heads_and_gqa(hq, hkv):
     layout = PrefixLayout.from_lengths([20, 3], [[13, 30], [1, 5, 8]])
@@ -164,6 +164,9 @@ CONFIGS = {
                         dq_block_n=32),
     # the dq kernel with tiles of its own, larger than the forward's
     "dq_tiles": replace(_CPU, dq_block_m=32, dq_block_n=32),
+    # query tiles of token counts that are not powers of two (a GPU packs 9 tokens of a GQA group of 7 into 64 rows):
+    # the rows past tokens x group pad the MMA, and the tiles straddle key tiles everywhere
+    "odd_query_tiles": replace(_CPU, fwd_block_m=9, dq_block_m=11),
 }
 
 
@@ -265,7 +268,7 @@ BWD_SEGMENTS = [(0, 1, False), (1, 2, True), (2, 3, False)]
 
 @pytest.mark.parametrize("window", [None, 1, 6, 29], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32), (8, 64)])
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32), (8, 64), (9, 64)])
 def test_schedules_cover_mask_exactly(seed, bm, bn, window):
     """Each tile holding an allowed pair is visited exactly once; every tile marked full is fully allowed (under a
     window: of the windowed mask, which the position ids define)."""

@@ -35,7 +35,12 @@ FP32_GPU_CFG = CONFIGS["cuda_fp32"]
 # query tiles narrower than key tiles (forward), key tiles narrower than query tiles (backward), dq tiles of its own
 SKEWED_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=16, fwd_block_n=32, kv_block_m=32, kv_block_n=16,
                                  dq_block_m=16, dq_block_n=64)
-CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, GPU_BEFORE_CFG, FP32_GPU_CFG, SKEWED_CFG]
+# query tiles that are not a power of two (GQA groups of 7 and 3 on a GPU fill 64 rows with 9 and 21 tokens; an odd
+# pair on the interpreter's tiles): a third launch makes their schedules
+GPU_G7_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=9, dq_block_m=9)
+GPU_G3_CFG = dataclasses.replace(GPU_CFG, fwd_block_m=21, dq_block_m=21)
+ODD_CFG = dataclasses.replace(CPU_CFG, fwd_block_m=5, dq_block_m=12)
+CONFIGS = [CPU_CFG, GPU_CFG, GPU_G1_CFG, GPU_BEFORE_CFG, FP32_GPU_CFG, SKEWED_CFG, GPU_G7_CFG, GPU_G3_CFG, ODD_CFG]
 
 
 NAMES = ("ranges", "q_hi", "position_ids", "fwd", "kv", "dq", "window_ranges", "kv_qmin")
@@ -112,7 +117,7 @@ AWKWARD = [
 ]
 
 
-@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG, GPU_G7_CFG, ODD_CFG], ids=["cpu", "gpu", "gpu_g7", "odd"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_awkward_layouts(name, prefix, branches, cfg, monkeypatch):
     _check(prefix, branches, cfg, monkeypatch)
@@ -258,17 +263,21 @@ def test_tables_inside_a_compiled_graph(dynamic):
     assert miss.tolist() == hit.tolist() == [want.item()] * 3
 
 
-@pytest.mark.parametrize("groups,tokens,fwd_warps,dq_warps", [(1, 64, 4, 4), (2, 32, 4, 4), (4, 16, 4, 4),
-                                                               (7, 8, 4, 4), (8, 8, 4, 4), (16, 8, 8, 8)])
+@pytest.mark.parametrize("groups,tokens,fwd_warps,dq_warps", [
+    (1, 64, 4, 4), (2, 32, 4, 4), (3, 21, 4, 4), (4, 16, 4, 4), (5, 12, 4, 4), (6, 10, 4, 4), (7, 9, 4, 4),
+    (8, 8, 4, 4), (12, 10, 8, 8), (16, 8, 8, 8)])
 def test_gpu_default_config_packs_the_group_into_64_rows(groups, tokens, fwd_warps, dq_warps):
-    # The forward and dq programs hold `tokens` query tokens x next_pow2(groups) heads: 64 MMA rows on one warpgroup
-    # (so that two programs share an SM), down to 8-token tiles; a group of 16 takes 128 rows on two warpgroups.
+    # The forward and dq programs hold `tokens` query tokens x `groups` heads: as many tokens as fill 64 MMA rows on
+    # one warpgroup (so that two programs share an SM), down to 8-token tiles; a group of 12 or 16 takes 128 rows on
+    # two warpgroups.
     cfg = ta.default_config(128, torch.bfloat16, torch.device("cuda"), groups)
     assert (cfg.fwd_block_m, cfg.dq_block_m, cfg.fwd_warps, cfg.dq_warps) == (tokens, tokens, fwd_warps, dq_warps)
+    rows = ta.common.packed_row_count(tokens, groups)
+    assert rows == (64 if fwd_warps == 4 else 128) and rows - tokens * groups < groups
     assert (cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps) == (64, 64, 4)
 
 
-@pytest.mark.parametrize("groups,tokens,warps", [(1, 64, 4), (4, 16, 4), (8, 16, 8)])
+@pytest.mark.parametrize("groups,tokens,warps", [(1, 64, 4), (4, 16, 4), (7, 18, 8), (8, 16, 8)])
 def test_gpu_fp32_default_config_keeps_16_token_tiles(groups, tokens, warps):
     # fp32 keeps its measured floor of 16 tokens (8 warps past 64 rows); only the 16-bit tiles go down to 8.
     cfg = ta.default_config(128, torch.float32, torch.device("cuda"), groups)

@@ -53,7 +53,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("groups", [4, 1], ids=["g4", "g1"])
+@pytest.mark.parametrize("groups", [4, 1, 7], ids=["g4", "g1", "g7"])
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (64, torch.float32)],
                          ids=["d128-bf16", "d64-bf16", "d64-fp32"])
 @pytest.mark.parametrize("case", list(CASES))

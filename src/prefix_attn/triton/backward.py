@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from . import backward_gluon
-from .common import allowed, descriptor, dot_prec, packed_rows, softcap_scores, tma_ok, walk_bounds, walk_kv
+from .common import (allowed, descriptor, dot_prec, packed_row_count, packed_rows, softcap_scores, tma_ok, walk_bounds,
+                     walk_kv)
 from .config import TritonAttentionConfig
 from .forward import score_scale
 
@@ -215,9 +216,9 @@ def bwd_dq_kernel(
     T, qk_scale, sm_scale,
     H_KV: tl.constexpr,
     GROUPS: tl.constexpr,
-    GROUPS_P2: tl.constexpr,
+    ROWS: tl.constexpr,  # MMA rows: BLOCK_M * GROUPS rounded up to a power of two (common.packed_rows)
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query TOKENS per tile; the MMA has BLOCK_M * GROUPS_P2 rows
+    BLOCK_M: tl.constexpr,  # query TOKENS per tile
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -227,12 +228,12 @@ def bwd_dq_kernel(
     atomics, so the backward is bitwise reproducible, for one more QK^T and dO V^T recompute."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    tile, hk, offs_m, hrow, row_ok = packed_rows(pid, H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
+    tile, hk, offs_m, hrow, row_ok = packed_rows(pid, H_KV, T, BLOCK_M, GROUPS, ROWS)
     hrow = hrow.to(tl.int64)
     qoff = (hrow * stride_qh + offs_m.to(tl.int64) * stride_qt)[:, None] + offs_d[None, :]
     lse = tl.load(LSE + hrow * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + hrow * T + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.0)
     lo1 = tl.load(TOK + offs_m, mask=row_ok, other=0)
@@ -339,7 +340,7 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
             q, k, v, do, lse, delta, dq, dq_sched, ranges, kd, vd,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             T, qk_scale, scale,
-            H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
+            H_KV=Hkv, GROUPS=groups, ROWS=packed_row_count(cfg.dq_block_m, groups), HEAD_DIM=D, BLOCK_M=cfg.dq_block_m,
             BLOCK_N=cfg.dq_block_n, USE_TMA=use_tma, DOT_PREC=prec, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages, SOFTCAP=cap,
         )

@@ -35,9 +35,8 @@ import below fails, the plain kernels run.
 from __future__ import annotations
 
 import torch
-import triton
 
-from .common import _major_capability, interpret
+from .common import _major_capability, interpret, packed_row_count
 
 try:
     from triton.experimental import gluon
@@ -209,15 +208,15 @@ if gluon is not None:
         T, qk_scale, sm_scale,
         H_KV: gl.constexpr,
         GROUPS: gl.constexpr,
-        GROUPS_P2: gl.constexpr,
+        ROWS: gl.constexpr,  # MMA rows, 64: BLOCK_M * GROUPS rounded up to a power of two (common.packed_rows)
         HEAD_DIM: gl.constexpr,
-        BLOCK_M: gl.constexpr,  # query TOKENS per tile; BLOCK_M * GROUPS_P2 == 64 rows
+        BLOCK_M: gl.constexpr,  # query TOKENS per tile
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
     ):
         """dq as ``backward.bwd_dq_kernel`` (GQA-packed rows, the forward's walk): per key tile, S = Q K^T and
         dP = dO V^T issued together, P computed while dP runs, then dq += dS K."""
-        ROWS_: gl.constexpr = BLOCK_M * GROUPS_P2
+        REAL: gl.constexpr = BLOCK_M * GROUPS  # rows past it pad the MMA (common.packed_rows)
         dtype: gl.constexpr = Q.dtype.element_ty
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -245,30 +244,30 @@ if gluon is not None:
         for b in gl.static_range(STAGES):
             _load_kv(K_DESC, V_DESC, k_smem, v_smem, bar, b, n, sb, kv_col, BLOCK_N, STAGES)
 
-        # q and dO: the packed rows (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2).
-        offs_r = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, ld_layout))
+        # q and dO: the packed rows (row r < REAL: token tile*BLOCK_M + r // GROUPS, head hk*GROUPS + r % GROUPS).
+        offs_r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-        tok = tile * BLOCK_M + offs_r // GROUPS_P2
-        g = offs_r % GROUPS_P2
-        ok_ld = (tok < T) & (g < GROUPS)
+        tok = tile * BLOCK_M + offs_r // GROUPS
+        g = offs_r % GROUPS
+        ok_ld = (tok < T) & (offs_r < REAL)
         x_off = (tok.to(gl.int64) * stride_qt + (hk * GROUPS + g).to(gl.int64) * stride_qh)[:, None] + offs_d[None, :]
-        q_smem = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], x_slayout,
+        q_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], x_slayout,
                                            gl.load(Q + x_off, mask=ok_ld[:, None], other=0.0))
-        do_smem = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], x_slayout,
+        do_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], x_slayout,
                                             gl.load(DO + x_off, mask=ok_ld[:, None], other=0.0))
         fence_async_shared()
 
-        offs_rs = gl.arange(0, ROWS_, layout=rows_s)
-        offs_m = tile * BLOCK_M + offs_rs // GROUPS_P2
-        ok_s = (offs_m < T) & (offs_rs % GROUPS_P2 < GROUPS)
-        h_s = (hk * GROUPS + offs_rs % GROUPS_P2).to(gl.int64)
+        offs_rs = gl.arange(0, ROWS, layout=rows_s)
+        offs_m = tile * BLOCK_M + offs_rs // GROUPS
+        ok_s = (offs_m < T) & (offs_rs < REAL)
+        h_s = (hk * GROUPS + offs_rs % GROUPS).to(gl.int64)
         lse = gl.load(LSE + h_s * T + offs_m, mask=ok_s, other=0.0)
         delta = gl.load(DELTA + h_s * T + offs_m, mask=ok_s, other=0.0)
         lo1 = gl.load(TOK + offs_m, mask=ok_s, other=0)
         hi1 = gl.load(TOK + T + offs_m, mask=ok_s, other=0)
         lo2 = gl.load(TOK + 2 * T + offs_m, mask=ok_s, other=T + 1)  # padded rows: no allowed key
-        zero_s = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
-        dq = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=acc_layout)
+        zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=acc_layout)
 
         for i in range(0, n):
             slot = i % STAGES
@@ -292,10 +291,10 @@ if gluon is not None:
         for b in gl.static_range(STAGES):
             mbarrier.invalidate(bar.index(b))
 
-        offs_ra = gl.arange(0, ROWS_, layout=gl.SliceLayout(1, acc_layout))
-        tok_a = tile * BLOCK_M + offs_ra // GROUPS_P2
-        g_a = offs_ra % GROUPS_P2
-        ok_a = (tok_a < T) & (g_a < GROUPS)
+        offs_ra = gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        tok_a = tile * BLOCK_M + offs_ra // GROUPS
+        g_a = offs_ra % GROUPS
+        ok_a = (tok_a < T) & (offs_ra < REAL)
         offs_da = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         a_off = (tok_a.to(gl.int64) * stride_qt + (hk * GROUPS + g_a).to(gl.int64) * stride_qh)[:, None]
         gl.store(DQ + a_off + offs_da[None, :], (dq * sm_scale).to(dtype), mask=ok_a[:, None])
@@ -326,9 +325,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, soft
 
 def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
     """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs at the dq kernel's tiles: ``block_m`` tokens x
-    the GQA group (rounded up to a power of two) making 64 rows, 64 keys."""
+    the GQA group making 64 rows (`common.packed_row_count`), 64 keys."""
     groups = q.shape[1] // k.shape[1]
-    return (block_m * triton.next_power_of_2(groups) == BLOCK and block_n == BLOCK
+    return (packed_row_count(block_m, groups) == BLOCK and block_n == BLOCK
             and _inputs_ok(q, k, softcap, window))
 
 
@@ -365,6 +364,6 @@ def launch_bwd_dq_gluon(kd, vd, q, do, lse, delta, dq, dq_sched, ranges, qk_scal
         q, do, lse, delta, dq, kd, vd, dq_sched, ranges,
         q.stride(0), q.stride(1),
         T, qk_scale, scale,
-        H_KV=Hkv, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=D, BLOCK_M=block_m,
+        H_KV=Hkv, GROUPS=groups, ROWS=BLOCK, HEAD_DIM=D, BLOCK_M=block_m,
         BLOCK_N=BLOCK, STAGES=stages, num_warps=4,
     )

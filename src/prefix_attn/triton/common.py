@@ -90,23 +90,33 @@ def online_softmax_step(acc, l_i, m_i, s, v, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def packed_rows(pid, H_KV, T, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr):
+def packed_rows(pid, H_KV, T, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr):
     """The rows of a GQA-packed program: BLOCK_M tokens of query tile ``tile`` x all GROUPS query heads of KV head
-    ``hk``, token-major (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2). Returns the
-    tile, hk, each row's token and query head (int32), and which rows are real (token < T, head < GROUPS).
+    ``hk``, token-major in ROWS = ``packed_row_count(BLOCK_M, GROUPS)`` MMA rows (row r < BLOCK_M * GROUPS: token
+    tile*BLOCK_M + r // GROUPS, head hk*GROUPS + r % GROUPS; the rows past BLOCK_M * GROUPS pad the MMA to a power of
+    two). Returns the tile, hk, each row's token and query head (int32), and which rows are real (token < T, r <
+    BLOCK_M * GROUPS).
 
     Every K/V tile brought into shared memory feeds GROUPS x more MMA rows than one head would, and the mask
     granularity (the schedule's tiles) is BLOCK_M tokens, not BLOCK_M rows: 16 tokens x 4 heads give a 64-row MMA
-    whose tiles straddle branch ends 4x less often. Programs run the query tiles back to front in position order, the
-    H_KV programs of a tile next to each other: the programs in flight read one document's K/V, which stay in L2, and
-    a document's longest tiles start first."""
+    whose tiles straddle branch ends 4x less often. The padding sits at the end, not after each token, so a group
+    that is not a power of two wastes at most GROUPS - 1 rows (9 tokens x 7 heads: 63 of 64 rows real), where one
+    padded to a power of two per token would waste one row in eight. Programs run the query tiles back to front in
+    position order, the H_KV programs of a tile next to each other: the programs in flight read one document's K/V,
+    which stay in L2, and a document's longest tiles start first."""
     tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - pid // H_KV
     hk = pid % H_KV
-    offs_r = tl.arange(0, BLOCK_M * GROUPS_P2)
-    g = offs_r % GROUPS_P2
-    offs_m = tile * BLOCK_M + offs_r // GROUPS_P2
-    row_ok = (offs_m < T) & (g < GROUPS)
+    offs_r = tl.arange(0, ROWS)
+    g = offs_r % GROUPS
+    offs_m = tile * BLOCK_M + offs_r // GROUPS
+    row_ok = (offs_m < T) & (offs_r < BLOCK_M * GROUPS)
     return tile, hk, offs_m, hk * GROUPS + g, row_ok
+
+
+def packed_row_count(block_m: int, groups: int) -> int:
+    """The MMA rows of a GQA-packed program (``packed_rows``): ``block_m`` tokens x ``groups`` heads, rounded up to
+    a power of two."""
+    return triton.next_power_of_2(block_m * groups)
 
 
 @triton.jit

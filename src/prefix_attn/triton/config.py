@@ -29,14 +29,14 @@ class IntFieldsConfig:
 
 @dataclass(frozen=True)
 class TritonAttentionConfig(IntFieldsConfig):
-    """Tile sizes and launch parameters. ``fwd_*``: the forward (``fwd_block_m`` query TOKENS per tile: the kernel
-    packs all query heads of a KV head, so its MMA has ``fwd_block_m x next_pow2(Hq / Hkv)`` rows); ``kv_*``: the
-    KV-major backward (``kv_block_n`` keys per program, ``kv_block_m`` queries per step); ``dq_*``: the dq kernel
-    (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` / ``bwd_tma``: the forward's K/V and the backward's
-    q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA descriptors (Hopper or newer; ignored elsewhere).
-    ``bwd_gluon``: the KV-major and dq kernels run their Gluon versions (``backward_gluon``) where those apply
-    (Hopper, 16-bit, head dim 64 or 128, GQA groups up to 8, 64-row tiles, no soft-cap, window or lse gradient), the
-    plain kernels elsewhere."""
+    """Tile sizes and launch parameters. ``fwd_*``: the forward (``fwd_block_m`` query TOKENS per tile, any
+    number: the kernel packs all query heads of a KV head, so its MMA has ``fwd_block_m x Hq / Hkv`` rows, rounded up
+    to a power of two); ``kv_*``: the KV-major backward (``kv_block_n`` keys per program, ``kv_block_m`` queries per
+    step, powers of two); ``dq_*``: the dq kernel (``dq_block_m`` tokens, packed as the forward). ``fwd_tma`` /
+    ``bwd_tma``: the forward's K/V and the backward's q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA
+    descriptors (Hopper or newer; ignored elsewhere). ``bwd_gluon``: the KV-major and dq kernels run their Gluon
+    versions (``backward_gluon``) where those apply (Hopper, 16-bit, head dim 64 or 128, GQA groups up to 8, 64-row
+    tiles, no soft-cap, window or lse gradient), the plain kernels elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
@@ -81,9 +81,11 @@ CONFIGS = {
         fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, kv_block_m=16, kv_block_n=32, kv_warps=4,
         kv_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4, dq_stages=1, fwd_tma=True, bwd_tma=True),
 }
-# MMA rows the packed forward and dq programs aim at on a GPU (tokens = rows / next_pow2(group), at least the kind's
-# _MIN_TOKENS): 64, one warpgroup (16 tokens x 4 heads, 8 x 8 in 16 bits: the sweeps' fastest); 8 warps beyond. fp32
-# keeps 16-token tiles (its 8-token tiles were never measured).
+# MMA rows the packed forward and dq programs aim at on a GPU: 64, one warpgroup (16 tokens x 4 heads, 8 x 8 in 16
+# bits: the sweeps' fastest), or the next power of two that holds the kind's _MIN_TOKENS tokens of the group, with 8
+# warps. The tile takes as many tokens as fit (rows // group: 9 tokens x 7 heads fill 63 of 64 rows), so a group
+# that is not a power of two wastes few rows (common.packed_rows). fp32 keeps 16-token tiles (its 8-token tiles were
+# never measured).
 _PACKED_ROWS = 64
 _MIN_TOKENS = {"cuda_16bit": 8, "cuda_fp32": 16}
 _OVERRIDE: TritonAttentionConfig | None = None
@@ -103,23 +105,23 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, grou
     if device.type != "cuda":
         return CONFIGS["interpreter"]
     kind = "cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32"
-    g = triton.next_power_of_2(max(1, groups))
+    g = max(1, groups)
     return _GPU_CONFIGS[kind, g] if g <= _MAX_GROUP else _gpu_config(kind, g)
 
 
 def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
-    tokens = max(_PACKED_ROWS // g, _MIN_TOKENS[kind])
+    rows = max(_PACKED_ROWS, triton.next_power_of_2(_MIN_TOKENS[kind] * g))
+    tokens = rows // g
     cfg = CONFIGS[kind]
-    return replace(cfg, fwd_block_m=tokens, fwd_warps=cfg.fwd_warps if tokens * g <= _PACKED_ROWS else 8,
-                   dq_block_m=tokens, dq_warps=cfg.dq_warps if tokens * g <= _PACKED_ROWS else 8)
+    return replace(cfg, fwd_block_m=tokens, fwd_warps=cfg.fwd_warps if rows <= _PACKED_ROWS else 8,
+                   dq_block_m=tokens, dq_warps=cfg.dq_warps if rows <= _PACKED_ROWS else 8)
 
 
-# The configs of every power-of-two group up to _MAX_GROUP, built once at import: dynamo traces through an lru_cache
-# (it ignores the wrapper), so a cached builder would make a new config object inside every compiled graph; a lookup
-# here returns an object that exists outside it.
+# The configs of every group up to _MAX_GROUP, built once at import: dynamo traces through an lru_cache (it ignores
+# the wrapper), so a cached builder would make a new config object inside every compiled graph; a lookup here returns
+# an object that exists outside it.
 _MAX_GROUP = 128
-_GROUPS = [2**i for i in range(_MAX_GROUP.bit_length())]
-_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _MIN_TOKENS for g in _GROUPS}
+_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _MIN_TOKENS for g in range(1, _MAX_GROUP + 1)}
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,10 @@ class FP8AttentionConfig(IntFieldsConfig):
     """Tile sizes and launch parameters of the FP8 forward (and of its quantization: one scale per tile and head).
 
     ``block_m``: query TOKENS per tile (q's quantization tile per head); one program computes all Hq/Hkv query heads
-    of a KV head, so the MMA has ``block_m * next_pow2(Hq/Hkv)`` rows. ``block_n``: keys per tile (k's and v's
-    quantization tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles through TMA
-    descriptors (Hopper; ignored elsewhere). ``quant_warps``: the quantize launch's warps (4 spill registers at 128-row
-    tiles of D=128)."""
+    of a KV head, so the MMA has ``block_m * Hq/Hkv`` rows, rounded up to a power of two. ``block_n``: keys per tile
+    (k's and v's quantization tile; >= 32 on a GPU, the fp8 wgmma's reduction depth for P @ V). ``tma``: K/V tiles
+    through TMA descriptors (Hopper; ignored elsewhere). ``quant_warps``: the quantize launch's warps (4 spill
+    registers at 128-row tiles of D=128)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -175,4 +177,4 @@ def _fp8_gpu_config(g: int) -> FP8AttentionConfig:
     return replace(FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
 
 
-_FP8_GPU_CONFIGS = {g: _fp8_gpu_config(g) for g in _GROUPS}  # built once, as _GPU_CONFIGS
+_FP8_GPU_CONFIGS = {2**i: _fp8_gpu_config(2**i) for i in range(_MAX_GROUP.bit_length())}  # built once, as _GPU_CONFIGS

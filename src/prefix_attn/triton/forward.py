@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, allowed, descriptor, dot_prec, online_softmax_step, packed_rows, softcap_scores, tma_ok,
-                     walk_bounds, walk_kv)
+from .common import (LOG2E, allowed, descriptor, dot_prec, online_softmax_step, packed_row_count, packed_rows,
+                     softcap_scores, tma_ok, walk_bounds, walk_kv)
 from .config import TritonAttentionConfig
 
 
@@ -58,17 +58,17 @@ def fwd_kernel(
     T, qk_scale,
     H_KV: tl.constexpr,  # KV heads: program id -> (query tile, KV head)
     GROUPS: tl.constexpr,  # query heads per KV head, all computed by one program
-    GROUPS_P2: tl.constexpr,  # GROUPS rounded up to a power of two (tl.arange); the extra rows are masked off
+    ROWS: tl.constexpr,  # MMA rows: BLOCK_M * GROUPS rounded up to a power of two (common.packed_rows)
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's); the MMA has BLOCK_M * GROUPS_P2 rows
+    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's); the MMA has ROWS rows
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,  # K/V tiles through TMA descriptors (Hopper; rows past T come back as zeros)
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32), "tf32" otherwise (ignored for 16-bit inputs)
     SOFTCAP: tl.constexpr = 0.0,  # logit soft-cap * log2(e); qk_scale is then softmax_scale / cap (0.0: no cap)
 ):
     """One program: BLOCK_M query tokens x all query heads of one KV head, stacked token-major as a
-    [BLOCK_M * GROUPS_P2, D] operand (q[t, hk*G:(hk+1)*G, :] is contiguous, so the load and store stay coalesced)."""
-    tile, hk, offs_m, h, row_ok = packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
+    [ROWS, D] operand (q[t, hk*G:(hk+1)*G, :] is contiguous, so the load and store stay coalesced)."""
+    tile, hk, offs_m, h, row_ok = packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     h = h.to(tl.int64)
     q = tl.load(Q + (offs_m.to(tl.int64) * stride_qt + h * stride_qh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
@@ -79,9 +79,9 @@ def fwd_kernel(
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_kh
 
-    acc = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    m_i = tl.zeros([ROWS], dtype=tl.float32) - 1.0e30
     sp = SCHED + tile * 10
     acc, l_i, m_i = _walk(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d,
                           lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC, SOFTCAP)
@@ -121,7 +121,7 @@ def launch_forward(q, k, v, sched, ranges, scale: float, cfg: TritonAttentionCon
         q, k, v, o, lse, sched, ranges, kd, vd,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
         T, qk_scale,
-        H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
+        H_KV=Hkv, GROUPS=Hq // Hkv, ROWS=packed_row_count(cfg.fwd_block_m, Hq // Hkv), HEAD_DIM=D,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, USE_TMA=use_tma, DOT_PREC=dot_prec(q.dtype),
         SOFTCAP=cap, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )

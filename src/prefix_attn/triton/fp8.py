@@ -44,7 +44,7 @@ import triton.language as tl
 from ..fp8_reference import E4M3_MAX, P_SHIFT_LOG2, rotation_pm1
 from ..layout import PrefixLayout
 from ..schedule import AttentionTables, TileShape, build_tables
-from .common import LOG2E, allowed, descriptor, interpret, packed_rows, tma_ok, walk_bounds, walk_tile
+from .common import LOG2E, allowed, descriptor, interpret, packed_row_count, packed_rows, tma_ok, walk_bounds, walk_tile
 from .config import FP8AttentionConfig, default_config
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
@@ -192,25 +192,24 @@ def fp8_fwd_kernel(
     T, T_PAD, N_QB, N_KB, sm_scale_log2,
     H_KV: tl.constexpr,  # program id -> (query tile, KV head)
     GROUPS: tl.constexpr,  # query heads per KV head, all computed by one program
-    GROUPS_P2: tl.constexpr,  # GROUPS rounded up to a power of two (tl.arange); the extra rows are masked off
+    ROWS: tl.constexpr,  # MMA rows: BLOCK_M * GROUPS rounded up to a power of two (common.packed_rows)
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's, and q's quantization tile per head); the MMA
-    #                         has BLOCK_M * GROUPS_P2 rows
+    BLOCK_M: tl.constexpr,  # query TOKENS per tile (the schedule's, and q's quantization tile per head)
     BLOCK_N: tl.constexpr,  # keys per tile = k/v's quantization tile (must match the schedule's)
     USE_TMA: tl.constexpr,
     EXACT_CAST: tl.constexpr,  # the interpreter's e4m3 conversion workaround (see _to_e4m3)
 ):
     """The FP8 forward, GQA-packed as the 16-bit forward kernel: one program computes BLOCK_M query
-    tokens for ALL the query heads of one KV head, stacked token-major as a [BLOCK_M * GROUPS_P2, D] e4m3 operand
-    (row r: token tile*BLOCK_M + r // GROUPS_P2, head hk*GROUPS + r % GROUPS_P2; rows of a padding head,
-    r % GROUPS_P2 >= GROUPS, are masked off). Each K/V tile and its two scales feed GROUPS x more MMA rows, and the
+    tokens for ALL the query heads of one KV head, stacked token-major as a [ROWS, D] e4m3 operand (row r: token
+    tile*BLOCK_M + r // GROUPS, head hk*GROUPS + r % GROUPS; the padding rows from BLOCK_M * GROUPS on are masked
+    off). Each K/V tile and its two scales feed GROUPS x more MMA rows, and the
     mask granularity is BLOCK_M tokens. The key tiles are walked in one loop, as the 16-bit forward's.
 
     q's scales are one per (BLOCK_M tokens, head): the rows of one program span GROUPS heads, so the q scale is a
     [rows] vector; it multiplies the score rows in the same FMA that applies the scalar (the k scale and softmax scale
     fold into it per key tile: one [rows] multiply per tile). A shared scale per (tile, KV group) would save nothing
     and coarsen every head's grid to the group's amax."""
-    tile, hk, offs_m, h, row_ok = packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, GROUPS_P2)
+    tile, hk, offs_m, h, row_ok = packed_rows(tl.program_id(0), H_KV, T, BLOCK_M, GROUPS, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q8 + (offs_m.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -225,9 +224,9 @@ def fp8_fwd_kernel(
     vs_base = VS + hk * N_KB
     kv_col = hk * HEAD_DIM
 
-    acc = tl.zeros([BLOCK_M * GROUPS_P2, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M * GROUPS_P2], dtype=tl.float32) - 1.0e30
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    m_i = tl.zeros([ROWS], dtype=tl.float32) - 1.0e30
     v_prev = tl.load(vs_base)  # any finite nonzero value: acc is still zero
     sp = SCHED + tile * 10
     s0, s1, s2, s3, s4, s5, s6, s7, s8, n = walk_bounds(sp)
@@ -327,7 +326,7 @@ def launch_fp8_forward(x: FP8QKV, sched, ranges, scale: float, cfg: FP8Attention
         x.q8, x.k8, x.vt8, x.qs, x.ks, x.vs, out, sched, ranges, kd, vd,
         x.q8.stride(0), x.q8.stride(1), x.k8.stride(0), x.k8.stride(1), out.stride(0), out.stride(1),
         T, t_pad, x.qs.shape[1], x.ks.shape[1], scale * LOG2E,
-        H_KV=Hkv, GROUPS=Hq // Hkv, GROUPS_P2=triton.next_power_of_2(Hq // Hkv), HEAD_DIM=D,
+        H_KV=Hkv, GROUPS=Hq // Hkv, ROWS=packed_row_count(cfg.block_m, Hq // Hkv), HEAD_DIM=D,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, EXACT_CAST=interpret(), num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -340,9 +339,9 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     forward reads ``fwd`` and ``ranges``.
 
     The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do for GQA
-    groups up to 4; from 5 the 16-bit forward takes 8-token tiles and the FP8 one 16), the policy's forward and
-    backward on the same layout find these tables built. ``groups``: query heads per KV head (the 16-bit config
-    depends on it)."""
+    groups 1, 2 and 4; for the others the 16-bit forward fills 64 rows and the FP8 one takes 16 tokens), the
+    policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
+    (the 16-bit config depends on it)."""
     t = default_config(head_dim, dtype, layout.device, groups).tile_shape
     # The constructor, not ``_replace``: the tables are cached on the layout keyed by this tuple, and torch 2.11's
     # dynamo could not rebuild a named tuple made by ``_replace`` when such a cache entry was written in a graph.

@@ -1,4 +1,5 @@
-"""The layout's per-token tables and tile schedules (``prefix_attn.schedule``), built on the GPU in two Triton launches.
+"""The layout's per-token tables and tile schedules (``prefix_attn.schedule``), built on the GPU in two or three Triton
+launches.
 
 The torch builders of ``prefix_attn.schedule`` are the reference: about 200 small ops, several ms of host launch
 overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come from:
@@ -8,12 +9,15 @@ overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come 
 2. ``token_tile_kernel`` (one program per ``CHUNK`` tokens): each token finds its document and branch by counting
    the starts at or below it (a binary search bounds the starts a chunk can hit), which gives lo1, hi1, lo2, q_hi
    and the position id; the chunk's query and key tiles are reductions over those values (``CHUNK`` is a multiple
-   of every tile size, so no tile straddles two programs).
+   of every tile size it reduces over, so no tile straddles two programs).
+3. ``query_tile_kernel``, only for query tiles whose size is not a power of two (a GQA group of 7 packs 9 tokens into
+   64 MMA rows: ``triton.common.packed_rows``), which would straddle kernel 2's chunks: their schedule rows from the
+   per-token ranges kernel 2 wrote.
 
 Under a sliding window, kernel 2 also writes the windowed per-token ranges and the per-query-tile smallest positions
 of the KV-major backward, and makes the schedules from the windowed ranges (``prefix_attn.schedule``'s module doc).
 
-A launch cannot read what other programs of the same launch write, hence two. Outputs are views into one int32
+A launch cannot read what other programs of the same launch write, hence several. Outputs are views into one int32
 buffer plus the int64 position ids. The segment table of kernel 1 is cached on the layout (``Segments``): the
 position ids, asked for before any attention call, cost both kernels (per-token tables only); each tile shape's
 schedules then cost kernel 2 alone. The work is O(T).
@@ -133,25 +137,24 @@ def _locate(starts, first, last, t, SEG_BLOCK: tl.constexpr):
 
 @triton.jit
 def _query_tiles(
-    SCHED, lo1, hi1, lo2, valid, pid, T,
-    CHUNK: tl.constexpr,  # tokens of this program: CHUNK // BM whole query tiles
-    BM: tl.constexpr,  # query rows per tile
+    SCHED, lo1, hi1, lo2, valid, i, T,
+    BM: tl.constexpr,  # query tokens per tile
     BN: tl.constexpr,  # keys per tile
 ):
-    """Forward (or dq) schedule rows of this program's query tiles: ``PrefixLayout.query_tile_ranges`` followed by
-    ``forward_schedule``'s clipping, with the same padding values for rows past T."""
+    """Forward (or dq) schedule rows of the query tiles ``i`` [NT]: ``PrefixLayout.query_tile_ranges`` followed by
+    ``forward_schedule``'s clipping, with the same padding values for rows past T. ``lo1, hi1, lo2`` are the tiles'
+    per-token ranges, [NT, X] (tile i's tokens along the second axis, ``valid`` marking real ones)."""
     big = T + 1
     has_r1 = valid & (hi1 > lo1)
     no_r1 = valid & (hi1 <= lo1)
     # Empty first ranges must not widen the tile's first range.
-    lo1_min = tl.min(tl.reshape(tl.where(has_r1, lo1, big), [CHUNK // BM, BM]), axis=1)
-    hi1_max = tl.max(tl.reshape(tl.where(has_r1, hi1, -1), [CHUNK // BM, BM]), axis=1)
-    lo2_min = tl.min(tl.reshape(tl.where(valid, lo2, big), [CHUNK // BM, BM]), axis=1)
-    lo2_max = tl.max(tl.reshape(tl.where(valid, lo2, -1), [CHUNK // BM, BM]), axis=1)
-    lo1_max = tl.max(tl.reshape(tl.where(valid, lo1, -1), [CHUNK // BM, BM]), axis=1)
-    hi1_min = tl.min(tl.reshape(tl.where(valid, hi1, big), [CHUNK // BM, BM]), axis=1)
-    n_no_r1 = tl.sum(tl.reshape(no_r1.to(tl.int32), [CHUNK // BM, BM]), axis=1)
-    i = pid * (CHUNK // BM) + tl.arange(0, CHUNK // BM)
+    lo1_min = tl.min(tl.where(has_r1, lo1, big), axis=1)
+    hi1_max = tl.max(tl.where(has_r1, hi1, -1), axis=1)
+    lo2_min = tl.min(tl.where(valid, lo2, big), axis=1)
+    lo2_max = tl.max(tl.where(valid, lo2, -1), axis=1)
+    lo1_max = tl.max(tl.where(valid, lo1, -1), axis=1)
+    hi1_min = tl.min(tl.where(valid, hi1, big), axis=1)
+    n_no_r1 = tl.sum(no_r1.to(tl.int32), axis=1)
     ok = i < (T + BM - 1) // BM
     q_min = i * BM
     q_max = tl.minimum(q_min + BM - 1, T - 1)
@@ -233,6 +236,8 @@ def token_tile_kernel(
     FWD_BM: tl.constexpr, FWD_BN: tl.constexpr,
     KV_BN: tl.constexpr, KV_BM: tl.constexpr,
     DQ_BM: tl.constexpr, DQ_BN: tl.constexpr,
+    FWD_HERE: tl.constexpr = True,  # the forward schedule is made here (FWD_BM a power of two; else query_tile_kernel)
+    DQ_HERE: tl.constexpr = True,  # likewise the dq schedule
 ):
     """Per token: lo1, hi1, lo2, q_hi and position id (as ``PrefixLayout.query_key_ranges`` and ``position_ids``);
     per tile: the schedule rows.
@@ -283,9 +288,41 @@ def token_tile_kernel(
             qmin = tl.min(tl.reshape(tl.where(valid, pos, 2147483647), [CHUNK // KV_BM, KV_BM]), axis=1)
             i = pid * (CHUNK // KV_BM) + tl.arange(0, CHUNK // KV_BM)
             tl.store(QMIN + i, qmin, mask=i < (T + KV_BM - 1) // KV_BM)
-        _query_tiles(FWD, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
+        if FWD_HERE:
+            _chunk_query_tiles(FWD, lo1, hi1, lo2, valid, pid, T, CHUNK, FWD_BM, FWD_BN)
         _key_tiles(KV, walk_hi, dense_hi, valid, pid, T, CHUNK, KV_BN, KV_BM)
-        _query_tiles(DQ, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
+        if DQ_HERE:
+            _chunk_query_tiles(DQ, lo1, hi1, lo2, valid, pid, T, CHUNK, DQ_BM, DQ_BN)
+
+
+@triton.jit
+def _chunk_query_tiles(SCHED, lo1, hi1, lo2, valid, pid, T, CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """``_query_tiles`` of the CHUNK // BM whole query tiles of this program's [CHUNK] tokens (BM a power of two)."""
+    i = pid * (CHUNK // BM) + tl.arange(0, CHUNK // BM)
+    _query_tiles(SCHED, tl.reshape(lo1, [CHUNK // BM, BM]), tl.reshape(hi1, [CHUNK // BM, BM]),
+                 tl.reshape(lo2, [CHUNK // BM, BM]), tl.reshape(valid, [CHUNK // BM, BM]), i, T, BM, BN)
+
+
+@triton.jit(do_not_specialize=["T"])
+def query_tile_kernel(
+    SCHED,  # out: [ceil(T / BM), 10] int32, a forward schedule
+    TOK,  # [3, T] int32 per-token lo1, hi1, lo2 (the windowed ones under a window)
+    T,
+    NT: tl.constexpr,  # query tiles per program
+    BM: tl.constexpr,  # query tokens per tile, any number
+    BM_P2: tl.constexpr,  # BM rounded up to a power of two (tl.arange)
+    BN: tl.constexpr,
+):
+    """A forward schedule for query tiles of a BM that ``token_tile_kernel`` cannot reduce over (not a power of two:
+    tiles straddle its chunks), from the per-token ranges it wrote: each program gathers NT tiles' tokens."""
+    i = tl.program_id(0) * NT + tl.arange(0, NT)
+    j = tl.arange(0, BM_P2)
+    t = i[:, None] * BM + j[None, :]
+    valid = (j[None, :] < BM) & (t < T)
+    lo1 = tl.load(TOK + t, mask=valid, other=0)
+    hi1 = tl.load(TOK + T + t, mask=valid, other=0)
+    lo2 = tl.load(TOK + 2 * T + t, mask=valid, other=0)
+    _query_tiles(SCHED, lo1, hi1, lo2, valid, i, T, BM, BN)
 
 
 # =====================================================================================================================
@@ -326,14 +363,20 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     """The per-token tables (``tokens`` when given, else built) and the schedules (fwd, kv, dq, window_ranges,
     kv_qmin; the last two None without a window) at ``tile`` under ``window`` (``tile`` None: none), as
     ``prefix_attn.schedule``'s torch builders make them. None where this path does not apply: T outside [1, 2**28),
-    tile sizes not powers of two."""
+    tile sizes other than the query tiles' (``fwd_m``, ``dq_m``) not powers of two. A query tile of a size that is
+    not a power of two takes one more launch (``query_tile_kernel``)."""
     if tile is None and tokens is not None:
         return tokens, None
     T, D, NB = layout.total_tokens, layout.num_docs, layout.num_branches
-    sizes = [] if tile is None else [tile.fwd_m, tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_m, tile.dq_n]
+    sizes = [] if tile is None else [tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_n]
     if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
         return None
-    # A power of two, so a multiple of every tile size; at least two tiles per program (no [1]-shaped reductions).
+    fwd_here = tile is not None and _pow2(tile.fwd_m)
+    dq_here = tile is not None and _pow2(tile.dq_m)
+    sizes += [tile.fwd_m] if fwd_here else []
+    sizes += [tile.dq_m] if dq_here else []
+    # A power of two, so a multiple of every tile size it reduces over; at least two tiles per program (no [1]-shaped
+    # reductions).
     chunk = max([_MIN_CHUNK] + [2 * x for x in sizes])
 
     dev = layout.device
@@ -384,11 +427,19 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
         window or 0,
         CHUNK=chunk, SEG_BLOCK=_SEG_BLOCK, WRITE_TOK=tokens is None, TILES=tile is not None,
         WINDOWED=tile is not None and window is not None,
-        FWD_BM=t.fwd_m, FWD_BN=t.fwd_n, KV_BN=t.kv_n, KV_BM=t.kv_m, DQ_BM=t.dq_m, DQ_BN=t.dq_n, num_warps=4,
+        FWD_BM=t.fwd_m if fwd_here else 16, FWD_BN=t.fwd_n, KV_BN=t.kv_n, KV_BM=t.kv_m,
+        DQ_BM=t.dq_m if dq_here else 16, DQ_BN=t.dq_n, FWD_HERE=fwd_here, DQ_HERE=dq_here, num_warps=4,
     )
     if tokens is None:
         tokens = TokenTables(tok, qhi, pos)
+    if tile is not None:
+        ranges = tokens.ranges if wt is None else wt
+        for here, sched, bm, bn in ((fwd_here, fs, tile.fwd_m, tile.fwd_n), (dq_here, qs, tile.dq_m, tile.dq_n)):
+            if not here:
+                nt = max(1, min(_MIN_CHUNK // triton.next_power_of_2(bm), triton.next_power_of_2(sched.shape[0])))
+                query_tile_kernel[(-(-sched.shape[0] // nt),)](sched, ranges, T, NT=nt, BM=bm,
+                                                               BM_P2=triton.next_power_of_2(bm), BN=bn, num_warps=4)
     return tokens, (None if tile is None else (fs, ks, qs, wt, qm))
 
 
-__all__ = ["Segments", "fused_tables", "segments_kernel", "token_tile_kernel"]
+__all__ = ["Segments", "fused_tables", "query_tile_kernel", "segments_kernel", "token_tile_kernel"]
