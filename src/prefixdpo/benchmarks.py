@@ -61,6 +61,9 @@ SWEEP_VARIANTS = {
     "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)
     "fwd_pack32_merged_n128_w8_s2": dict(fwd_block_m=32, fwd_block_n=128, fwd_warps=8, fwd_stages=2),
+    # 128-key tiles on one warpgroup: half the acc rescales per key, where walks are long (long prefixes); 144 KB of
+    # shared memory, one program per SM
+    "fwd_n128_s2": dict(fwd_block_n=128, fwd_stages=2),
     # backward: 32-query steps of the KV-major kernel spill less (255 regs either way), 3 stages. The backward
     # variants are of the plain-Triton kernels, so they turn the Gluon ones off.
     "bwd_kv32_s3": dict(kv_block_m=32, kv_stages=3, bwd_gluon=False),
@@ -73,8 +76,8 @@ SWEEP_VARIANTS = {
     "bwd_kv128_w8_dq32_w8": dict(kv_block_n=128, kv_warps=8, dq_block_m=32, dq_warps=8, bwd_gluon=False),
     # 3 stages of q/dO: more shared memory, one KV program per SM again
     "bwd_kv_s3": dict(kv_stages=3, bwd_gluon=False),
-    # GQA groups of 5-8 (--heads 28 --kv-heads 4), the tiles before: 16 tokens x 8 heads over two warpgroups, where
-    # the default's 8-token tiles make the packed forward and dq programs 64 rows of one warpgroup
+    # GQA groups of 5-8 (--heads 28 --kv-heads 4), the tiles before: 16 tokens x the group over two warpgroups,
+    # where the default's 64 // group tokens make the packed forward and dq programs 64 rows of one warpgroup
     "g8_before": dict(fwd_block_m=16, fwd_warps=8, dq_block_m=16, dq_warps=8),
     # the backward's plain-Triton KV-major and dq kernels, where the default runs their Gluon versions on Hopper
     # (prefix_attn/triton/backward_gluon.py)
