@@ -257,8 +257,9 @@ def test_attention_with_a_large_gqa_group_split(monkeypatch):
     # As the 16-bit kernels, the FP8 forward repeats KV heads past MAX_PACKED_GROUP query heads per KV head (a small
     # limit here): 8 query heads on one KV head run as groups of 2.
     from prefix_attn.triton import attention as tattn
+    from prefix_attn.triton import config as tconfig
 
-    monkeypatch.setattr(tattn, "MAX_PACKED_GROUP", 2)
+    monkeypatch.setattr(tconfig, "MAX_PACKED_GROUP", 2)
     groups = []
     real = tattn.fp8_default_config
     monkeypatch.setattr(tattn, "fp8_default_config", lambda d, device, g=4: groups.append(g) or real(d, device, g))
@@ -375,8 +376,8 @@ def test_config_list_roundtrip():
 
 # ------------------------------------------------------------------------------------------- GQA groups
 
-# (hq, hkv, config): group sizes 1, 3 (padded to 4 rows per token), 4 and 8; block_m counts TOKENS (the MMA has
-# block_m x next_pow2(group) rows); TMA and plain loads.
+# (hq, hkv, config): group sizes 1, 3 (padding rows after the group's), 4 and 8; block_m counts TOKENS (the MMA has
+# block_m x group rows, rounded up to a power of two); TMA and plain loads.
 PACKED = {
     "g4_tma": (4, 1, tf.FP8AttentionConfig(block_m=8, block_n=16, warps=4, stages=1, tma=True)),
     "g3_plain": (6, 2, tf.FP8AttentionConfig(block_m=8, block_n=32, warps=4, stages=1, tma=False)),

@@ -312,8 +312,9 @@ def test_large_gqa_groups_run_with_kv_heads_repeated(monkeypatch, hq, hkv, limit
     # kernels: each KV head is repeated until the group fits. Here with a small limit, so that the interpreter runs
     # it; the repeats' gradients must sum back into dk and dv (float64 harness).
     from prefix_attn.triton import attention as tattn
+    from prefix_attn.triton import config as tconfig
 
-    monkeypatch.setattr(tattn, "MAX_PACKED_GROUP", limit)
+    monkeypatch.setattr(tconfig, "MAX_PACKED_GROUP", limit)
     groups = []
     real = tattn.default_config
     monkeypatch.setattr(tattn, "default_config",

@@ -139,7 +139,7 @@ def test_random_layouts(seed, monkeypatch):
 
 # Windows of 1 (each token sees itself), shorter than a tile, about a tile, and longer than most documents.
 @pytest.mark.parametrize("window", [1, 5, 17, 70])
-@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("cfg", [CPU_CFG, GPU_CFG, ODD_CFG], ids=["cpu", "gpu", "odd"])
 @pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_windowed_awkward_layouts(name, prefix, branches, cfg, window, monkeypatch):
     _check(prefix, branches, cfg, monkeypatch, window=window)
@@ -275,6 +275,21 @@ def test_gpu_default_config_packs_the_group_into_64_rows(groups, tokens, fwd_war
     rows = ta.common.packed_row_count(tokens, groups)
     assert rows == (64 if fwd_warps == 4 else 128) and rows - tokens * groups < groups
     assert (cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps) == (64, 64, 4)
+
+
+def test_groups_past_the_packing_limit_get_the_config_of_the_group_the_kernels_run():
+    # The launchers split a group of more than MAX_PACKED_GROUP query heads (KV heads repeated); the config, and so
+    # the tables built ahead of a call (ops.attention_tables, CUDA graphs), must be those of the split group.
+    from prefix_attn.triton.config import MAX_PACKED_GROUP, packed_group
+
+    dev = torch.device("cuda")
+    for groups in range(1, 129):
+        g = packed_group(groups)
+        assert groups % g == 0 and g <= MAX_PACKED_GROUP and (g == groups or groups > MAX_PACKED_GROUP)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert ta.default_config(128, dtype, dev, groups) == ta.default_config(128, dtype, dev, g)
+        assert ta.fp8_default_config(128, dev, groups) == ta.fp8_default_config(128, dev, g)
+    assert [packed_group(x) for x in (48, 71, 64, 21)] == [16, 1, 16, 7]
 
 
 @pytest.mark.parametrize("groups,tokens,warps", [(1, 64, 4), (4, 16, 4), (7, 18, 8), (8, 16, 8)])

@@ -20,9 +20,9 @@ built once per layout and shared by every layer with that window.
 Two builders make them, bit for bit the same: the torch functions here (the reference: O(T + tiles) vectorized ops
 from the layout's per-token and per-tile definitions; the path on CPU, for per-token tables asked for inside a
 ``torch.compile`` graph, and with ``PREFIX_ATTN_FUSED_SCHEDULE=0``), and on a GPU the fused Triton builder
-(``prefix_attn.triton.tables``: two launches instead of about 200 small ops). Both results are cached on the layout
-(``PrefixLayout.cached``) so that all layers of a forward share them: the per-token tables once per layout, the
-schedules once per tile shape. ``build_tables`` always builds eagerly: inside a compiled graph a miss breaks the
+(``prefix_attn.triton.tables``: two or three launches instead of about 200 small ops). Both results are cached on the
+layout (``PrefixLayout.cached``) so that all layers of a forward share them: the per-token tables once per layout,
+the schedules once per tile shape. ``build_tables`` always builds eagerly: inside a compiled graph a miss breaks the
 graph (``_build_and_cache``) and a hit stays in it.
 
 Every table's shape depends on the row length and the tile shape only, not on the documents: a CUDA graph captured

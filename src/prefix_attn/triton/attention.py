@@ -19,7 +19,7 @@ from ..layout import PrefixLayout
 from ..schedule import AttentionTables, build_tables
 from .backward import launch_backward
 from .common import LOG2E, interpret
-from .config import FP8AttentionConfig, TritonAttentionConfig, default_config, fp8_default_config
+from .config import FP8AttentionConfig, TritonAttentionConfig, default_config, fp8_default_config, packed_group
 from .forward import launch_forward
 from .fp8 import fp8_forward, fp8_tables
 
@@ -138,22 +138,13 @@ def triton_supported(device, dtype: torch.dtype | None = None, head_dim: int | N
                       (torch.float16, torch.bfloat16, torch.float32), SUPPORTED_HEAD_DIMS)
 
 
-# The packed kernels run every query head of a KV head in one program (config.py), so a program's tiles grow with the
-# GQA group. Past MAX_PACKED_GROUP query heads they outgrow an SM (compiled for sm_90a at the default configs: a group
-# of 64 needs 322 KB of shared memory in the dq kernel, an SM has 227). Such a group is split: each KV head is
-# repeated r times so that every program sees at most MAX_PACKED_GROUP query heads. Exact (query head h still reads
-# KV head h // group; autograd sums the repeats' gradients), at the K/V memory of the smaller group. Multi-query
-# models with many heads (one KV head for 48 or 71 query heads) take this path.
-MAX_PACKED_GROUP = 16
-
-
 def split_large_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """k and v with each KV head repeated so that the GQA group is at most ``MAX_PACKED_GROUP`` (as they are if it
-    already is)."""
+    """k and v with each KV head repeated so that the GQA group is at most ``config.MAX_PACKED_GROUP`` (as they are if
+    it already is): the group ``config.packed_group`` names."""
     groups = q.shape[1] // max(1, k.shape[1])
-    if groups <= MAX_PACKED_GROUP:
+    r = groups // packed_group(groups)
+    if r == 1:
         return k, v
-    r = next(d for d in range(2, groups + 1) if groups % d == 0 and groups // d <= MAX_PACKED_GROUP)
     return k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
 
 
@@ -173,8 +164,8 @@ def triton_prefix_attention(
 
     Args:
         q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA; K/V are repeated in memory only for a group
-            of more than ``MAX_PACKED_GROUP`` query heads). D in (16, 32, 64, 128); dtype float16, bfloat16 or float32
-            (all three the same).
+            of more than ``config.MAX_PACKED_GROUP`` query heads). D in (16, 32, 64, 128); dtype float16, bfloat16 or
+            float32 (all three the same).
         layout: the row's PrefixLayout, on q's device, with ``total_tokens == T``.
         softmax_scale: defaults to D ** -0.5.
         window: a sliding window in positions (``prefix_attn.prefix_attention``); None: none.

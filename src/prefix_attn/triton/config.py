@@ -97,15 +97,35 @@ def set_default_config(cfg: TritonAttentionConfig | None) -> None:
     _OVERRIDE = cfg
 
 
+# The packed kernels run every query head of a KV head in one program, so a program's tiles grow with the GQA group.
+# Past MAX_PACKED_GROUP query heads they outgrow an SM (compiled for sm_90a at the default configs: a group of 64
+# needs 322 KB of shared memory in the dq kernel, an SM has 227). Such a group is split: the launchers repeat each KV
+# head r times (``attention.split_large_groups``) so that every program sees at most MAX_PACKED_GROUP query heads.
+# Exact (query head h still reads KV head h // group; autograd sums the repeats' gradients), at the K/V memory of the
+# smaller group. Multi-query models with many heads (one KV head for 48 or 71 query heads) take this path.
+MAX_PACKED_GROUP = 16
+
+
+def packed_group(groups: int) -> int:
+    """The query heads per KV head the packed kernels run for a GQA group of ``groups``: the group itself up to
+    ``MAX_PACKED_GROUP``, else the group over the smallest r that divides it and brings it within the limit (the
+    configs and the tables built ahead of a call are those of this group)."""
+    groups = max(1, groups)
+    if groups <= MAX_PACKED_GROUP:
+        return groups
+    return groups // next(d for d in range(2, groups + 1) if groups % d == 0 and groups // d <= MAX_PACKED_GROUP)
+
+
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, groups: int = 4) -> TritonAttentionConfig:
     """The config for ``dtype`` and ``groups`` query heads per KV head on ``device`` (``set_default_config``
-    overrides it). ``head_dim`` does not choose among the tuned configs today (64 and 128 got the same one)."""
+    overrides it): that of the group the kernels run (``packed_group``). ``head_dim`` does not choose among the tuned
+    configs today (64 and 128 got the same one)."""
     if _OVERRIDE is not None:
         return _OVERRIDE
     if device.type != "cuda":
         return CONFIGS["interpreter"]
     kind = "cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32"
-    g = max(1, groups)
+    g = packed_group(groups)
     return _GPU_CONFIGS[kind, g] if g <= _MAX_GROUP else _gpu_config(kind, g)
 
 
@@ -168,7 +188,7 @@ def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> 
         return _FP8_OVERRIDE
     if device.type != "cuda":
         return FP8_CONFIGS["interpreter"]
-    g = triton.next_power_of_2(max(1, groups))
+    g = triton.next_power_of_2(packed_group(groups))
     return _FP8_GPU_CONFIGS[g] if g <= _MAX_GROUP else _fp8_gpu_config(g)
 
 

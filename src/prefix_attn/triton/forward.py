@@ -86,7 +86,7 @@ def fwd_kernel(
     acc, l_i, m_i = _walk(acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, hk * HEAD_DIM, stride_kt, offs_m, offs_d,
                           lo1, hi1, lo2, sp, qk_scale, T, BLOCK_N, USE_TMA, DOT_PREC, SOFTCAP)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (token >= T or head >= GROUPS) see no key at all
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (token >= T, or past BLOCK_M * GROUPS) see no key
     acc = acc / l_safe[:, None]
     tl.store(O + (offs_m.to(tl.int64) * stride_ot + h * stride_oh)[:, None] + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])

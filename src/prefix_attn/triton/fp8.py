@@ -339,7 +339,7 @@ def fp8_tables(layout: PrefixLayout, cfg: FP8AttentionConfig, head_dim: int, dty
     forward reads ``fwd`` and ``ranges``.
 
     The other tiles are the 16-bit default config's: where the two forwards tile alike (the tuned defaults do for GQA
-    groups 1, 2 and 4; for the others the 16-bit forward fills 64 rows and the FP8 one takes 16 tokens), the
+    groups 1, 2 and 4; for the others the 16-bit forward fills 64 or 128 rows and the FP8 one takes 16 tokens), the
     policy's forward and backward on the same layout find these tables built. ``groups``: query heads per KV head
     (the 16-bit config depends on it)."""
     t = default_config(head_dim, dtype, layout.device, groups).tile_shape

@@ -20,7 +20,7 @@ of the KV-major backward, and makes the schedules from the windowed ranges (``pr
 A launch cannot read what other programs of the same launch write, hence several. Outputs are views into one int32
 buffer plus the int64 position ids. The segment table of kernel 1 is cached on the layout (``Segments``): the
 position ids, asked for before any attention call, cost both kernels (per-token tables only); each tile shape's
-schedules then cost kernel 2 alone. The work is O(T).
+schedules then cost kernel 2 alone (and kernel 3 for query tiles that are not a power of two). The work is O(T).
 """
 
 from __future__ import annotations
