@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from prefixdpo.benchmarks import LAYOUTS, SWEEP_VARIANTS, layout_heads, make_layout
+from prefixdpo.benchmarks import LAYOUTS, SWEEP_VARIANTS, layout_heads, make_layout, triton_attention_calls
 
 
 def bench(fn, warmup=25, rep=100):
@@ -84,15 +84,7 @@ def run_sweep(args, ta, base, inputs, dev, Hq, D, csv_path, command, gpu):
         ref = (ref_o, *torch.autograd.grad(ref_o, (q, k, v), do))
         for name in names:
             cfg = replace(base, **SWEEP_VARIANTS[name])
-
-            def fwd(cfg=cfg):
-                with torch.no_grad():
-                    return ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-
-            def step(cfg=cfg):
-                o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-                return (o, *torch.autograd.grad(o, (q, k, v), do))
-
+            fwd, step = triton_attention_calls(q, k, v, do, lay, cfg)
             try:
                 err = max(rel_err(a, b) for a, b in zip(step(), ref))
                 f_ms = bench(fwd, warmup=5, rep=40)

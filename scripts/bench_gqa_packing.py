@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from prefixdpo.benchmarks import LAYOUTS, append_csv, make_layout, run_metadata
+from prefixdpo.benchmarks import LAYOUTS, append_csv, make_layout, run_metadata, triton_attention_calls
 
 
 def main(argv=None):
@@ -61,16 +61,8 @@ def main(argv=None):
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         fns, outs = {}, {}
         for name, cfg in (("pow2", old), ("fill", best)):
-            def fwd(cfg=cfg):
-                with torch.no_grad():
-                    return ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-
-            def step(cfg=cfg):
-                o = ta.triton_prefix_attention(q, k, v, lay, config=cfg)
-                return (o, *torch.autograd.grad(o, (q, k, v), do))
-
-            outs[name] = step()  # also compiles
-            fns[name] = (fwd, step)
+            fns[name] = triton_attention_calls(q, k, v, do, lay, cfg)
+            outs[name] = fns[name][1]()  # also compiles
         # Rounds in alternating order, medians over them: the GPU's clock drifts within a call (a config timed
         # against itself moves a few percent from the first timing to the second).
         runs = {name: ([], []) for name in fns}

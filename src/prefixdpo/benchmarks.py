@@ -41,6 +41,22 @@ def layout_heads(name: str, args) -> tuple[int, int]:
     return spec[2] if len(spec) > 2 else (args.heads, args.kv_heads)
 
 
+def triton_attention_calls(q, k, v, do, layout, cfg):
+    """The `triton` backend's forward (no autograd) and forward+backward (out, dq, dk, dv) of one row at ``cfg``: the
+    two callables the attention benchmarks time."""
+    from prefix_attn import triton as ta
+
+    def fwd():
+        with torch.no_grad():
+            return ta.triton_prefix_attention(q, k, v, layout, config=cfg)
+
+    def step():
+        o = ta.triton_prefix_attention(q, k, v, layout, config=cfg)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+    return fwd, step
+
+
 def make_layout(name: str, tokens: int, device):
     from prefix_attn import PrefixLayout
 
