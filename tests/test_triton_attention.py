@@ -245,6 +245,20 @@ def test_supported():
     assert not ta.triton_supported(torch.device("cpu"), torch.int8, 64)[0]
 
 
+@pytest.mark.parametrize("hq,hkv,block_m,dq", [(32, 8, 16, True), (28, 4, 9, True), (40, 8, 12, True),
+                                                (28, 4, 8, True), (16, 1, 4, False), (32, 8, 32, False)],
+                         ids=["g4", "g7", "g5", "g7_pow2_tiles", "g16_hand_made", "g4_128_rows"])
+def test_gluon_dq_kernel_takes_64_packed_rows_of_groups_up_to_8(monkeypatch, hq, hkv, block_m, dq):
+    # The Gluon dq kernel runs 64 packed rows (any token count that fills them) of the GQA groups its GPU tests cover;
+    # the other tiles and groups go to the plain kernel. The input checks (a Hopper GPU, 16 bits) are taken as met.
+    from prefix_attn.triton import backward_gluon
+
+    monkeypatch.setattr(backward_gluon, "_inputs_ok", lambda *a: True)
+    q, k = torch.empty(1, hq, 128), torch.empty(1, hkv, 128)
+    assert backward_gluon.supported_dq(q, k, block_m, 64, None, None) == dq
+    assert not backward_gluon.supported_dq(q, k, block_m, 32, None, None)
+
+
 # ----------------------------------------------------------------------------------------------- schedules (pure torch)
 
 

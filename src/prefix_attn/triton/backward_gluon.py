@@ -325,9 +325,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, soft
 
 def supported_dq(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, softcap, window) -> bool:
     """Whether ``bwd_dq_kernel_gluon`` runs the dq of these inputs at the dq kernel's tiles: ``block_m`` tokens x
-    the GQA group making 64 rows (`common.packed_row_count`), 64 keys."""
+    the GQA group making 64 rows (`common.packed_row_count`), 64 keys, a group of at most ``MAX_GROUP``."""
     groups = q.shape[1] // k.shape[1]
-    return (packed_row_count(block_m, groups) == BLOCK and block_n == BLOCK
+    return (packed_row_count(block_m, groups) == BLOCK and block_n == BLOCK and groups <= MAX_GROUP
             and _inputs_ok(q, k, softcap, window))
 
 
