@@ -123,8 +123,9 @@ def keep_fsdp2_outputs_as_computed(plugin) -> None:
 
     accelerate 1.4-1.15 set ``output_dtype=bf16`` (1.16 leaves it None, and this does nothing), so every wrapped
     module's output is cast to bf16, the root model's too: the per-token log-probs that TRL's fused head computes in
-    fp32 reach the loss in bf16 and their sum over a response is rounded to 8 bits (an ulp of 32 nats at -4500). Seen on 2 H200s: rewards exactly 0 on one GPU, noise of several
-    nats on two. The reference model, which TRL wraps with the same plugin policy, follows.
+    fp32 reach the loss in bf16 and their sum over a response is rounded to 8 bits (an ulp of 32 nats at -4500). Seen
+    on 2 H200s: rewards exactly 0 on one GPU, noise of several nats on two. The reference model, which TRL wraps with
+    the same plugin policy, follows.
     """
     policy = getattr(plugin, "mixed_precision_policy", None)
     if getattr(plugin, "fsdp_version", 1) == 2 and getattr(policy, "output_dtype", None) is not None:

@@ -125,8 +125,8 @@ def test_awkward_layouts(name, prefix, branches, d):
     _assert_ok(*_errors(layout, 8, 2, d, torch.bfloat16, 1, rotate=d == 128), name)
 
 
-# GQA groups 1, 3 (16 tokens x 3 heads: 48 rows padded to 64), 4, 8. block_m counts TOKENS; fp8_default_config sizes it for 64 MMA
-# rows (4 warps), at least 16 tokens (8 warps beyond 64 rows); the bf16 forward goes down to 8 tokens.
+# GQA groups 1, 3 (16 tokens x 3 heads: 48 rows padded to 64), 4, 8. block_m counts TOKENS; fp8_default_config sizes
+# it for 64 MMA rows (4 warps), at least 16 tokens (8 warps beyond 64 rows); the bf16 forward goes down to 8 tokens.
 GROUPS = {1: (4, 4), 3: (6, 2), 4: (8, 2), 8: (8, 1)}
 
 

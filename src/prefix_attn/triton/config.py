@@ -125,8 +125,7 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, grou
     if device.type != "cuda":
         return CONFIGS["interpreter"]
     kind = "cuda_16bit" if dtype in (torch.float16, torch.bfloat16) else "cuda_fp32"
-    g = packed_group(groups)
-    return _GPU_CONFIGS[kind, g] if g <= _MAX_GROUP else _gpu_config(kind, g)
+    return _GPU_CONFIGS[kind, packed_group(groups)]
 
 
 def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
@@ -137,11 +136,10 @@ def _gpu_config(kind: str, g: int) -> TritonAttentionConfig:
                    dq_block_m=tokens, dq_warps=cfg.dq_warps if rows <= _PACKED_ROWS else 8)
 
 
-# The configs of every group up to _MAX_GROUP, built once at import: dynamo traces through an lru_cache (it ignores
-# the wrapper), so a cached builder would make a new config object inside every compiled graph; a lookup here returns
-# an object that exists outside it.
-_MAX_GROUP = 128
-_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _MIN_TOKENS for g in range(1, _MAX_GROUP + 1)}
+# The configs of every group the kernels run (up to MAX_PACKED_GROUP), built once at import: dynamo traces through an
+# lru_cache (it ignores the wrapper), so a cached builder would make a new config object inside every compiled graph;
+# a lookup here returns an object that exists outside it.
+_GPU_CONFIGS = {(kind, g): _gpu_config(kind, g) for kind in _MIN_TOKENS for g in range(1, MAX_PACKED_GROUP + 1)}
 
 
 @dataclass(frozen=True)
@@ -188,8 +186,7 @@ def fp8_default_config(head_dim: int, device: torch.device, groups: int = 4) -> 
         return _FP8_OVERRIDE
     if device.type != "cuda":
         return FP8_CONFIGS["interpreter"]
-    g = triton.next_power_of_2(packed_group(groups))
-    return _FP8_GPU_CONFIGS[g] if g <= _MAX_GROUP else _fp8_gpu_config(g)
+    return _FP8_GPU_CONFIGS[triton.next_power_of_2(packed_group(groups))]
 
 
 def _fp8_gpu_config(g: int) -> FP8AttentionConfig:
@@ -197,4 +194,5 @@ def _fp8_gpu_config(g: int) -> FP8AttentionConfig:
     return replace(FP8_CONFIGS["cuda"], block_m=bm, warps=4 if bm * g <= 64 else 8)
 
 
-_FP8_GPU_CONFIGS = {2**i: _fp8_gpu_config(2**i) for i in range(_MAX_GROUP.bit_length())}  # built once, as _GPU_CONFIGS
+# Built once, as _GPU_CONFIGS: every power of two up to the largest group the kernels run, rounded up.
+_FP8_GPU_CONFIGS = {2**i: _fp8_gpu_config(2**i) for i in range((MAX_PACKED_GROUP - 1).bit_length() + 1)}
