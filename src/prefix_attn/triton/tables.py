@@ -435,10 +435,14 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     if tile is not None:
         ranges = tokens.ranges if wt is None else wt
         for here, sched, bm, bn in ((fwd_here, fs, tile.fwd_m, tile.fwd_n), (dq_here, qs, tile.dq_m, tile.dq_n)):
-            if not here:
-                nt = max(1, min(_MIN_CHUNK // triton.next_power_of_2(bm), triton.next_power_of_2(sched.shape[0])))
-                query_tile_kernel[(-(-sched.shape[0] // nt),)](sched, ranges, T, NT=nt, BM=bm,
-                                                               BM_P2=triton.next_power_of_2(bm), BN=bn, num_warps=4)
+            if here:
+                continue
+            if sched is qs and (bm, bn) == (tile.fwd_m, tile.fwd_n):  # the dq kernel walks the forward's tiles
+                qs.copy_(fs)
+                continue
+            nt = max(1, min(_MIN_CHUNK // triton.next_power_of_2(bm), triton.next_power_of_2(sched.shape[0])))
+            query_tile_kernel[(-(-sched.shape[0] // nt),)](sched, ranges, T, NT=nt, BM=bm,
+                                                           BM_P2=triton.next_power_of_2(bm), BN=bn, num_warps=4)
     return tokens, (None if tile is None else (fs, ks, qs, wt, qm))
 
 
