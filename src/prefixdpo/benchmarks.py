@@ -73,9 +73,6 @@ def make_layout(name: str, tokens: int, device):
 # compiles: registers, spills, shared memory).
 SWEEP_VARIANTS = {
     "default": {},
-    # dq inside the KV-major kernel (fp32 atomic adds), 128 keys on two warpgroups
-    "bwd_fused": dict(kv_block_n=128, bwd_fused=True),
-    "bwd_fused_s3": dict(kv_block_n=128, kv_stages=3, bwd_fused=True),
     # 32 tokens x 4 heads = 128 rows over 2 warpgroups
     "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backward_fused, backward_gluon
+from . import backward_gluon
 from .common import (allowed, descriptor, dot_prec, packed_row_count, packed_rows, softcap_scores, tma_ok, walk_bounds,
                      walk_kv)
 from .config import TritonAttentionConfig
@@ -308,10 +308,6 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
     if gluon_kv or gluon_dq:
         gkd, gvd = backward_gluon.descriptor(k), backward_gluon.descriptor(v)
     use_tma = cfg.bwd_tma and tma_ok(q)
-    if gluon and cfg.bwd_fused and backward_fused.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
-        dq = backward_fused.launch_bwd_fused_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
-                                                   cfg.kv_stages)
-        return dq, dk, dv
     if gluon_kv:
         backward_gluon.launch_bwd_kv_gluon(gkd, gvd, q, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale,
                                            cfg.kv_stages)

@@ -53,7 +53,6 @@ class TritonAttentionConfig(IntFieldsConfig):
     fwd_tma: bool = True
     bwd_tma: bool = True
     bwd_gluon: bool = False
-    bwd_fused: bool = False
 
     @property
     def tile_shape(self) -> TileShape:
