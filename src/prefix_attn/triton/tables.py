@@ -12,7 +12,8 @@ overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come 
    of every tile size it reduces over, so no tile straddles two programs).
 3. ``query_tile_kernel``, only for query tiles whose size is not a power of two (a GQA group of 7 packs 9 tokens into
    64 MMA rows: ``triton.common.packed_rows``), which would straddle kernel 2's chunks: their schedule rows from the
-   per-token ranges kernel 2 wrote.
+   per-token ranges kernel 2 wrote. Once per tile shape: where the dq kernel walks the forward's tiles (the
+   defaults), its schedule is a copy of the forward's.
 
 Under a sliding window, kernel 2 also writes the windowed per-token ranges and the per-query-tile smallest positions
 of the KV-major backward, and makes the schedules from the windowed ranges (``prefix_attn.schedule``'s module doc).
