@@ -241,7 +241,7 @@ def run_fp8(args):
                 rows.append(dict(kind="speed", layout=name, T=T, impl="fp8_rotate" if rot else "fp8", pairs=pairs,
                                  fwd_ms=t_all, quant_ms=t_q, attn_ms=t_a, tflops=flops / t_all * 1e-9,
                                  x_16bit=t16 / t_all))
-        del q, k, v, out
+        q = k = v = out = x = None  # freed before empty_cache
         torch.cuda.empty_cache()
 
     acc = []
