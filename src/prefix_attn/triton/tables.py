@@ -12,8 +12,9 @@ overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come 
    of every tile size it reduces over, so no tile straddles two programs).
 3. ``query_tile_kernel``, only for query tiles whose size is not a power of two (a GQA group of 7 packs 9 tokens into
    64 MMA rows: ``triton.common.packed_rows``), which would straddle kernel 2's chunks: their schedule rows from the
-   per-token ranges kernel 2 wrote. Once per tile shape: where the dq kernel walks the forward's tiles (the
-   defaults), its schedule is a copy of the forward's.
+   per-token ranges kernel 2 wrote.
+
+Where the dq kernel walks the forward's tiles (the defaults), its schedule is a copy of the forward's, made once.
 
 Under a sliding window, kernel 2 also writes the windowed per-token ranges and the per-query-tile smallest positions
 of the KV-major backward, and makes the schedules from the windowed ranges (``prefix_attn.schedule``'s module doc).
@@ -372,8 +373,10 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     sizes = [] if tile is None else [tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_n]
     if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
         return None
+    # Where the dq kernel walks the forward's tiles (the defaults), its schedule is a copy of the forward's.
+    dq_copy = tile is not None and (tile.dq_m, tile.dq_n) == (tile.fwd_m, tile.fwd_n)
     fwd_here = tile is not None and _pow2(tile.fwd_m)
-    dq_here = tile is not None and _pow2(tile.dq_m)
+    dq_here = tile is not None and _pow2(tile.dq_m) and not dq_copy
     sizes += [tile.fwd_m] if fwd_here else []
     sizes += [tile.dq_m] if dq_here else []
     # A power of two, so a multiple of every tile size it reduces over; at least two tiles per program (no [1]-shaped
@@ -435,16 +438,21 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
         tokens = TokenTables(tok, qhi, pos)
     if tile is not None:
         ranges = tokens.ranges if wt is None else wt
-        for here, sched, bm, bn in ((fwd_here, fs, tile.fwd_m, tile.fwd_n), (dq_here, qs, tile.dq_m, tile.dq_n)):
-            if here:
-                continue
-            if sched is qs and (bm, bn) == (tile.fwd_m, tile.fwd_n):  # the dq kernel walks the forward's tiles
-                qs.copy_(fs)
-                continue
-            nt = max(1, min(_MIN_CHUNK // triton.next_power_of_2(bm), triton.next_power_of_2(sched.shape[0])))
-            query_tile_kernel[(-(-sched.shape[0] // nt),)](sched, ranges, T, NT=nt, BM=bm,
-                                                           BM_P2=triton.next_power_of_2(bm), BN=bn, num_warps=4)
+        if not fwd_here:
+            _gathered_query_tiles(fs, ranges, T, tile.fwd_m, tile.fwd_n)
+        if dq_copy:
+            qs.copy_(fs)
+        elif not dq_here:
+            _gathered_query_tiles(qs, ranges, T, tile.dq_m, tile.dq_n)
     return tokens, (None if tile is None else (fs, ks, qs, wt, qm))
+
+
+def _gathered_query_tiles(sched: torch.Tensor, ranges: torch.Tensor, T: int, bm: int, bn: int) -> None:
+    """``sched`` (a forward schedule of ``bm``-token query tiles) from the per-token ``ranges``, by
+    ``query_tile_kernel``."""
+    nt = max(1, min(_MIN_CHUNK // triton.next_power_of_2(bm), triton.next_power_of_2(sched.shape[0])))
+    query_tile_kernel[(-(-sched.shape[0] // nt),)](sched, ranges, T, NT=nt, BM=bm, BM_P2=triton.next_power_of_2(bm),
+                                                   BN=bn, num_warps=4)
 
 
 __all__ = ["Segments", "fused_tables", "query_tile_kernel", "segments_kernel", "token_tile_kernel"]
