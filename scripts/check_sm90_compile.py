@@ -27,7 +27,7 @@ import triton
 from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
-from prefix_attn.triton import backward_fused, backward_gluon  # noqa: E402
+from prefix_attn.triton import backward_gluon  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 from prefix_attn.triton.common import packed_row_count  # noqa: E402
 
@@ -102,21 +102,6 @@ def _dq_gluon(name, groups=G, stages=2):
                        STAGES=stages))
 
 
-def _fused_gluon(name, groups=G):
-    """The backward in one Gluon kernel (backward_fused.py): 128 keys on two warpgroups, 64-query steps."""
-    if not backward_gluon.available():
-        return None
-    fn = backward_fused.bwd_fused_kernel_gluon
-    desc = {n: f"tensordesc<{DT}[{rows},{D}],{backward_gluon.SMEM_LAYOUT!r}>"
-            for n, rows in (("K_DESC", 128), ("V_DESC", 128), ("Q_DESC", 64), ("DO_DESC", 64))}
-    desc["DQ_DESC"] = f"tensordesc<fp32[64,{D}],{backward_fused.DQ_SMEM_LAYOUT!r}>"
-    types = dict(LSE="*fp32", DELTA="*fp32", DK=f"*{DT}", DV=f"*{DT}", SCHED="*i32", QHI="*i32", qk_scale="fp32",
-                 sm_scale="fp32", **desc)
-    sig = {n: types.get(n, "i32") for n in fn.arg_names}
-    consts = dict(H_KV=HKV, GROUPS=groups, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=128, STAGES=2)
-    return name, fn, sig, consts, 8, 1, dict(gluon=True)
-
-
 def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
     fn = bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
@@ -169,9 +154,6 @@ VARIANTS = [
     _dq_gluon("dq gluon 16tok(x4) x64 w4 s2"),
     _dq_gluon("dq gluon 16tok(x4) x64 w4 s3", stages=3),
     _dq_gluon("dq gluon 9tok(x7) x64 w4 s2 g7", 7),
-    # the backward in one Gluon kernel (backward_fused.py, TritonAttentionConfig.bwd_fused)
-    _fused_gluon("fused gluon 64x128 w8 s2 g4"),
-    _fused_gluon("fused gluon 64x128 w8 s2 g7", 7),
     _dq("dq pack 32tok x64 w8 s2 merged", 32, 64, 8, 2),
     # The options at the default configs (the forward and dq kernels take a window through their tables alone).
     _fwd("fwd pack 16tok x64 w4 s3 merged softcap", 16, 64, 4, 3, softcap=SOFTCAP),

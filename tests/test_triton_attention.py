@@ -259,22 +259,6 @@ def test_gluon_dq_kernel_takes_64_packed_rows_of_groups_up_to_8(monkeypatch, hq,
     assert not backward_gluon.supported_dq(q, k, block_m, 32, None, None)
 
 
-
-@pytest.mark.parametrize("hq,hkv,block_m,block_n,tokens,fused", [
-    (32, 8, 64, 128, 1000, True), (28, 4, 64, 128, 1000, True), (8, 8, 64, 128, 1000, True),
-    (32, 8, 64, 64, 1000, False), (32, 8, 32, 128, 1000, False), (16, 1, 64, 128, 1000, False),
-    (32, 8, 64, 128, 2**26, False)], ids=["g4", "g7", "g1", "64_keys", "32_queries", "g16", "too_many_rows"])
-def test_fused_backward_takes_64x128_tiles_of_groups_up_to_8(monkeypatch, hq, hkv, block_m, block_n, tokens, fused):
-    # The one-kernel backward runs 64-query x 128-key tiles of the GQA groups the Gluon kernels' GPU tests cover, and
-    # only while its dq buffer's rows (Hq x T, padded) fit TMA's int32 coordinates; the input checks (a Hopper GPU, 16
-    # bits) are taken as met.
-    from prefix_attn.triton import backward_fused, backward_gluon
-
-    monkeypatch.setattr(backward_gluon, "_inputs_ok", lambda *a: True)
-    q, k = torch.empty(tokens, hq, 1).expand(tokens, hq, 128), torch.empty(1, hkv, 128)
-    assert backward_fused.supported(q, k, block_m, block_n, None, None) == fused
-
-
 # ----------------------------------------------------------------------------------------------- schedules (pure torch)
 
 

@@ -73,9 +73,6 @@ def make_layout(name: str, tokens: int, device):
 # compiles: registers, spills, shared memory).
 SWEEP_VARIANTS = {
     "default": {},
-    # the backward in one Gluon kernel (backward_fused.py): dq's share computed in the KV-major loop and reduce-added
-    # by TMA, five MMAs per tile pair instead of seven; 128 keys on two warpgroups, one program per SM
-    "bwd_fused": dict(kv_block_n=128, bwd_fused=True),
     # 32 tokens x 4 heads = 128 rows over 2 warpgroups
     "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)

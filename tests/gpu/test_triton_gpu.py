@@ -277,14 +277,13 @@ def test_row_of_135k_tokens():
 # of them), the Gluon kernels checked to have run rather than fallen back to the plain ones (skipped where they cannot
 # run).
 GLUON_HEADS = [(8, 2), (28, 4), (4, 4), (6, 3), (16, 2), (32, 8), (6, 1), (14, 7), (40, 8)]
-BACKWARD_KERNELS = {"gluon": dict(bwd_gluon=True), "plain": dict(bwd_gluon=False),
-                    "fused": dict(bwd_gluon=True, bwd_fused=True, kv_block_n=128)}
+BACKWARD_KERNELS = {"gluon": dict(bwd_gluon=True), "plain": dict(bwd_gluon=False)}
 
 
 def _backward_kernels(layout, hq, hkv, d, dtype, kernels="gluon", **kw):
     from dataclasses import replace
 
-    from prefix_attn.triton import backward_fused, backward_gluon, default_config
+    from prefix_attn.triton import backward_gluon, default_config
 
     cfg = replace(default_config(d, dtype, torch.device(DEV), hq // hkv), **BACKWARD_KERNELS[kernels])
     if cfg.bwd_gluon:
@@ -292,11 +291,8 @@ def _backward_kernels(layout, hq, hkv, d, dtype, kernels="gluon", **kw):
             pytest.skip("the Gluon kernels run on Hopper with a Triton that has Gluon")
         q = torch.empty(1, hq, d, device=DEV, dtype=dtype)
         k = torch.empty(1, hkv, d, device=DEV, dtype=dtype)
-        if cfg.bwd_fused:
-            assert backward_fused.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, None), "fused kernel not run"
-        else:
-            assert backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, None), "Gluon KV kernel not run"
-            assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None, None), "Gluon dq not run"
+        assert backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, None, None), "Gluon KV kernel not run"
+        assert backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, None, None), "Gluon dq kernel not run"
     return _triton(layout, config=cfg, **kw)
 
 
@@ -328,7 +324,7 @@ def test_gluon_backward_agrees_bitwise_with_the_plain_kernels(hq, hkv):
     q, k, v, do = (torch.randn(layout.total_tokens, h, 128, device=DEV, generator=g).to(torch.bfloat16)
                    for h in (hq, hkv, hkv, hq))
     outs = []
-    for kernels in ("gluon", "plain"):
+    for kernels in BACKWARD_KERNELS:
         xs = [x.detach().requires_grad_() for x in (q, k, v)]
         o = _backward_kernels(layout, hq, hkv, 128, torch.bfloat16, kernels)(*xs)
         outs.append(torch.autograd.grad(o, xs, do))

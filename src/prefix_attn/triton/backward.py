@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backward_fused, backward_gluon
+from . import backward_gluon
 from .common import (allowed, descriptor, dot_prec, packed_row_count, packed_rows, softcap_scores, tma_ok, walk_bounds,
                      walk_kv)
 from .config import TritonAttentionConfig
@@ -303,9 +303,6 @@ def launch_backward(do, q, k, v, o, lse, ranges, q_hi, kv_sched, dq_sched, scale
     # The Gluon kernels take no option and no lse gradient (sinks): those run on the plain kernels, whose GPU tests
     # cover them; the Gluon ones are tested without. q, dO and dq are contiguous here (the dq kernel relies on it).
     gluon = cfg.bwd_gluon and dlse is None
-    if gluon and cfg.bwd_fused and backward_fused.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window):
-        dq = backward_fused.launch_bwd_fused_gluon(q, k, v, do, lse, delta, dk, dv, kv_sched, q_hi, qk_scale, scale)
-        return dq, dk, dv
     gluon_kv = gluon and backward_gluon.supported(q, k, cfg.kv_block_m, cfg.kv_block_n, softcap, window)
     gluon_dq = gluon and backward_gluon.supported_dq(q, k, cfg.dq_block_m, cfg.dq_block_n, softcap, window)
     if gluon_kv or gluon_dq:

@@ -133,8 +133,8 @@ if gluon is not None:
         n = s3 - s0
         total = GROUPS * n
 
-        k_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, HEAD_DIM], K_DESC.layout)
-        v_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, HEAD_DIM], V_DESC.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], K_DESC.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], V_DESC.layout)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], Q_DESC.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], DO_DESC.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
@@ -143,8 +143,8 @@ if gluon is not None:
         for b in gl.static_range(STAGES):
             mbarrier.init(bar.index(b), count=1)
         mbarrier.expect(kv_bar.index(0), K_DESC.block_type.nbytes + V_DESC.block_type.nbytes)
-        _tma_load(K_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), k_all.index(0))
-        _tma_load(V_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), v_all.index(0))
+        _tma_load(K_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), k_smem)
+        _tma_load(V_DESC, [n0, hk * HEAD_DIM], kv_bar.index(0), v_smem)
         for b in gl.static_range(STAGES):
             _load_qdo(Q_DESC, DO_DESC, q_smem, do_smem, bar, b, total, n, s0, hk, GROUPS, HEAD_DIM, BLOCK_M, STAGES)
 
@@ -158,9 +158,6 @@ if gluon is not None:
 
         for i in range(0, total):
             slot = i % STAGES
-            z = (i + T) >> 30  # 0 (T < 2**28), but not known to the compiler: K's and V's descriptors stay in the loop
-            k_smem = k_all.index(z)
-            v_smem = v_all.index(z)
             g = i // n
             j = s0 + (i - g * n)
             h = (hk * GROUPS + g).to(gl.int64)

@@ -36,10 +36,7 @@ class TritonAttentionConfig(IntFieldsConfig):
     ``bwd_tma``: the forward's K/V and the backward's q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA
     descriptors (Hopper or newer; ignored elsewhere). ``bwd_gluon``: the KV-major and dq kernels run their Gluon
     versions (``backward_gluon``) where those apply (Hopper, 16-bit, head dim 64 or 128, GQA groups up to 8, 64-row
-    tiles, no soft-cap, window or lse gradient), the plain kernels elsewhere. ``bwd_fused`` (with ``bwd_gluon``,
-    ``kv_block_m`` 64 and ``kv_block_n`` 128): the backward runs as one Gluon kernel that also computes dq, summed
-    across programs by TMA reduce-adds (``backward_fused``; dq then differs from run to run in its last bits) where
-    that kernel applies, else as above."""
+    tiles, no soft-cap, window or lse gradient), the plain kernels elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
@@ -56,7 +53,6 @@ class TritonAttentionConfig(IntFieldsConfig):
     fwd_tma: bool = True
     bwd_tma: bool = True
     bwd_gluon: bool = False
-    bwd_fused: bool = False
 
     @property
     def tile_shape(self) -> TileShape:
