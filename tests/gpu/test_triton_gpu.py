@@ -330,3 +330,69 @@ def test_gluon_backward_agrees_bitwise_with_the_plain_kernels(hq, hkv):
         outs.append(torch.autograd.grad(o, xs, do))
     for name, a, b in zip(("dq", "dk", "dv"), *outs):
         assert torch.equal(a, b), f"{name} differs"
+
+
+# The forward's Gluon kernel (prefix_attn/triton/forward_gluon.py, TritonAttentionConfig.fwd_gluon): 128 packed rows
+# (as many tokens as fit the group), 64 keys, 2 and 3 stages, the same GQA groups, checked to have run rather than
+# fallen back to the plain kernel.
+FORWARD_KERNELS = {"gluon_s2": dict(fwd_gluon=True, fwd_stages=2), "gluon_s3": dict(fwd_gluon=True, fwd_stages=3),
+                   "gluon_pingpong": dict(fwd_gluon=True, fwd_stages=2, fwd_pingpong=True)}
+
+
+def _forward_config(hq, hkv, d, dtype, kernels):
+    from dataclasses import replace
+
+    from prefix_attn.triton import backward_gluon, default_config, forward_gluon
+
+    if not backward_gluon.available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on Hopper with a Triton that has Gluon")
+    cfg = replace(default_config(d, dtype, torch.device(DEV), hq // hkv), fwd_block_m=forward_gluon.ROWS // (hq // hkv),
+                  **FORWARD_KERNELS[kernels])
+    q = torch.empty(1, hq, d, device=DEV, dtype=dtype)
+    k = torch.empty(1, hkv, d, device=DEV, dtype=dtype)
+    assert forward_gluon.supported(q, k, cfg.fwd_block_m, cfg.fwd_block_n, None), "Gluon forward not run"
+    return cfg
+
+
+def _forward_kernels(layout, hq, hkv, d, dtype, kernels="gluon_s2"):
+    return _triton(layout, config=_forward_config(hq, hkv, d, dtype, kernels))
+
+
+@pytest.mark.parametrize("kernels", list(FORWARD_KERNELS))
+@pytest.mark.parametrize("seed", range(len(GLUON_HEADS)))
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)],
+                         ids=["d128-bf16", "d64-bf16", "d128-fp16"])
+def test_forward_kernels_random_layouts(seed, d, dtype, kernels):
+    layout = random_layout(random.Random(seed), tokens=random.Random(seed).choice([700, 1500, 2600]), device=DEV)
+    hq, hkv = GLUON_HEADS[seed]
+    _check(_forward_kernels(layout, hq, hkv, d, dtype, kernels), layout, hq, hkv, d, dtype, seed,
+           label=f"{kernels} {hq}/{hkv} heads")
+
+
+@pytest.mark.parametrize("kernels", list(FORWARD_KERNELS))
+@pytest.mark.parametrize("name,prefix,branches", AWKWARD, ids=[a[0] for a in AWKWARD])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (28, 4)], ids=["g4", "g7"])
+def test_forward_kernels_awkward_layouts(name, prefix, branches, hq, hkv, kernels):
+    layout = PrefixLayout.from_lengths(prefix, branches, device=DEV)
+    _check(_forward_kernels(layout, hq, hkv, 128, torch.bfloat16, kernels), layout, hq, hkv, 128, torch.bfloat16, 5,
+           label=f"{kernels} {name}")
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (28, 4)], ids=["g4", "g7"])
+def test_gluon_forward_agrees_bitwise_with_the_plain_kernel(hq, hkv):
+    """O gets the same operations in the same order (only issued earlier): o and lse equal the plain kernel's."""
+    layout = random_layout(random.Random(12), tokens=2600, device=DEV)
+    g = torch.Generator(device=DEV).manual_seed(12)
+    q, k, v = (torch.randn(layout.total_tokens, h, 128, device=DEV, generator=g).to(torch.bfloat16)
+               for h in (hq, hkv, hkv))
+    from dataclasses import replace
+
+    from prefix_attn.triton import triton_prefix_attention
+
+    gluon = _forward_config(hq, hkv, 128, torch.bfloat16, "gluon_s2")
+    plain = replace(gluon, fwd_gluon=False)  # the plain forward at the same tiles
+    with torch.no_grad():
+        o_p, lse_p = triton_prefix_attention(q, k, v, layout, config=plain, return_lse=True)
+        o_g, lse_g = triton_prefix_attention(q, k, v, layout, config=gluon, return_lse=True)
+    assert torch.equal(o_g, o_p), "o differs"
+    assert torch.equal(lse_g, lse_p), "lse differs"
