@@ -27,7 +27,7 @@ import triton
 from prefixdpo.benchmarks import compile_sm90, ptxas_stats
 
 from prefix_attn.triton.backward import bwd_dq_kernel, bwd_kv_kernel  # noqa: E402
-from prefix_attn.triton import backward_gluon, forward_gluon  # noqa: E402
+from prefix_attn.triton import backward_gluon  # noqa: E402
 from prefix_attn.triton.forward import fwd_kernel  # noqa: E402
 from prefix_attn.triton.common import packed_row_count  # noqa: E402
 
@@ -102,21 +102,6 @@ def _dq_gluon(name, groups=G, stages=2):
                        STAGES=stages))
 
 
-def _fwd_gluon(name, groups=G, bn=64, stages=2, regs=None, pingpong=False):
-    """The Gluon forward (forward_gluon.py): 128 packed rows (as many tokens as fit) on two consumer warpgroups and
-    a loading warp, ``bn`` keys."""
-    if not backward_gluon.available():
-        return None
-    fn = forward_gluon.fwd_kernel_gluon
-    desc = f"tensordesc<{DT}[{bn},{D}],{backward_gluon.SMEM_LAYOUT!r}>"
-    types = dict(Q=f"*{DT}", O=f"*{DT}", LSE="*fp32", SCHED="*i32", TOK="*i32", qk_scale="fp32", K_DESC=desc,
-                 V_DESC=desc)
-    sig = {n: types.get(n, "i32") for n in fn.arg_names}
-    consts = dict(H_KV=HKV, GROUPS=groups, HEAD_DIM=D, BLOCK_M=128 // groups, BLOCK_N=bn, STAGES=stages,
-                  CONSUMER_REGS=regs or forward_gluon.CONSUMER_REGS, PINGPONG=pingpong)
-    return name, fn, sig, consts, 4, 1, dict(gluon=True)
-
-
 def _kv(name, bm, bn, w, s, tma=True, softcap=0.0, window=0):
     fn = bwd_kv_kernel
     types = {n: "i32" for n in fn.arg_names}
@@ -155,14 +140,6 @@ VARIANTS = [
     _fwd("fwd pack 32tok x64 w8 s3 merged", 32, 64, 8, 3),
     _fwd("fwd pack 32tok x128 w8 s2 merged", 32, 128, 8, 2),
     _fwd("fwd pack 16tok x128 w4 s2 merged", 16, 128, 4, 2),
-    # the Gluon forward (forward_gluon.py, TritonAttentionConfig.fwd_gluon)
-    _fwd_gluon("fwd gluon ws 32tok(x4) x64 s2"),
-    _fwd_gluon("fwd gluon ws 32tok(x4) x64 s3", stages=3),
-    _fwd_gluon("fwd gluon ws 32tok(x4) x64 s4", stages=4),
-    _fwd_gluon("fwd gluon ws 32tok(x4) x128 s2", bn=128),
-    _fwd_gluon("fwd gluon ws 32tok(x4) x128 s2 r240", bn=128, regs=240),
-    _fwd_gluon("fwd gluon ws 18tok(x7) x64 s2 g7", 7),
-    _fwd_gluon("fwd gluon ws pingpong 32tok(x4) x64 s2", pingpong=True),
     # KV-major backward (default: 64 queries x 64 keys, 4 warps, 2 stages, TMA; two programs per SM)
     _kv("kv 64x64 w4 s2 merged", 64, 64, 4, 2),
     # the Gluon KV-major backward (backward_gluon.py)

@@ -84,24 +84,3 @@ def test_gluon_backward_compiles_for_sm90_fits_twice_and_overlaps_the_softmax():
         assert int(cols[6]) > 0, f"{name}: no exponential runs under an MMA"
     plain, _ = _compile(tuple(DEFAULTS))
     assert all(int(plain[name][6]) == 0 for name in DEFAULTS[1:]), "the plain backward's softmax now overlaps an MMA"
-
-
-# The Gluon forward (triton/forward_gluon.py, TritonAttentionConfig.fwd_gluon) at GQA groups 4 and 7.
-FWD_GLUON = ["fwd gluon ws 32tok(x4) x64 s2", "fwd gluon ws 18tok(x7) x64 s2 g7"]
-
-
-def test_gluon_forward_compiles_for_sm90_and_fits_once_per_sm():
-    """Two consumer warpgroups and a loading warp in one program per SM: shared memory within an SM's, no heavy
-    spills."""
-    from prefix_attn.triton import backward_gluon
-
-    if not backward_gluon.available():
-        pytest.skip("this Triton has no Gluon API of the kind forward_gluon is written against")
-    rows, stdout = _compile(tuple(FWD_GLUON))
-    for name, cols in rows.items():
-        assert cols[0] != "FAILED", f"{name}: {' '.join(cols)}"
-        wgmma, smem_kb, regs = int(cols[0]), float(cols[3]), int(cols[4])
-        spill_st, spill_ld = (int(x) for x in cols[5].split("/"))
-        assert wgmma > 0 and regs > 0, f"{name}: not assembled for Hopper's tensor cores:\n{stdout}"
-        assert smem_kb + 1 <= SM_SHARED_KB, f"{name}: {smem_kb} KB of shared memory, more than an SM has"
-        assert max(spill_st, spill_ld) <= SPILL_BYTES, f"{name}: spills {cols[5]} bytes"

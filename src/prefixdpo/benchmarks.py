@@ -73,18 +73,6 @@ def make_layout(name: str, tokens: int, device):
 # compiles: registers, spills, shared memory).
 SWEEP_VARIANTS = {
     "default": {},
-    # the forward in Gluon (forward_gluon.py): FlashAttention-3's layout, 128 packed rows on two consumer warpgroups
-    # fed by a loading warp, each tile's softmax under the previous tile's P V, one program per SM; 2-4 stages
-    "fwd_gluon": dict(fwd_gluon=True, fwd_block_m=32, fwd_stages=2),
-    "fwd_gluon_s3": dict(fwd_gluon=True, fwd_block_m=32, fwd_stages=3),
-    "fwd_gluon_s4": dict(fwd_gluon=True, fwd_block_m=32, fwd_stages=4),
-    # the consumers issue their MMAs in turns (FlashAttention-3's ping-pong): one's softmax under the other's MMAs
-    "fwd_gluon_pp": dict(fwd_gluon=True, fwd_block_m=32, fwd_stages=2, fwd_pingpong=True),
-    "fwd_gluon_pp_s4": dict(fwd_gluon=True, fwd_block_m=32, fwd_stages=4, fwd_pingpong=True),
-    "fwd_gluon_g7_pp": dict(fwd_gluon=True, fwd_block_m=18, fwd_stages=2, fwd_pingpong=True),
-    # the same for a GQA group of 7 (--heads 28 --kv-heads 4): 18 tokens x 7 heads = 126 of 128 rows
-    "fwd_gluon_g7": dict(fwd_gluon=True, fwd_block_m=18, fwd_stages=2),
-    "fwd_gluon_g7_s3": dict(fwd_gluon=True, fwd_block_m=18, fwd_stages=3),
     # 32 tokens x 4 heads = 128 rows over 2 warpgroups
     "fwd_pack32_merged_w8": dict(fwd_block_m=32, fwd_warps=8),
     # 128-key tiles: half the loop iterations per key; 160 KB of shared memory, so one 8-warp CTA per SM (as FA3)

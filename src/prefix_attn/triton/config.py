@@ -36,11 +36,7 @@ class TritonAttentionConfig(IntFieldsConfig):
     ``bwd_tma``: the forward's K/V and the backward's q/dO (KV-major kernel) and K/V (dq kernel) loads through TMA
     descriptors (Hopper or newer; ignored elsewhere). ``bwd_gluon``: the KV-major and dq kernels run their Gluon
     versions (``backward_gluon``) where those apply (Hopper, 16-bit, head dim 64 or 128, GQA groups up to 8, 64-row
-    tiles, no soft-cap, window or lse gradient), the plain kernels elsewhere. ``fwd_gluon``: the forward runs its Gluon
-    version (``forward_gluon``: two consumer warpgroups fed by a loading warp, FlashAttention-3's layout) where it
-    applies (Hopper, 16-bit, head dim 64 or 128, ``fwd_block_m`` tokens making 128 packed rows of a GQA group up to 8,
-    64 or 128 keys, no soft-cap), the plain kernel elsewhere; ``fwd_pingpong``: its two consumers issue their MMAs
-    in turns."""
+    tiles, no soft-cap, window or lse gradient), the plain kernels elsewhere."""
 
     fwd_block_m: int = 16
     fwd_block_n: int = 64
@@ -57,8 +53,6 @@ class TritonAttentionConfig(IntFieldsConfig):
     fwd_tma: bool = True
     bwd_tma: bool = True
     bwd_gluon: bool = False
-    fwd_gluon: bool = False
-    fwd_pingpong: bool = False
 
     @property
     def tile_shape(self) -> TileShape:

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import forward_gluon
 from .common import (LOG2E, allowed, descriptor, dot_prec, online_softmax_step, packed_row_count, packed_rows,
                      softcap_scores, tma_ok, walk_bounds, walk_kv)
 from .config import TritonAttentionConfig
@@ -114,10 +113,6 @@ def launch_forward(q, k, v, sched, ranges, scale: float, cfg: TritonAttentionCon
         return o, lse
     use_tma = cfg.fwd_tma and tma_ok(q)
     qk_scale, cap = score_scale(scale, softcap)
-    if cfg.fwd_gluon and softcap is None and forward_gluon.supported(q, k, cfg.fwd_block_m, cfg.fwd_block_n, None):
-        forward_gluon.launch_forward_gluon(q, k, v, o, lse, sched, ranges, qk_scale, cfg.fwd_block_m,
-                                           cfg.fwd_block_n, cfg.fwd_stages, cfg.fwd_pingpong)
-        return o, lse
     kd = vd = None
     if use_tma:
         kd = descriptor(k.view(T, Hkv * D), cfg.fwd_block_n, D)
