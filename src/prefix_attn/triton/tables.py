@@ -14,7 +14,7 @@ overhead for a 16K-token row (docs/PERFORMANCE.md). Here the same integers come 
    64 MMA rows: ``triton.common.packed_rows``), which would straddle kernel 2's chunks: their schedule rows from the
    per-token ranges kernel 2 wrote.
 
-Where the dq kernel walks the forward's tiles (the defaults), its schedule is a copy of the forward's, made once.
+Where the dq kernel walks the forward's tiles (the defaults), its schedule is the forward's (the same tensor).
 
 Under a sliding window, kernel 2 also writes the windowed per-token ranges and the per-query-tile smallest positions
 of the KV-major backward, and makes the schedules from the windowed ranges (``prefix_attn.schedule``'s module doc).
@@ -373,10 +373,10 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     sizes = [] if tile is None else [tile.fwd_n, tile.kv_m, tile.kv_n, tile.dq_n]
     if not 0 < T < _MAX_TOKENS or not all(_pow2(x) for x in sizes):
         return None
-    # Where the dq kernel walks the forward's tiles (the defaults), its schedule is a copy of the forward's.
-    dq_copy = tile is not None and (tile.dq_m, tile.dq_n) == (tile.fwd_m, tile.fwd_n)
+    # Where the dq kernel walks the forward's tiles (the defaults), its schedule is the forward's.
+    dq_same = tile is not None and (tile.dq_m, tile.dq_n) == (tile.fwd_m, tile.fwd_n)
     fwd_here = tile is not None and _pow2(tile.fwd_m)
-    dq_here = tile is not None and _pow2(tile.dq_m) and not dq_copy
+    dq_here = tile is not None and _pow2(tile.dq_m) and not dq_same
     sizes += [tile.fwd_m] if fwd_here else []
     sizes += [tile.dq_m] if dq_here else []
     # A power of two, so a multiple of every tile size it reduces over; at least two tiles per program (no [1]-shaped
@@ -392,7 +392,8 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
         o_tok, o_qhi = arena.take(3 * T), arena.take(T)
     if tile is not None:
         nqt, nkt, ndq = -(-T // tile.fwd_m), -(-T // tile.kv_n), -(-T // tile.dq_m)
-        o_fs, o_ks, o_qs = arena.take(10 * nqt), arena.take(4 * nkt), arena.take(10 * ndq)
+        o_fs, o_ks = arena.take(10 * nqt), arena.take(4 * nkt)
+        o_qs = None if dq_same else arena.take(10 * ndq)
         if window is not None:
             nkq = -(-T // tile.kv_m)
             o_wt, o_qm = arena.take(3 * T), arena.take(nkq)
@@ -417,7 +418,7 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
     wt = qm = None
     if tile is not None:
         fs, ks = view(o_fs, 10 * nqt).view(nqt, 10), view(o_ks, 4 * nkt).view(nkt, 4)
-        qs = view(o_qs, 10 * ndq).view(ndq, 10)
+        qs = fs if dq_same else view(o_qs, 10 * ndq).view(ndq, 10)
         if window is not None:
             wt, qm = view(o_wt, 3 * T).view(3, T), view(o_qm, nkq)
         t = tile
@@ -440,9 +441,7 @@ def fused_tables(layout: PrefixLayout, tile: TileShape | None, tokens: TokenTabl
         ranges = tokens.ranges if wt is None else wt
         if not fwd_here:
             _gathered_query_tiles(fs, ranges, T, tile.fwd_m, tile.fwd_n)
-        if dq_copy:
-            qs.copy_(fs)
-        elif not dq_here:
+        if not (dq_same or dq_here):
             _gathered_query_tiles(qs, ranges, T, tile.dq_m, tile.dq_n)
     return tokens, (None if tile is None else (fs, ks, qs, wt, qm))
 
